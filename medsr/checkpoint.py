@@ -1,0 +1,104 @@
+"""Checkpoints: model weights + the resolved config, written atomically, loaded safely.
+
+A checkpoint is a plain dict of tensors and built-in types, so it loads with
+``torch.load(weights_only=True)``: a file carrying pickled code is refused without running it.
+Layout::
+
+    {"format": "medsr-checkpoint", "version": 1, "config": {...TrainConfig.to_dict()...},
+     "model": state_dict, "epoch": int, "iteration": int,
+     # training checkpoints only:
+     "optimizer": state_dict, "scheduler": state_dict}
+"""
+
+from __future__ import annotations
+
+import pickle
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsr.config import TrainConfig, from_dict
+from medsr.errors import CheckpointError, ConfigError
+from medsr.model import SRResNet
+from medsr.writing import atomic_output
+
+FORMAT = "medsr-checkpoint"
+VERSION = 1
+DEFAULT_WEIGHTS = {2: "srresnet_x2.pt"}
+
+
+def build_model(config: TrainConfig) -> SRResNet:
+    """The SRResNet a config describes."""
+    return SRResNet(scale=config.scale, features=config.model.features,
+                    num_res_blocks=config.model.num_res_blocks)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, epoch: int,
+                    iteration: int, **training_state: Any) -> None:
+    """Write a checkpoint to a temporary file in the destination folder, then rename it."""
+    payload = {
+        "format": FORMAT, "version": VERSION, "config": config.to_dict(),
+        "model": model.state_dict(), "epoch": epoch, "iteration": iteration,
+        **{name: state for name, state in training_state.items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint without executing any code it may carry.
+
+    Raises:
+        CheckpointError: missing file, not a medsr checkpoint, or unsafe content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load; the file holds objects other than tensors and plain data "
+            f"(possibly code), so it is not a medsr checkpoint ({str(exc).splitlines()[0]})"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a medsr checkpoint (no 'format: {FORMAT}' entry)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not {VERSION}")
+    try:
+        payload["config"] = from_dict(TrainConfig, payload["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint config is invalid ({exc})") from None
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[SRResNet, TrainConfig]:
+    """Rebuild the model a checkpoint describes and load its weights (CPU, eval mode)."""
+    payload = load_checkpoint(path)
+    config = payload["config"]
+    model = build_model(config)
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the SRResNet its config describes "
+            f"(scale {config.scale}, {config.model.features} features, "
+            f"{config.model.num_res_blocks} blocks): {str(exc).splitlines()[0]}"
+        ) from None
+    return model.eval(), config
+
+
+def default_weights(scale: int) -> Path:
+    """Path of the weights shipped inside the package for ``scale``."""
+    if scale not in DEFAULT_WEIGHTS:
+        raise CheckpointError(
+            f"no shipped weights for scale {scale} (shipped: {sorted(DEFAULT_WEIGHTS)}); "
+            "pass --weights with a checkpoint from medsr train"
+        )
+    return Path(str(resources.files("medsr") / "weights" / DEFAULT_WEIGHTS[scale]))

@@ -1,0 +1,207 @@
+"""The ``medsr`` command line: parses arguments, calls the pipeline, reports.
+
+Every :class:`medsr.errors.MedsrError` becomes one ``error: ...`` line on stderr and exit
+code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from medsr.errors import MedsrError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Super-resolution for DICOM and NIfTI scans, built on MONAI.")
+stderr = Console(stderr=True)
+logger = logging.getLogger("medsr")
+
+
+class _ShortFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ShortFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("medsr").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+
+
+@contextmanager
+def _user_errors():
+    """Turn medsr's domain errors into one line and exit code 1."""
+    try:
+        yield
+    except MedsrError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; no partial output was left behind", err=True)
+        raise typer.Exit(130) from None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=stderr, transient=True)
+
+
+def _slice_axis(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if value in ("0", "1", "2"):
+        return int(value)
+    raise typer.BadParameter(f"must be auto, 0, 1 or 2, not {value!r}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/srresnet_l1_x2.yaml.")],
+    out: Annotated[Path, typer.Option(help="Run folder for checkpoints, config and history.")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set data_root=/data/scans --set model.features=64.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train an SRResNet on the scans a config lists (MONAI SupervisedTrainer)."""
+    _setup_logging(verbose=True)
+    with _user_errors():
+        from medsr.config import load_config
+        from medsr.training import train as run_training
+
+        resolved = load_config(config, set_ or [])
+        result = run_training(resolved, out, resume=resume, device=device)
+    typer.echo(f"trained {result.epochs} epochs ({result.iterations} iterations); "
+               f"best model: {result.out_dir / 'best.pt'}")
+
+
+@app.command()
+def enhance(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="DICOM series folder, DICOM file or NIfTI file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii or .nii.gz.")],
+    scale: Annotated[int, typer.Option(help="In-plane factor (must match --weights).")] = 2,
+    slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2.")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(help="Slices per forward pass.")] = None,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Upscale every slice of a scan in-plane and write the enhanced volume."""
+    _setup_logging(verbose=False)
+    axis = _slice_axis(slice_axis)
+    with _user_errors():
+        from medsr.enhance import enhance_file
+
+        with _progress() as progress:
+            task = progress.add_task("enhancing slices", total=None)
+            result = enhance_file(
+                input_path, output, scale=scale, slice_axis=axis, weights=weights, device=device,
+                batch_size=batch_size, series_uid=series, overwrite=overwrite,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    shape = "x".join(str(n) for n in result.array.shape)
+    spacing = "x".join(f"{v:.3g}" for v in result.spacing)
+    typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
+
+
+@app.command()
+def evaluate(
+    scans: Annotated[list[Path], typer.Argument(help="Held-out scans: DICOM series folders, DICOM or NIfTI files.")],
+    weights: Annotated[Optional[list[Path]], typer.Option(help="Checkpoint(s) to compare; default: shipped weights.")] = None,
+    degradation: Annotated[str, typer.Option(help="bicubic, kspace or both.")] = "both",
+    scale: Annotated[int, typer.Option(help="Degradation factor (must match the weights).")] = 2,
+    slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2 (NIfTI).")] = "auto",
+    report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and metrics.csv.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score models against bicubic and zero-filled k-space baselines (protocol v1)."""
+    _setup_logging(verbose=False)
+    axis = _slice_axis(slice_axis)
+    if degradation not in ("bicubic", "kspace", "both"):
+        raise typer.BadParameter(f"--degradation must be bicubic, kspace or both, not {degradation!r}")
+    degradations = ["bicubic", "kspace"] if degradation == "both" else [degradation]
+    with _user_errors():
+        from medsr.checkpoint import default_weights, load_model
+        from medsr.enhance import pick_device
+        from medsr.evaluation import evaluate_scan, summarise
+        from medsr.reading import read_scan
+
+        torch_device = pick_device(device)
+        paths = weights or [default_weights(scale)]
+        models = {}
+        for path in paths:
+            model, _ = load_model(path)
+            name = path.stem if path.stem not in models else str(path)
+            models[name] = model
+        results = []
+        with _progress() as progress:
+            task = progress.add_task("evaluating", total=len(scans) * len(degradations))
+            for scan_path in scans:
+                scan = read_scan(scan_path)
+                for name in degradations:
+                    results.append(evaluate_scan(scan, models, name, scale, axis, torch_device))
+                    progress.advance(task)
+        summary = summarise(results)
+        _print_table(results, summary, list(models))
+        if report is not None:
+            _write_report(report, results, summary)
+
+
+def _print_table(results, summary, model_names: list[str]) -> None:
+    from medsr.evaluation import BASELINES
+
+    methods = list(BASELINES) + model_names
+    header = ["scan", "degradation"] + [f"{m} PSNR/SSIM" for m in methods]
+    rows = [[Path(r.scan).name, r.degradation] +
+            [f"{r.scores[m]['psnr']:.2f}/{r.scores[m]['ssim']:.4f}" for m in methods] for r in results]
+    for name, means in summary.items():
+        rows.append(["MEAN", name] + [f"{means[m]['psnr']:.2f}/{means[m]['ssim']:.4f}" for m in methods])
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+    for name, means in summary.items():
+        counted = ["bicubic"] if name == "bicubic" else ["bicubic", "zero_fill"]
+        best = {m: max(means[b][m] for b in counted) for m in ("psnr", "ssim")}
+        for model in model_names:
+            wins = [m for m in ("psnr", "ssim") if means[model][m] > best[m]]
+            verdict = "beats" if len(wins) == 2 else "does not beat"
+            typer.echo(f"{name}: {model} {verdict} the best baseline "
+                       f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
+                       f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
+
+
+def _write_report(folder: Path, results, summary) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"protocol": "medsr evaluation protocol v1",
+               "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores} for r in results],
+               "mean": summary}
+    (folder / "metrics.json").write_text(json.dumps(payload, indent=2))
+    with (folder / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["scan", "degradation", "method", "psnr", "ssim"])
+        for r in results:
+            for method, values in r.scores.items():
+                writer.writerow([r.scan, r.degradation, method, f"{values['psnr']:.4f}", f"{values['ssim']:.5f}"])
+    typer.echo(f"wrote {folder / 'metrics.json'} and {folder / 'metrics.csv'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

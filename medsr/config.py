@@ -1,0 +1,202 @@
+"""Training configuration: YAML in ``configs/`` -> frozen dataclasses that reject unknown keys.
+
+The resolved config is saved next to every run and inside every checkpoint, so ``enhance``
+needs only the checkpoint to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medsr.errors import ConfigError
+
+LOSS_NAMES = ("l1", "mse")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """SRResNet size. ``scale`` lives on :class:`TrainConfig` because data depends on it too."""
+
+    features: int = 32
+    num_res_blocks: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.features >= 1, "model.features", "must be >= 1", self.features)
+        _require(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1", self.num_res_blocks)
+
+
+@dataclass(frozen=True)
+class DegradationConfig:
+    """How training pairs are made; probabilities of each degradation sum to 1."""
+
+    bicubic: float = 0.45
+    kspace: float = 0.45
+    blur_noise: float = 0.10
+    blur_sigma_min: float = 0.3
+    blur_sigma_max: float = 1.0
+    noise_std_max: float = 0.02
+
+    def __post_init__(self) -> None:
+        total = self.bicubic + self.kspace + self.blur_noise
+        _require(min(self.bicubic, self.kspace, self.blur_noise) >= 0, "degradation",
+                 "probabilities must be >= 0", (self.bicubic, self.kspace, self.blur_noise))
+        _require(abs(total - 1.0) < 1e-6, "degradation", "probabilities must sum to 1", total)
+        _require(0 < self.blur_sigma_min <= self.blur_sigma_max, "degradation.blur_sigma_min",
+                 "must be positive and <= blur_sigma_max", self.blur_sigma_min)
+        _require(self.noise_std_max >= 0, "degradation.noise_std_max", "must be >= 0", self.noise_std_max)
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return {"bicubic": self.bicubic, "kspace": self.kspace, "blur_noise": self.blur_noise}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``medsr train`` needs. Paths in ``train_scans``/``val_scans`` are relative to
+    ``data_root`` (itself relative to the working directory) unless absolute."""
+
+    scale: int = 2
+    loss: str = "l1"
+    learning_rate: float = 5e-4
+    min_learning_rate: float = 1e-5
+    batch_size: int = 16
+    patch_size: int = 96
+    epochs: int = 30
+    iterations_per_epoch: int = 100
+    seed: int = 0
+    data_root: str = "scans"
+    train_scans: tuple[str, ...] = ()
+    val_scans: tuple[str, ...] = ()
+    cache_dir: str = ".cache/medsr"
+    ct_sampling_weight: float = 3.0
+    early_stop_patience: int = 10
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    model: ModelConfig = field(default_factory=ModelConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.scale in (2, 4), "scale", "must be 2 or 4", self.scale)
+        _require(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}", self.loss)
+        _require(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
+        _require(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
+                 "must be between 0 and learning_rate", self.min_learning_rate)
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _require(self.patch_size >= 4 * self.scale and self.patch_size % self.scale == 0,
+                 "patch_size", f"must be a multiple of scale ({self.scale}) and >= {4 * self.scale}",
+                 self.patch_size)
+        _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _require(self.iterations_per_epoch >= 1, "iterations_per_epoch", "must be >= 1",
+                 self.iterations_per_epoch)
+        _require(self.early_stop_patience >= 1, "early_stop_patience", "must be >= 1",
+                 self.early_stop_patience)
+        _require(self.ct_sampling_weight > 0, "ct_sampling_weight", "must be positive",
+                 self.ct_sampling_weight)
+
+    def scan_paths(self, which: str) -> list[Path]:
+        """Resolved paths of ``train_scans`` or ``val_scans``."""
+        root = Path(self.data_root)
+        return [Path(p) if Path(p).is_absolute() else root / p for p in getattr(self, which)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of built-in types (safe for YAML and ``torch.load(weights_only=True)``)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _require(condition: bool, key: str, rule: str, value) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key!r} {rule}, not {value!r}")
+
+
+def from_dict(cls, data: dict[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {where or 'top level'!r} must be a mapping, not {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {name!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, name: str):
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, name)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r} must be a list, not {value!r}")
+        return tuple(str(v) for v in value)
+    if hint is bool or hint is int or hint is float or hint is str:
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "5e-4" as a string
+            except ValueError:
+                pass
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"config key {name!r} must be {hint.__name__}, not {value!r}")
+        return value
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.features=64"`` -> (["model", "features"], 64), value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, not {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, not {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    for override in overrides:
+        keys, value = parse_override(override)
+        section = data
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {override}: {key!r} is not a section")
+        section[keys[-1]] = value
+    return from_dict(TrainConfig, data)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

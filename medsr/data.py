@@ -1,0 +1,202 @@
+"""Training data: find scans, cache their normalised slices, and serve random patch pairs.
+
+Reading and normalising DICOM/NIfTI is slow next to one training step, so every scan is read
+once and its informative slices are cached as compressed float16 arrays (one ``.npz`` per scan,
+keyed by the file's identity and the normalisation settings). Patches are degraded on the fly
+with :class:`medsr.transforms.RandomDegradePair`, with a margin cropped away afterwards so that
+k-space truncation of a patch behaves as on a whole slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from torch.utils.data import Dataset
+
+from medsr.errors import MedsrError
+from medsr.reading import NIFTI_SUFFIXES, read_scan
+from medsr.transforms import RandomDegradePair, robust_window
+
+logger = logging.getLogger(__name__)
+
+# A slice is worth training on when voxels above min + 10% of the range cover >= 5% of it,
+# the same rule the evaluation protocol uses to pick the slices it scores.
+FOREGROUND_LEVEL = 0.10
+FOREGROUND_FRACTION = 0.05
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """One scan on disk: a NIfTI file, a DICOM file, or one series inside a DICOM folder."""
+
+    path: Path
+    series_uid: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path} [{self.series_uid}]" if self.series_uid else str(self.path)
+
+
+def discover_scans(root: str | Path) -> list[ScanSource]:
+    """Every scan under ``root``: NIfTI files and DICOM series (one entry per series), sorted.
+
+    Raises:
+        MedsrError: ``root`` does not exist or holds no scan.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise MedsrError(f"{root}: no such file or folder")
+    if root.is_file():
+        return [ScanSource(root)]
+    sources: list[ScanSource] = []
+    for folder in sorted([root, *[p for p in root.rglob("*") if p.is_dir()]]):
+        series: set[str] = set()
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            if file.name.lower().endswith(NIFTI_SUFFIXES):
+                sources.append(ScanSource(file))
+                continue
+            try:
+                header = pydicom.dcmread(file, stop_before_pixels=True)
+            except Exception:
+                continue
+            if "SeriesInstanceUID" in header:
+                series.add(str(header.SeriesInstanceUID))
+        sources += [ScanSource(folder, uid if len(series) > 1 else None) for uid in sorted(series)]
+    if not sources:
+        raise MedsrError(f"{root}: no DICOM series or NIfTI files found")
+    return sources
+
+
+def is_ct(array: np.ndarray, modality: str | None) -> bool:
+    """CT when DICOM says so, or (NIfTI) when values reach far below zero as HU air does."""
+    if modality:
+        return modality.upper() == "CT"
+    return float(np.percentile(array, 1)) < -500.0
+
+
+@dataclass(frozen=True)
+class CachedScan:
+    """Normalised informative slices of one scan: ``slices`` is ``(N, H, W)`` float16."""
+
+    name: str
+    slices: np.ndarray
+    is_ct: bool
+
+
+def _cache_key(source: ScanSource, lower: float, upper: float) -> str:
+    identity = [str(source.path.resolve()), str(source.series_uid), f"{lower}-{upper}",
+                str(CACHE_FORMAT_VERSION)]
+    files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
+    for file in files:
+        if file.is_file():
+            stat = file.stat()
+            identity.append(f"{file.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return hashlib.sha256("|".join(identity).encode()).hexdigest()[:24]
+
+
+def informative_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Slices along ``slice_axis`` with enough foreground, shape ``(N, H, W)``."""
+    slices = np.moveaxis(volume, slice_axis, 0)
+    low, high = float(volume.min()), float(volume.max())
+    threshold = low + FOREGROUND_LEVEL * (high - low)
+    keep = [(s > threshold).mean() >= FOREGROUND_FRACTION for s in slices]
+    return slices[np.asarray(keep, dtype=bool)]
+
+
+def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: float) -> CachedScan:
+    """Read a scan's normalised informative slices from the cache, building it on a miss."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"{_cache_key(source, lower, upper)}.npz"
+    if cache_file.exists():
+        with np.load(cache_file) as stored:
+            return CachedScan(str(source), stored["slices"], bool(stored["is_ct"]))
+    scan = read_scan(source.path, source.series_uid)
+    window = robust_window(scan.array, lower, upper)
+    slices = informative_slices(window.forward(scan.array), scan.slice_axis).astype(np.float16)
+    modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
+    ct = is_ct(scan.array, modality)
+    temporary = cache_file.with_suffix(".tmp.npz")
+    np.savez_compressed(temporary, slices=slices, is_ct=ct)
+    temporary.replace(cache_file)
+    return CachedScan(str(source), slices, ct)
+
+
+class PatchPairDataset(Dataset):
+    """Random (low_res, high_res) patch pairs from cached slices, as MONAI engine batches.
+
+    Each item is ``{"image": (1, P/s, P/s), "label": (1, P, P)}`` float32 tensors in the
+    normalised range (``image`` is the low-res input, ``label`` the high-res target). Slices
+    are drawn with CT slices weighted by ``ct_weight`` (CT is scarce in most collections), and
+    mostly-empty patches are redrawn a few times.
+
+    Args:
+        scans: cached scans to draw from.
+        patch_size: high-res patch side P (a multiple of ``scale``).
+        scale: integer factor.
+        length: items per epoch.
+        degrade: the random degradation making low-res patches.
+        ct_weight: sampling weight of a CT slice relative to an MR slice.
+        seed: makes the sequence of patches reproducible.
+    """
+
+    MARGIN_LOW_RES = 8  # low-res pixels cropped away around each degraded patch
+    RETRIES = 5
+
+    def __init__(self, scans: list[CachedScan], patch_size: int, scale: int, length: int,
+                 degrade: RandomDegradePair, ct_weight: float = 1.0, seed: int = 0) -> None:
+        if not scans or not any(len(s.slices) for s in scans):
+            raise MedsrError("no informative slices to train on")
+        self.slices = [s for scan in scans for s in scan.slices]
+        weights = np.array([ct_weight if scan.is_ct else 1.0
+                            for scan in scans for _ in scan.slices], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.patch_size, self.scale, self.length = patch_size, scale, length
+        self.degrade, self.seed, self.epoch = degrade, seed, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Different, reproducible patches every epoch."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        self.degrade.set_random_state(seed=int(rng.integers(2**31)))
+        margin = self.MARGIN_LOW_RES * self.scale
+        region = self.patch_size + 2 * margin
+        for _ in range(self.RETRIES):
+            image = self.slices[rng.choice(len(self.slices), p=self.probabilities)]
+            crop = _random_crop(image.astype(np.float32), region, rng)
+            core = crop[margin:margin + self.patch_size, margin:margin + self.patch_size]
+            if (core > FOREGROUND_LEVEL).mean() >= FOREGROUND_FRACTION:
+                break
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if rng.random() < 0.5:
+            crop = crop[::-1, :]
+        crop = np.ascontiguousarray(np.rot90(crop, k=int(rng.integers(4))))
+        low_res, high_res = self.degrade(crop)
+        m, p = self.MARGIN_LOW_RES, self.patch_size // self.scale
+        low_res = low_res[m:m + p, m:m + p]
+        high_res = high_res[margin:margin + self.patch_size, margin:margin + self.patch_size]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(low_res))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(high_res))[None],
+        }
+
+
+def _random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` x ``size`` crop; slices smaller than that are reflect-padded first."""
+    pad = [(0, max(0, size - n)) for n in image.shape]
+    if any(after for _, after in pad):
+        image = np.pad(image, pad, mode="reflect")
+    top = int(rng.integers(image.shape[0] - size + 1))
+    left = int(rng.integers(image.shape[1] - size + 1))
+    return image[top:top + size, left:left + size]

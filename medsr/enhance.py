@@ -1,0 +1,144 @@
+"""Enhance a whole volume slice by slice: normalise, upscale in batches, map back to units.
+
+The output grid follows :func:`medsr.geometry.rescaled_affine`: in-plane voxel size divided by
+the scale, same physical extent, slice axis untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsr.errors import MedsrError
+from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
+from medsr.model import SRResNet
+from medsr.transforms import IntensityWindow, robust_window
+
+logger = logging.getLogger(__name__)
+
+MIN_SLICE_SIZE = 4  # smaller slices carry too little context for a 9x9 head
+DEFAULT_BATCH = {"cuda": 16, "cpu": 4}
+
+
+@dataclass(frozen=True)
+class EnhancedVolume:
+    """Result of :func:`enhance_volume`.
+
+    Attributes:
+        array: ``(I', J', K')`` float32 in the input's original units, in-plane axes x scale.
+        affine: ``(4, 4)`` RAS affine of the enhanced grid (mm).
+        slice_axis: the untouched axis.
+        window: the intensity window used to normalise the input.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    slice_axis: int
+    window: IntensityWindow
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each axis."""
+        return voxel_sizes(self.affine)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise MedsrError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedsrError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: SRResNet,
+                   device: torch.device | str = "cpu", batch_size: int | None = None,
+                   lower_percentile: float = 0.5, upper_percentile: float = 99.5,
+                   progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
+    """Upscale every slice of ``volume`` in-plane by the model's scale.
+
+    Args:
+        volume: ``(I, J, K)`` in original units (HU for CT).
+        affine: its ``(4, 4)`` RAS affine in mm.
+        slice_axis: axis of the slices (0, 1 or 2).
+        model: a trained :class:`SRResNet`.
+        device: where the model runs; CUDA uses bfloat16 autocast.
+        batch_size: slices per forward pass (default 16 on CUDA, 4 on CPU).
+        progress: called with ``(slices_done, slices_total)`` after every batch.
+
+    Returns:
+        The :class:`EnhancedVolume` in original units with its affine.
+
+    Raises:
+        MedsrError: slices too small, or a constant volume.
+    """
+    device = torch.device(device)
+    in_plane = [volume.shape[a] for a in range(3) if a != slice_axis]
+    if min(in_plane) < MIN_SLICE_SIZE:
+        raise MedsrError(
+            f"slices of {in_plane[0]}x{in_plane[1]} voxels are too small; medsr needs at least "
+            f"{MIN_SLICE_SIZE}x{MIN_SLICE_SIZE} (check --slice-axis)"
+        )
+    window = robust_window(volume, lower_percentile, upper_percentile)
+    slices = np.moveaxis(volume, slice_axis, 0)
+    total, scale = slices.shape[0], model.scale
+    batch_size = batch_size or DEFAULT_BATCH[device.type]
+    if batch_size < 1:
+        raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
+    output = np.empty((total, in_plane[0] * scale, in_plane[1] * scale), dtype=np.float32)
+    model = model.to(device).eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        for start in range(0, total, batch_size):
+            batch = window.forward(slices[start:start + batch_size])
+            low_res = torch.from_numpy(batch)[:, None].to(device, non_blocking=True)
+            high_res = model(low_res).float()[:, 0].cpu().numpy()
+            output[start:start + len(batch)] = window.inverse(high_res)
+            if progress is not None:
+                progress(min(start + batch_size, total), total)
+    return EnhancedVolume(
+        array=np.ascontiguousarray(np.moveaxis(output, 0, slice_axis)),
+        affine=rescaled_affine(affine, in_plane_factors(slice_axis, scale)),
+        slice_axis=slice_axis,
+        window=window,
+    )
+
+
+def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
+                 slice_axis: int | None = None, weights: str | Path | None = None,
+                 device: str = "auto", batch_size: int | None = None,
+                 series_uid: str | None = None, overwrite: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
+    """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI.
+
+    Every check that can fail (output path, weights, scale) runs before the slow work, and the
+    output appears only when complete.
+    """
+    from medsr.checkpoint import default_weights, load_model
+    from medsr.reading import read_scan
+    from medsr.writing import NIFTI_SUFFIXES, check_output_path, write_nifti
+
+    input_path, output = Path(input_path), Path(output)
+    if not output.name.lower().endswith(NIFTI_SUFFIXES):
+        raise MedsrError(f"{output}: output must end in .nii or .nii.gz")
+    check_output_path(output, [input_path], overwrite)
+    torch_device = pick_device(device)
+    model, config = load_model(weights if weights is not None else default_weights(scale))
+    if model.scale != scale:
+        raise MedsrError(f"--scale {scale} does not match the weights, which upscale by {model.scale}")
+    scan = read_scan(input_path, series_uid)
+    axis = scan.slice_axis if slice_axis is None else slice_axis
+    enhanced = enhance_volume(scan.array, scan.affine, axis, model, torch_device, batch_size,
+                              config.lower_percentile, config.upper_percentile, progress)
+    write_nifti(output, enhanced.array, enhanced.affine,
+                description=f"medsr SRResNet x{scale} in-plane", overwrite=overwrite)
+    return enhanced

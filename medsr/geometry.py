@@ -1,0 +1,65 @@
+"""Voxel-grid geometry shared by degradation, enhancement and writing.
+
+All affines map voxel indices ``(i, j, k)`` to world millimetres in the RAS+ convention that
+NIfTI and nibabel use. The rule for a resampled grid keeps the physical extent: every new voxel
+tiles the old ones exactly, so voxel centres of the new grid sit symmetrically inside the old
+voxels (and vice versa when downsampling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# DICOM patient coordinates are LPS; NIfTI world coordinates are RAS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Length in mm of each voxel axis of a 4x4 affine, shape ``(3,)``."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def rescaled_affine(affine: np.ndarray, factors: Sequence[float]) -> np.ndarray:
+    """Affine of the grid that divides each voxel axis ``a`` into ``factors[a]`` voxels.
+
+    A factor of 2 halves the voxel size along that axis (upsampling); 0.5 doubles it
+    (downsampling). The new grid covers the same physical extent as the old one: the corner of
+    voxel 0 stays where it was, so the first voxel centre moves by ``(new - old) / 2`` along the
+    axis.
+
+    Args:
+        affine: ``(4, 4)`` voxel-to-world matrix in mm.
+        factors: one positive factor per voxel axis, e.g. ``(2, 2, 1)`` for in-plane x2.
+
+    Returns:
+        The ``(4, 4)`` affine of the resampled grid.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    factors = np.asarray(factors, dtype=np.float64)
+    if factors.shape != (3,) or np.any(factors <= 0):
+        raise ValueError(f"factors must be three positive numbers, not {factors.tolist()}")
+    old_axes = affine[:3, :3]
+    new_axes = old_axes / factors
+    new = affine.copy()
+    new[:3, :3] = new_axes
+    # corner of voxel 0 = origin - old_axis / 2; new origin = corner + new_axis / 2
+    new[:3, 3] = affine[:3, 3] + (new_axes - old_axes).sum(axis=1) / 2.0
+    return new
+
+
+def in_plane_factors(slice_axis: int, scale: float) -> tuple[float, float, float]:
+    """Per-axis factors that scale the two in-plane axes by ``scale`` and leave ``slice_axis``."""
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, not {slice_axis}")
+    factors = [float(scale)] * 3
+    factors[slice_axis] = 1.0
+    return tuple(factors)  # type: ignore[return-value]
+
+
+def largest_spacing_axis(affine: np.ndarray) -> int:
+    """The axis with the largest voxel size; ties go to the last such axis."""
+    sizes = voxel_sizes(affine)
+    largest = sizes.max()
+    return int(max(a for a in range(3) if np.isclose(sizes[a], largest, rtol=1e-3)))

@@ -1,0 +1,73 @@
+"""Image-quality scores as the evaluation protocol defines them (original units, whole volume).
+
+PSNR uses ``data_range = reference.max() - reference.min()`` of the whole volume. SSIM is
+scikit-image's ``structural_similarity`` per slice (Gaussian weights, sigma 1.5, population
+covariance) with the same data range, averaged over slices where voxels above min + 10% of
+the range cover at least 5% of the slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
+
+SSIM_SIGMA = 1.5
+SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # what scikit-image uses with gaussian_weights
+
+
+def trim_border(volume: np.ndarray, slice_axis: int, border: int) -> np.ndarray:
+    """Remove ``border`` voxels from both ends of each in-plane axis."""
+    if border == 0:
+        return volume
+    index = [slice(border, -border)] * 3
+    index[slice_axis] = slice(None)
+    return volume[tuple(index)]
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB; ``inf`` for identical volumes."""
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, not {data_range}")
+    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def scored_slices(reference: np.ndarray, slice_axis: int, volume_min: float, data_range: float) -> list[int]:
+    """Indices of slices with enough foreground to count in the SSIM average."""
+    slices = np.moveaxis(reference, slice_axis, 0)
+    threshold = volume_min + FOREGROUND_LEVEL * data_range
+    return [i for i, s in enumerate(slices)
+            if (s > threshold).mean() >= FOREGROUND_FRACTION and min(s.shape) >= SSIM_WINDOW]
+
+
+def ssim(reference: np.ndarray, test: np.ndarray, slice_axis: int, data_range: float,
+         volume_min: float) -> float:
+    """Mean per-slice SSIM over the slices :func:`scored_slices` keeps (NaN if none)."""
+    reference_slices = np.moveaxis(reference, slice_axis, 0).astype(np.float64)
+    test_slices = np.moveaxis(test, slice_axis, 0).astype(np.float64)
+    values = [
+        structural_similarity(reference_slices[i], test_slices[i], data_range=data_range,
+                              gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False)
+        for i in scored_slices(reference, slice_axis, volume_min, data_range)
+    ]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def score(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> dict[str, float]:
+    """Protocol step 4: PSNR and SSIM of ``estimate`` against ``high_res`` (same shape, units).
+
+    The data range and the foreground threshold come from the whole reference volume; a border
+    of ``scale`` voxels is removed in-plane before scoring.
+    """
+    if high_res.shape != estimate.shape:
+        raise ValueError(f"shapes differ: reference {high_res.shape}, estimate {estimate.shape}")
+    volume_min = float(high_res.min())
+    data_range = float(high_res.max()) - volume_min
+    reference = trim_border(high_res, slice_axis, scale)
+    test = trim_border(estimate, slice_axis, scale)
+    return {
+        "psnr": psnr(reference, test, data_range),
+        "ssim": ssim(reference, test, slice_axis, data_range, volume_min),
+    }

@@ -1,0 +1,397 @@
+"""Read a scan (DICOM series folder, single- or multi-frame DICOM file, NIfTI) into one type.
+
+Contract: :func:`read_scan` returns a :class:`Scan` whose ``array`` is a float32 ``(I, J, K)``
+volume in original units (DICOM RescaleSlope/Intercept applied, so CT is in HU) and whose
+``affine`` maps voxel indices to RAS+ millimetres (the nibabel convention). For DICOM the axes
+are ``(column, row, slice)``: ``I`` runs along the image rows (ImageOrientationPatient[:3]),
+``J`` down the columns, ``K`` through the slices sorted along the slice normal. ``slice_axis`` is
+the axis of acquired slices (2 for DICOM). ``dicom_headers`` keeps one header per slice, in
+array order and without pixel data, so a writer can derive a new series from them.
+
+MONAI's ``PydicomReader`` orders slices by InstanceNumber and does not cope with duplicate
+positions, so the DICOM path here sorts by ImagePositionPatient projected on the slice normal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medsr.errors import ScanReadError
+from medsr.geometry import LPS_TO_RAS, largest_spacing_axis, voxel_sizes
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Relative tolerance on slice gaps before the series counts as unevenly spaced.
+GAP_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A volume in original units with its geometry.
+
+    Attributes:
+        array: ``(I, J, K)`` float32 voxels in original units (HU for CT, scanner units for MR).
+        affine: ``(4, 4)`` voxel index -> RAS+ mm.
+        slice_axis: the axis along which slices were acquired (0, 1 or 2).
+        path: where the scan was read from.
+        source_format: ``"dicom"`` or ``"nifti"``.
+        dicom_headers: pixel-less headers, one per slice along ``slice_axis`` for a series, the
+            single header for a multi-frame object, none for NIfTI.
+        multiframe: True when the DICOM input was one multi-frame object.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    slice_axis: int
+    path: Path
+    source_format: str
+    dicom_headers: tuple = field(default=(), repr=False)
+    multiframe: bool = False
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis, shape ``(3,)``."""
+        return voxel_sizes(self.affine)
+
+    def to_metatensor(self):
+        """The volume as a MONAI ``MetaTensor`` with ``affine`` and ``slice_axis`` in its meta."""
+        from monai.data import MetaTensor
+
+        return MetaTensor(
+            self.array,
+            affine=self.affine,
+            meta={"slice_axis": self.slice_axis, "filename_or_obj": str(self.path)},
+        )
+
+
+def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
+    """Read a DICOM series folder, a DICOM file or a NIfTI file.
+
+    Args:
+        path: a folder holding one DICOM series, a single DICOM file, or a ``.nii``/``.nii.gz``.
+        series_uid: SeriesInstanceUID to pick when a folder holds several series.
+
+    Returns:
+        The :class:`Scan`, in original units, with a RAS+ affine.
+
+    Raises:
+        ScanReadError: the path is missing, not a readable scan, or holds no usable image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanReadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        scan = _read_dicom_folder(path, series_uid)
+    elif path.name.lower().endswith(NIFTI_SUFFIXES):
+        scan = _read_nifti(path)
+    else:
+        scan = _read_dicom_file(path)
+    if not np.all(np.isfinite(scan.array)):
+        bad = int(np.count_nonzero(~np.isfinite(scan.array)))
+        raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
+    return scan
+
+
+# --------------------------------------------------------------------------------------- NIfTI
+
+
+def _read_nifti(path: Path) -> Scan:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[..., np.newaxis]
+    if array.ndim != 3:
+        raise ScanReadError(
+            f"{path}: medsr enhances 3-D volumes, this NIfTI has shape {array.shape}; "
+            "extract one volume first (e.g. nibabel: image.slicer[..., 0])"
+        )
+    affine = np.asarray(image.affine, dtype=np.float64)
+    return Scan(
+        array=array,
+        affine=affine,
+        slice_axis=largest_spacing_axis(affine),
+        path=path,
+        source_format="nifti",
+    )
+
+
+# --------------------------------------------------------------------------------------- DICOM
+
+
+def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | None:
+    """Read a DICOM file, or None when it is not DICOM (license texts, DICOMDIR-less junk)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _read_dicom_file(path: Path) -> Scan:
+    dataset = _dcmread(path)
+    if dataset is None:
+        raise ScanReadError(f"{path}: not a DICOM file (and not .nii/.nii.gz)")
+    _check_has_image(dataset, path)
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(dataset, path)
+    return _stack_slices([dataset], path)
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    skipped = 0
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        header = _dcmread(file, stop_before_pixels=True)
+        if header is None:
+            continue
+        uid = str(header.get("SeriesInstanceUID", "unknown"))
+        by_series[uid].append(file)
+    if not by_series:
+        raise ScanReadError(f"{folder}: no DICOM files in this folder")
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise ScanReadError(
+                f"{folder}: no series with SeriesInstanceUID {series_uid}; "
+                f"found {', '.join(sorted(by_series))}"
+            )
+        files = by_series[series_uid]
+    elif len(by_series) > 1:
+        listing = "; ".join(f"{uid} ({len(f)} files)" for uid, f in sorted(by_series.items()))
+        raise ScanReadError(
+            f"{folder}: holds {len(by_series)} DICOM series ({listing}); pick one with --series UID"
+        )
+    else:
+        (files,) = by_series.values()
+    datasets = []
+    for file in files:
+        dataset = _dcmread(file)
+        if dataset is None:
+            raise ScanReadError(f"{file}: unreadable DICOM file in the series")
+        if "PixelData" not in dataset:
+            skipped += 1
+            continue
+        datasets.append(dataset)
+    if skipped:
+        logger.warning("%s: skipped %d DICOM objects without pixel data", folder, skipped)
+    if not datasets:
+        raise ScanReadError(f"{folder}: the DICOM series has no images (no pixel data)")
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(datasets[0], files[0])
+    return _stack_slices(datasets, folder)
+
+
+def _check_has_image(dataset: pydicom.Dataset, path: Path) -> None:
+    if "PixelData" not in dataset:
+        modality = dataset.get("Modality", "unknown modality")
+        raise ScanReadError(f"{path}: DICOM object ({modality}) has no pixel data to enhance")
+    if int(dataset.get("SamplesPerPixel", 1)) != 1:
+        raise ScanReadError(
+            f"{path}: colour DICOM ({dataset.get('PhotometricInterpretation')}) is not supported; "
+            "medsr enhances greyscale scans"
+        )
+
+
+def _pixels(dataset: pydicom.Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values, decoding compressed transfer syntaxes through pydicom's plugins."""
+    try:
+        return dataset.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        if syntax is not None and syntax.is_compressed:
+            raise ScanReadError(
+                f"{path}: cannot decode {name} pixel data ({exc}); install a decoder with "
+                "pip install 'medsr[codecs]' (pylibjpeg with its openjpeg and libjpeg plugins)"
+            ) from None
+        raise ScanReadError(f"{path}: pixel data cannot be read ({exc})") from None
+
+
+def _rescale(stored: np.ndarray, slope, intercept) -> np.ndarray:
+    slope = float(slope) if slope not in (None, "") else 1.0
+    intercept = float(intercept) if intercept not in (None, "") else 0.0
+    return (stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _orientation(value, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if value is None or len(value) != 6:
+        raise ScanReadError(f"{path}: ImageOrientationPatient is missing or malformed")
+    cosines = np.asarray([float(v) for v in value], dtype=np.float64)
+    row_dir, col_dir = cosines[:3], cosines[3:]
+    if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3)
+            and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)):
+        raise ScanReadError(f"{path}: ImageOrientationPatient {cosines.tolist()} is not unit length")
+    return row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+
+
+def _pixel_spacing(value, path: Path) -> tuple[float, float]:
+    """(spacing between rows, spacing between columns) in mm."""
+    if value is None or len(value) != 2 or min(float(v) for v in value) <= 0:
+        raise ScanReadError(f"{path}: PixelSpacing is missing or not positive ({value})")
+    return float(value[0]), float(value[1])
+
+
+def _affine(row_dir, col_dir, row_spacing, col_spacing, origin, slice_step) -> np.ndarray:
+    """RAS affine for axes (column index i, row index j, slice k) from LPS DICOM geometry."""
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # moving one column along the row direction
+    lps[:3, 1] = col_dir * row_spacing  # moving one row along the column direction
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def _slice_step(positions: np.ndarray, normal: np.ndarray, fallback: float, path: Path) -> np.ndarray:
+    """Mean step between consecutive sorted slice positions (LPS mm), warning on uneven gaps."""
+    if len(positions) < 2:
+        return normal * fallback
+    gaps = np.diff(positions @ normal)
+    mean_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    if np.ptp(gaps) > GAP_TOLERANCE * abs(np.mean(gaps)):
+        logger.warning(
+            "%s: slice gaps are uneven (%.3g to %.3g mm); the volume uses their mean, %.3g mm",
+            path, gaps.min(), gaps.max(), np.mean(gaps),
+        )
+    along = np.dot(mean_step, normal)
+    if np.linalg.norm(mean_step - along * normal) > 1e-3 * abs(along):
+        logger.warning("%s: slices are sheared (gantry tilt); the affine keeps the tilt", path)
+    return mean_step
+
+
+def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray, path: Path):
+    """Sort items along the slice normal; drop repeats of a position (first one wins)."""
+    order = np.argsort(positions @ normal, kind="stable")
+    kept, kept_positions = [], []
+    for index in order:
+        position = positions[index]
+        if kept_positions and np.allclose(position, kept_positions[-1], atol=1e-3):
+            logger.warning("%s: two slices at the same position %s; keeping the first",
+                           path, np.round(position, 3).tolist())
+            continue
+        kept.append(items[index])
+        kept_positions.append(position)
+    return kept, np.asarray(kept_positions)
+
+
+def _stack_slices(datasets: list[pydicom.Dataset], path: Path) -> Scan:
+    first = datasets[0]
+    for dataset in datasets:
+        _check_has_image(dataset, path)
+    row_dir, col_dir = _orientation(first.get("ImageOrientationPatient"), path)
+    normal = np.cross(row_dir, col_dir)
+    row_spacing, col_spacing = _pixel_spacing(first.get("PixelSpacing"), path)
+    shape = (int(first.Rows), int(first.Columns))
+    for dataset in datasets[1:]:
+        if (int(dataset.Rows), int(dataset.Columns)) != shape:
+            raise ScanReadError(f"{path}: slices differ in size; not one volume")
+        other_row, other_col = _orientation(dataset.get("ImageOrientationPatient"), path)
+        if not (np.allclose(other_row, row_dir, atol=1e-4) and np.allclose(other_col, col_dir, atol=1e-4)):
+            raise ScanReadError(f"{path}: slices differ in orientation; not one volume")
+    positions = []
+    for dataset in datasets:
+        position = dataset.get("ImagePositionPatient")
+        if position is None or len(position) != 3:
+            raise ScanReadError(f"{path}: a slice has no ImagePositionPatient")
+        positions.append([float(v) for v in position])
+    datasets, positions = _sort_and_deduplicate(datasets, np.asarray(positions), normal, path)
+    thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    step = _slice_step(positions, normal, thickness, path)
+    planes = [
+        _rescale(_pixels(ds, path), ds.get("RescaleSlope"), ds.get("RescaleIntercept")).T
+        for ds in datasets
+    ]
+    array = np.stack(planes, axis=2)
+    headers = tuple(_without_pixels(ds) for ds in datasets)
+    return Scan(
+        array=np.ascontiguousarray(array, dtype=np.float32),
+        affine=_affine(row_dir, col_dir, row_spacing, col_spacing, positions[0], step),
+        slice_axis=2,
+        path=path,
+        source_format="dicom",
+        dicom_headers=headers,
+    )
+
+
+def _functional_group(dataset, frame_group, sequence_name: str):
+    """Item of a functional-group sequence: per-frame if present, else shared."""
+    for groups in (frame_group, _shared_group(dataset)):
+        sequence = groups.get(sequence_name) if groups is not None else None
+        if sequence:
+            return sequence[0]
+    return None
+
+
+def _shared_group(dataset):
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    return shared[0] if shared else None
+
+
+def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
+    """Enhanced (multi-frame) MR/CT: geometry and rescale from the functional groups."""
+    _check_has_image(dataset, path)
+    frames = _pixels(dataset, path)
+    n_frames = int(dataset.NumberOfFrames)
+    if frames.ndim == 2:
+        frames = frames[np.newaxis]
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) != n_frames:
+        raise ScanReadError(
+            f"{path}: multi-frame DICOM without per-frame functional groups; "
+            "medsr needs the position of every frame"
+        )
+    positions, planes = [], []
+    orientation = spacing = None
+    for index, group in enumerate(per_frame):
+        plane_position = _functional_group(dataset, group, "PlanePositionSequence")
+        plane_orientation = _functional_group(dataset, group, "PlaneOrientationSequence")
+        measures = _functional_group(dataset, group, "PixelMeasuresSequence")
+        if plane_position is None or plane_orientation is None or measures is None:
+            raise ScanReadError(f"{path}: frame {index + 1} lacks plane position, orientation or spacing")
+        frame_orientation = _orientation(plane_orientation.get("ImageOrientationPatient"), path)
+        frame_spacing = _pixel_spacing(measures.get("PixelSpacing"), path)
+        if orientation is None:
+            orientation, spacing = frame_orientation, frame_spacing
+            thickness = float(measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") or 1.0)
+        elif not (np.allclose(frame_orientation[0], orientation[0], atol=1e-4)
+                  and np.allclose(frame_orientation[1], orientation[1], atol=1e-4)):
+            raise ScanReadError(f"{path}: frames differ in orientation; not one volume")
+        positions.append([float(v) for v in plane_position.ImagePositionPatient])
+        transform = _functional_group(dataset, group, "PixelValueTransformationSequence")
+        slope = transform.get("RescaleSlope") if transform is not None else dataset.get("RescaleSlope")
+        intercept = transform.get("RescaleIntercept") if transform is not None else dataset.get("RescaleIntercept")
+        planes.append(_rescale(frames[index], slope, intercept).T)
+    row_dir, col_dir = orientation
+    normal = np.cross(row_dir, col_dir)
+    planes, positions = _sort_and_deduplicate(planes, np.asarray(positions), normal, path)
+    step = _slice_step(positions, normal, thickness, path)
+    return Scan(
+        array=np.ascontiguousarray(np.stack(planes, axis=2), dtype=np.float32),
+        affine=_affine(row_dir, col_dir, spacing[0], spacing[1], positions[0], step),
+        slice_axis=2,
+        path=path,
+        source_format="dicom",
+        dicom_headers=(_without_pixels(dataset),),
+        multiframe=True,
+    )
+
+
+def _without_pixels(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    header = pydicom.Dataset(dataset)  # shallow copy: elements shared, pixel data dropped
+    header.file_meta = getattr(dataset, "file_meta", pydicom.dataset.FileMetaDataset())
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in header:
+            del header[keyword]
+    return header

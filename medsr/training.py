@@ -1,0 +1,216 @@
+"""Train an SRResNet with MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator``.
+
+One run writes into its own folder::
+
+    out/config.yaml     the resolved config it ran with
+    out/last.pt         model + optimizer + scheduler after the last complete epoch (resume)
+    out/best.pt         model with the best validation SSIM so far (or the last, with no val)
+    out/history.csv     per-epoch train loss, validation PSNR/SSIM, learning rate
+
+Validation uses whole held-out slices (never slices of a training volume), degraded with both
+protocol degradations, scored in the normalised range with MONAI's PSNR and SSIM metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import (EarlyStopHandler, IgniteMetricHandler, LrScheduleHandler,
+                            PeakSignalToNoiseRatio, StatsHandler, ValidationHandler, from_engine)
+from monai.metrics import SSIMMetric
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader, Dataset
+
+from medsr.checkpoint import build_model, load_checkpoint, save_checkpoint
+from medsr.config import TrainConfig, save_config
+from medsr.data import CachedScan, PatchPairDataset, discover_scans, load_cached_scan
+from medsr.errors import MedsrError
+from medsr.transforms import DEGRADE_SLICE, RandomDegradePair, crop_to_multiple
+
+logger = logging.getLogger(__name__)
+
+LOSSES = {"l1": torch.nn.L1Loss, "mse": torch.nn.MSELoss}
+VAL_SLICES_PER_SCAN = 6
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    epochs: int
+    iterations: int
+    best_ssim: float | None
+
+
+class ValidationSlices(Dataset):
+    """Whole held-out slices degraded with each protocol degradation (normalised range).
+
+    Items are ``{"image": (1, H/s, W/s), "label": (1, H, W)}``; slices differ in size, so
+    load them with batch size 1.
+    """
+
+    def __init__(self, scans: list[CachedScan], scale: int, per_scan: int = VAL_SLICES_PER_SCAN) -> None:
+        self.items = []
+        for scan in scans:
+            count = min(per_scan, len(scan.slices))
+            for index in np.linspace(0, len(scan.slices) - 1, count).round().astype(int):
+                high_res = crop_to_multiple(scan.slices[index].astype(np.float32), scale)
+                for degrade in DEGRADE_SLICE.values():
+                    self.items.append((degrade(high_res, scale), high_res))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        low_res, high_res = self.items[index]
+        return {"image": torch.from_numpy(low_res)[None], "label": torch.from_numpy(high_res)[None]}
+
+
+def _cached(config: TrainConfig, which: str) -> list[CachedScan]:
+    scans = []
+    for root in config.scan_paths(which):
+        for source in discover_scans(root):
+            try:
+                scans.append(load_cached_scan(source, Path(config.cache_dir),
+                                              config.lower_percentile, config.upper_percentile))
+            except MedsrError as exc:
+                logger.warning("skipping %s: %s", source, exc)
+    logger.info("%s: %d scans, %d informative slices", which, len(scans),
+                sum(len(s.slices) for s in scans))
+    return scans
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
+          device: str = "auto") -> TrainResult:
+    """Run (or resume) training as ``config`` says, writing into ``out_dir``.
+
+    Raises:
+        MedsrError: no training data, or ``out_dir`` already holds a run and ``resume`` is off.
+    """
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if not resume and last_path.exists():
+        raise MedsrError(f"{out_dir}: already holds a run; pass --resume to continue it or pick another --out")
+    if resume and not last_path.exists():
+        raise MedsrError(f"{out_dir}: nothing to resume (no last.pt)")
+    if not config.train_scans:
+        raise MedsrError("the config lists no train_scans")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed=config.seed)
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                else ("cpu" if device == "auto" else device))
+
+    train_scans = _cached(config, "train_scans")
+    degrade = RandomDegradePair(
+        config.scale, config.degradation.probabilities,
+        blur_sigma_range=(config.degradation.blur_sigma_min, config.degradation.blur_sigma_max),
+        noise_std_range=(0.0, config.degradation.noise_std_max),
+    )
+    patches = PatchPairDataset(train_scans, config.patch_size, config.scale,
+                               config.batch_size * config.iterations_per_epoch, degrade,
+                               ct_weight=config.ct_sampling_weight, seed=config.seed)
+    loader = DataLoader(patches, batch_size=config.batch_size, shuffle=False, num_workers=0,
+                        pin_memory=torch_device.type == "cuda")
+
+    model = build_model(config).to(torch_device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    total_iterations = config.epochs * config.iterations_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=total_iterations, eta_min=config.min_learning_rate)
+
+    trainer = SupervisedTrainer(
+        device=torch_device, max_epochs=config.epochs, train_data_loader=loader, network=model,
+        optimizer=optimizer, loss_function=LOSSES[config.loss](),
+        epoch_length=config.iterations_per_epoch,
+        amp=torch_device.type == "cuda",
+        train_handlers=[
+            LrScheduleHandler(scheduler, print_lr=False, epoch_level=False),
+            StatsHandler(name=__name__, tag_name="train_loss",
+                         iteration_log=lambda engine, _: engine.state.iteration % 50 == 0,
+                         output_transform=from_engine(["loss"], first=True)),
+        ],
+    )
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: patches.set_epoch(engine.state.epoch))
+    epoch_losses: list[float] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: epoch_losses.clear())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: epoch_losses.append(float(engine.state.output[0]["loss"])))
+
+    evaluator = _validator(config, model, torch_device, trainer)
+    history_path = out_dir / "history.csv"
+    best = {"ssim": -np.inf}
+    if resume:
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best["ssim"] = float(state.get("best_ssim", -np.inf))
+        trainer.state.epoch = int(state["epoch"])
+        trainer.state.iteration = int(state["iteration"])
+        logger.info("resuming %s after epoch %d", out_dir, trainer.state.epoch)
+    save_config(config, out_dir / "config.yaml")
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _end_of_epoch(engine) -> None:
+        epoch, iteration = engine.state.epoch, engine.state.iteration
+        metrics = evaluator.state.metrics if evaluator is not None else {}
+        ssim = metrics.get("val_ssim")
+        if ssim is None or ssim > best["ssim"]:
+            best["ssim"] = ssim if ssim is not None else best["ssim"]
+            save_checkpoint(best_path, model, config, epoch, iteration)
+        save_checkpoint(last_path, model, config, epoch, iteration,
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        best_ssim=float(best["ssim"]))
+        _append_history(history_path, {
+            "epoch": epoch, "iteration": iteration,
+            "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+            "val_psnr": metrics.get("val_psnr", float("nan")),
+            "val_ssim": metrics.get("val_ssim", float("nan")),
+            "learning_rate": optimizer.param_groups[0]["lr"],
+        })
+        logger.info("epoch %d/%d done: train loss %.5f, val PSNR %s, val SSIM %s", epoch,
+                    config.epochs, np.mean(epoch_losses) if epoch_losses else float("nan"),
+                    f"{metrics['val_psnr']:.3f}" if "val_psnr" in metrics else "-",
+                    f"{metrics['val_ssim']:.4f}" if "val_ssim" in metrics else "-")
+
+    trainer.run()
+    return TrainResult(out_dir, trainer.state.epoch, trainer.state.iteration,
+                       None if not np.isfinite(best["ssim"]) else float(best["ssim"]))
+
+
+def _validator(config: TrainConfig, model, device, trainer) -> SupervisedEvaluator | None:
+    """A ``SupervisedEvaluator`` run after every epoch, stopping training when SSIM stalls."""
+    if not config.val_scans:
+        return None
+    val_scans = _cached(config, "val_scans")
+    if not val_scans:
+        return None
+    loader = DataLoader(ValidationSlices(val_scans, config.scale), batch_size=1)
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=model,
+        key_val_metric={"val_ssim": IgniteMetricHandler(
+            metric_fn=SSIMMetric(spatial_dims=2, data_range=1.0),
+            output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={"val_psnr": PeakSignalToNoiseRatio(
+            max_val=1.0, output_transform=from_engine(["pred", "label"]))},
+        amp=device.type == "cuda",
+    )
+    ValidationHandler(interval=1, validator=evaluator, epoch_level=True).attach(trainer)
+    EarlyStopHandler(patience=config.early_stop_patience, trainer=trainer,
+                     score_function=lambda engine: engine.state.metrics["val_ssim"]).attach(evaluator)
+    return evaluator
+
+
+def _append_history(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

@@ -1,0 +1,240 @@
+"""Intensity normalisation and resolution degradation, as MONAI transforms.
+
+Degradations follow the evaluation protocol exactly (``bicubic`` and ``kspace``), slice by slice
+in the plane given by ``slice_axis``; ``blur_noise`` adds a randomised Gaussian blur before the
+bicubic step and Gaussian noise after it, so the model does not overfit one kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from monai.transforms import RandomizableTransform, Transform
+from scipy.ndimage import gaussian_filter
+from skimage.transform import rescale
+
+from medsr.errors import MedsrError
+from medsr.geometry import in_plane_factors, rescaled_affine
+
+DEGRADATIONS = ("bicubic", "kspace")
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    """The linear map between original units and the network's range.
+
+    ``normalised = (original - low) / (high - low)``: ``low`` maps to 0 and ``high`` to 1.
+    Values outside the window are kept (not clipped), so the inverse is exact.
+    """
+
+    low: float
+    high: float
+
+    def forward(self, original: np.ndarray) -> np.ndarray:
+        return ((original - self.low) / (self.high - self.low)).astype(np.float32)
+
+    def inverse(self, normalised: np.ndarray) -> np.ndarray:
+        return (normalised * (self.high - self.low) + self.low).astype(np.float32)
+
+
+def robust_window(volume: np.ndarray, lower_percentile: float = 0.5,
+                  upper_percentile: float = 99.5) -> IntensityWindow:
+    """Window from robust percentiles of a volume in original units.
+
+    Raises:
+        MedsrError: the volume is constant (or nearly), so there is nothing to enhance.
+    """
+    if not 0 <= lower_percentile < upper_percentile <= 100:
+        raise ValueError(
+            f"percentiles must satisfy 0 <= lower < upper <= 100, not {lower_percentile}, {upper_percentile}"
+        )
+    low, high = np.percentile(volume, [lower_percentile, upper_percentile])
+    if not high > low:
+        low, high = float(volume.min()), float(volume.max())
+    if not high > low:
+        raise MedsrError(f"the image is constant (every voxel is {low:g}); there is nothing to enhance")
+    return IntensityWindow(float(low), float(high))
+
+
+class NormalizeIntensityRobust(Transform):
+    """Map a volume in original units to the network's range from its own robust percentiles.
+
+    Returns the normalised float32 array; the :class:`IntensityWindow` used is kept in
+    ``self.window`` for :meth:`inverse`.
+
+    Example:
+        >>> normalise = NormalizeIntensityRobust()
+        >>> ct_hu = np.array([-1000.0, 0.0, 40.0, 1000.0])
+        >>> restored = normalise.inverse(normalise(ct_hu))  # back in HU
+    """
+
+    def __init__(self, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> None:
+        self.lower_percentile = lower_percentile
+        self.upper_percentile = upper_percentile
+        self.window: IntensityWindow | None = None
+
+    def __call__(self, volume: np.ndarray) -> np.ndarray:
+        self.window = robust_window(np.asarray(volume), self.lower_percentile, self.upper_percentile)
+        return self.window.forward(np.asarray(volume, dtype=np.float32))
+
+    def inverse(self, normalised: np.ndarray) -> np.ndarray:
+        if self.window is None:
+            raise RuntimeError("inverse() needs a previous call that set the window")
+        return self.window.inverse(np.asarray(normalised))
+
+
+# ---------------------------------------------------------------------------- degradation
+
+
+def crop_to_multiple(image: np.ndarray, scale: int, axes: tuple[int, int] = (-2, -1)) -> np.ndarray:
+    """Crop the end of each of ``axes`` so its length is a multiple of ``scale``."""
+    slices = [slice(None)] * image.ndim
+    for axis in axes:
+        slices[axis] = slice(0, image.shape[axis] - image.shape[axis] % scale)
+    return image[tuple(slices)]
+
+
+def degrade_bicubic(high_res: np.ndarray, scale: int) -> np.ndarray:
+    """Anti-aliased bicubic downsampling of one 2-D slice, exactly as the protocol states.
+
+    Args:
+        high_res: ``(H, W)`` slice, H and W multiples of ``scale``, any units.
+        scale: integer factor.
+
+    Returns:
+        ``(H / scale, W / scale)`` float32 slice in the same units.
+    """
+    return rescale(high_res.astype(np.float64), 1.0 / scale, order=3, anti_aliasing=True,
+                   preserve_range=True, mode="reflect").astype(np.float32)
+
+
+def degrade_kspace(high_res: np.ndarray, scale: int) -> np.ndarray:
+    """MRI-style k-space truncation of one 2-D slice: keep the central (H/s x W/s) block.
+
+    The centred 2-D FFT is cropped, inverted, and its real part divided by ``s * s`` so that
+    the mean intensity is unchanged.
+    """
+    height, width = high_res.shape
+    low_h, low_w = height // scale, width // scale
+    spectrum = np.fft.fftshift(np.fft.fft2(high_res.astype(np.float64)))
+    top, left = central_block_origin(height, low_h), central_block_origin(width, low_w)
+    central = spectrum[top:top + low_h, left:left + low_w]
+    low_res = np.fft.ifft2(np.fft.ifftshift(central)).real / (scale * scale)
+    return low_res.astype(np.float32)
+
+
+def central_block_origin(size: int, block: int) -> int:
+    """Start of the ``block`` frequencies around DC in a centred (fftshift-ed) spectrum.
+
+    After fftshift, DC sits at ``size // 2``; the block keeps DC at its own ``block // 2``, so
+    its frequencies are exactly those of a length-``block`` FFT (this equals the plain centre
+    crop ``(size - block) // 2`` whenever both lengths are even).
+    """
+    return size // 2 - block // 2
+
+
+def degrade_blur_noise(high_res: np.ndarray, scale: int, blur_sigma: float, noise_std: float,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Gaussian blur (sigma in high-res pixels), bicubic downsampling, then Gaussian noise."""
+    blurred = gaussian_filter(high_res.astype(np.float64), blur_sigma, mode="reflect")
+    low_res = degrade_bicubic(blurred, scale)
+    return (low_res + rng.normal(0.0, noise_std, low_res.shape)).astype(np.float32)
+
+
+DEGRADE_SLICE = {"bicubic": degrade_bicubic, "kspace": degrade_kspace}
+
+
+def degrade_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, scale: int,
+                   degradation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Protocol step 1-3: crop in-plane to a multiple of ``scale`` and degrade every slice.
+
+    Args:
+        volume: ``(I, J, K)`` volume in original units.
+        affine: its ``(4, 4)`` RAS affine (mm).
+        slice_axis: the axis that is not degraded.
+        scale: integer factor.
+        degradation: ``"bicubic"`` or ``"kspace"``.
+
+    Returns:
+        ``(low_res, high_res, low_res_affine)``: the degraded volume, the cropped reference
+        and the affine of the low-res grid (voxel size x ``scale`` in-plane, same extent).
+    """
+    if degradation not in DEGRADE_SLICE:
+        raise MedsrError(f"degradation must be one of {', '.join(DEGRADATIONS)}, not {degradation!r}")
+    in_plane = tuple(a for a in range(3) if a != slice_axis)
+    high_res = crop_to_multiple(volume, scale, axes=in_plane)
+    slices = np.moveaxis(high_res, slice_axis, 0)
+    if min(slices.shape[1:]) < 2 * scale:
+        raise MedsrError(f"slices of {slices.shape[1:]} voxels are too small to degrade by {scale}")
+    degrade = DEGRADE_SLICE[degradation]
+    low_res = np.stack([degrade(s, scale) for s in slices], axis=0)
+    low_res = np.moveaxis(low_res, 0, slice_axis)
+    factors = in_plane_factors(slice_axis, 1.0 / scale)
+    return low_res, high_res, rescaled_affine(affine, factors)
+
+
+class DegradeResolution(Transform):
+    """Make a (low_res, high_res) pair from a high-res volume, with the low-res affine.
+
+    Args:
+        scale: integer in-plane factor (2 or 4).
+        degradation: ``"bicubic"`` or ``"kspace"`` as in the evaluation protocol.
+        slice_axis: axis of the slices; the other two are degraded.
+
+    Example:
+        >>> degrade = DegradeResolution(scale=2, degradation="kspace", slice_axis=2)
+        >>> low_res, high_res, low_res_affine = degrade(t1_volume, t1_affine)
+    """
+
+    def __init__(self, scale: int = 2, degradation: str = "bicubic", slice_axis: int = 2) -> None:
+        if scale < 2 or int(scale) != scale:
+            raise ValueError(f"scale must be an integer >= 2, not {scale}")
+        if degradation not in DEGRADATIONS:
+            raise ValueError(f"degradation must be one of {DEGRADATIONS}, not {degradation!r}")
+        self.scale, self.degradation, self.slice_axis = int(scale), degradation, slice_axis
+
+    def __call__(self, volume: np.ndarray, affine: np.ndarray):
+        return degrade_volume(volume, affine, self.slice_axis, self.scale, self.degradation)
+
+
+class RandomDegradePair(RandomizableTransform):
+    """Training pairs: degrade a 2-D high-res patch by a randomly chosen degradation.
+
+    Picks ``bicubic``, ``kspace`` or ``blur_noise`` with the given probabilities. Input and
+    output are in the network's normalised range; the high-res patch is returned unchanged.
+
+    Args:
+        scale: integer factor.
+        probabilities: mapping of degradation name -> probability (summing to 1).
+        blur_sigma_range: (min, max) Gaussian sigma in high-res pixels for ``blur_noise``.
+        noise_std_range: (min, max) noise standard deviation in normalised units.
+    """
+
+    NAMES = ("bicubic", "kspace", "blur_noise")
+
+    def __init__(self, scale: int, probabilities: dict[str, float],
+                 blur_sigma_range: tuple[float, float] = (0.3, 1.0),
+                 noise_std_range: tuple[float, float] = (0.0, 0.02)) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        unknown = set(probabilities) - set(self.NAMES)
+        if unknown:
+            raise ValueError(f"unknown degradations {sorted(unknown)}; choose from {self.NAMES}")
+        weights = np.array([probabilities.get(n, 0.0) for n in self.NAMES], dtype=np.float64)
+        if np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
+            raise ValueError(f"degradation probabilities must be >= 0 and sum to 1, not {probabilities}")
+        self.scale, self.weights = scale, weights
+        self.blur_sigma_range, self.noise_std_range = blur_sigma_range, noise_std_range
+
+    def __call__(self, high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        name = self.NAMES[self.R.choice(len(self.NAMES), p=self.weights)]
+        if name == "blur_noise":
+            sigma = self.R.uniform(*self.blur_sigma_range)
+            noise = self.R.uniform(*self.noise_std_range)
+            low_res = degrade_blur_noise(high_res, self.scale, sigma, noise, self.R)
+        else:
+            low_res = DEGRADE_SLICE[name](high_res, self.scale)
+        return low_res, high_res
