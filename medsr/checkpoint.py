@@ -61,9 +61,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines()
+                       if line.strip().startswith("Unsupported")), "not plain data")
         raise CheckpointError(
-            f"{path}: refused to load; the file holds objects other than tensors and plain data "
-            f"(possibly code), so it is not a medsr checkpoint ({str(exc).splitlines()[0]})"
+            f"{path}: refused to load: not a checkpoint of tensors and plain data; it is corrupt "
+            f"or carries code, which medsr never runs ({detail})"
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None

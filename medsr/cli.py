@@ -95,6 +95,8 @@ def enhance(
     scale: Annotated[int, typer.Option(help="In-plane factor (must match --weights).")] = 2,
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
+    degradation: Annotated[str, typer.Option(
+        help="How the scan lost resolution: kspace (MR acquisition), bicubic (resampled, CT) or auto (by modality).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Slices per forward pass.")] = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
@@ -109,7 +111,8 @@ def enhance(
         with _progress() as progress:
             task = progress.add_task("enhancing slices", total=None)
             result = enhance_file(
-                input_path, output, scale=scale, slice_axis=axis, weights=weights, device=device,
+                input_path, output, scale=scale, slice_axis=axis, weights=weights,
+                degradation=degradation, device=device,
                 batch_size=batch_size, series_uid=series, overwrite=overwrite,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )

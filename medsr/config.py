@@ -66,8 +66,9 @@ class TrainConfig:
     loss: str = "l1"
     learning_rate: float = 5e-4
     min_learning_rate: float = 1e-5
+    warmup_iterations: int = 200
     batch_size: int = 16
-    patch_size: int = 96
+    patch_size: int = 80
     epochs: int = 30
     iterations_per_epoch: int = 100
     seed: int = 0
@@ -88,6 +89,8 @@ class TrainConfig:
         _require(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
         _require(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                  "must be between 0 and learning_rate", self.min_learning_rate)
+        _require(self.warmup_iterations >= 0, "warmup_iterations", "must be >= 0",
+                 self.warmup_iterations)
         _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _require(self.patch_size >= 4 * self.scale and self.patch_size % self.scale == 0,
                  "patch_size", f"must be a multiple of scale ({self.scale}) and >= {4 * self.scale}",
@@ -134,7 +137,9 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
         name = f"{where}.{key}" if where else key
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
+            prefix = f"{where}." if where else ""
+            hint = (f"; did you mean {prefix + close[0]!r}?" if close
+                    else f"; known keys: {', '.join(prefix + f for f in fields)}")
             raise ConfigError(f"unknown config key {name!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, name)
     return cls(**kwargs)

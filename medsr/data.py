@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medsr.errors import MedsrError
+from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, read_scan
 from medsr.transforms import RandomDegradePair, robust_window
 
@@ -130,14 +131,17 @@ def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: f
 class PatchPairDataset(Dataset):
     """Random (low_res, high_res) patch pairs from cached slices, as MONAI engine batches.
 
-    Each item is ``{"image": (1, P/s, P/s), "label": (1, P, P)}`` float32 tensors in the
-    normalised range (``image`` is the low-res input, ``label`` the high-res target). Slices
-    are drawn with CT slices weighted by ``ct_weight`` (CT is scarce in most collections), and
-    mostly-empty patches are redrawn a few times.
+    Each item is ``{"image": (1, (P + 2c)/s, (P + 2c)/s), "label": (1, P + 2c, P + 2c),
+    "degradation": ()}``: float32 tensors in the normalised range (``image`` is the low-res
+    input, ``label`` the high-res target) and the degradation code the model is told. The
+    ``c = context`` high-res pixels around the P x P centre give the network real neighbours;
+    the training loss ignores them (see ``BorderCroppedLoss``). Slices are drawn with CT slices
+    weighted by ``ct_weight`` (CT is scarce in most collections), and mostly-empty patches are
+    redrawn a few times.
 
     Args:
         scans: cached scans to draw from.
-        patch_size: high-res patch side P (a multiple of ``scale``).
+        patch_size: high-res side P of the region the loss sees (a multiple of ``scale``).
         scale: integer factor.
         length: items per epoch.
         degrade: the random degradation making low-res patches.
@@ -145,7 +149,8 @@ class PatchPairDataset(Dataset):
         seed: makes the sequence of patches reproducible.
     """
 
-    MARGIN_LOW_RES = 8  # low-res pixels cropped away around each degraded patch
+    MARGIN_LOW_RES = 8  # low-res pixels degraded around each patch, then cropped away
+    CONTEXT_LOW_RES = 4  # low-res pixels the model sees around the loss region
     RETRIES = 5
 
     def __init__(self, scans: list[CachedScan], patch_size: int, scale: int, length: int,
@@ -159,6 +164,11 @@ class PatchPairDataset(Dataset):
         self.patch_size, self.scale, self.length = patch_size, scale, length
         self.degrade, self.seed, self.epoch = degrade, seed, 0
 
+    @property
+    def context(self) -> int:
+        """High-res pixels around the loss region on each side."""
+        return self.CONTEXT_LOW_RES * self.scale
+
     def __len__(self) -> int:
         return self.length
 
@@ -170,11 +180,12 @@ class PatchPairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         self.degrade.set_random_state(seed=int(rng.integers(2**31)))
         margin = self.MARGIN_LOW_RES * self.scale
-        region = self.patch_size + 2 * margin
+        seen = self.patch_size + 2 * self.context  # high-res side the model reconstructs
+        region = seen + 2 * margin
         for _ in range(self.RETRIES):
             image = self.slices[rng.choice(len(self.slices), p=self.probabilities)]
             crop = _random_crop(image.astype(np.float32), region, rng)
-            core = crop[margin:margin + self.patch_size, margin:margin + self.patch_size]
+            core = crop[margin:margin + seen, margin:margin + seen]
             if (core > FOREGROUND_LEVEL).mean() >= FOREGROUND_FRACTION:
                 break
         if rng.random() < 0.5:
@@ -182,13 +193,13 @@ class PatchPairDataset(Dataset):
         if rng.random() < 0.5:
             crop = crop[::-1, :]
         crop = np.ascontiguousarray(np.rot90(crop, k=int(rng.integers(4))))
-        low_res, high_res = self.degrade(crop)
-        m, p = self.MARGIN_LOW_RES, self.patch_size // self.scale
-        low_res = low_res[m:m + p, m:m + p]
-        high_res = high_res[margin:margin + self.patch_size, margin:margin + self.patch_size]
+        low_res, high_res, family = self.degrade(crop)
+        m, n = self.MARGIN_LOW_RES, seen // self.scale
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(low_res))[None],
-            "label": torch.from_numpy(np.ascontiguousarray(high_res))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(low_res[m:m + n, m:m + n]))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(
+                high_res[margin:margin + seen, margin:margin + seen]))[None],
+            "degradation": torch.tensor(DEGRADATION_CODES[family]),
         }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
-from medsr.model import SRResNet
+from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.transforms import IntensityWindow, robust_window
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: SRResNet,
+                   degradation: str = "bicubic",
                    device: torch.device | str = "cpu", batch_size: int | None = None,
                    lower_percentile: float = 0.5, upper_percentile: float = 99.5,
                    progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
@@ -70,6 +71,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
         affine: its ``(4, 4)`` RAS affine in mm.
         slice_axis: axis of the slices (0, 1 or 2).
         model: a trained :class:`SRResNet`.
+        degradation: how the input lost its resolution, ``"bicubic"`` (resampled, CT) or
+            ``"kspace"`` (MR acquired with fewer k-space lines); see :mod:`medsr.model`.
         device: where the model runs; CUDA uses bfloat16 autocast.
         batch_size: slices per forward pass (default 16 on CUDA, 4 on CPU).
         progress: called with ``(slices_done, slices_total)`` after every batch.
@@ -81,6 +84,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
         MedsrError: slices too small, or a constant volume.
     """
     device = torch.device(device)
+    if degradation not in DEGRADATION_CODES:
+        raise MedsrError(f"degradation must be one of {', '.join(DEGRADATION_CODES)}, not {degradation!r}")
     in_plane = [volume.shape[a] for a in range(3) if a != slice_axis]
     if min(in_plane) < MIN_SLICE_SIZE:
         raise MedsrError(
@@ -101,7 +106,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
         for start in range(0, total, batch_size):
             batch = window.forward(slices[start:start + batch_size])
             low_res = torch.from_numpy(batch)[:, None].to(device, non_blocking=True)
-            high_res = model(low_res).float()[:, 0].cpu().numpy()
+            codes = torch.full((len(batch),), DEGRADATION_CODES[degradation], device=device)
+            high_res = model(low_res, codes).float()[:, 0].cpu().numpy()
             output[start:start + len(batch)] = window.inverse(high_res)
             if progress is not None:
                 progress(min(start + batch_size, total), total)
@@ -115,19 +121,22 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
 
 def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  slice_axis: int | None = None, weights: str | Path | None = None,
-                 device: str = "auto", batch_size: int | None = None,
+                 degradation: str = "auto", device: str = "auto", batch_size: int | None = None,
                  series_uid: str | None = None, overwrite: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
     """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI.
 
-    Every check that can fail (output path, weights, scale) runs before the slow work, and the
-    output appears only when complete.
+    ``degradation="auto"`` picks ``kspace`` for MR and ``bicubic`` for everything else
+    (:func:`default_degradation`). Every check that can fail (output path, weights, scale)
+    runs before the slow work, and the output appears only when complete.
     """
     from medsr.checkpoint import default_weights, load_model
     from medsr.reading import read_scan
     from medsr.writing import NIFTI_SUFFIXES, check_output_path, write_nifti
 
     input_path, output = Path(input_path), Path(output)
+    if degradation != "auto" and degradation not in DEGRADATION_CODES:
+        raise MedsrError(f"--degradation must be auto, {' or '.join(DEGRADATION_CODES)}, not {degradation!r}")
     if not output.name.lower().endswith(NIFTI_SUFFIXES):
         raise MedsrError(f"{output}: output must end in .nii or .nii.gz")
     check_output_path(output, [input_path], overwrite)
@@ -137,8 +146,24 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
         raise MedsrError(f"--scale {scale} does not match the weights, which upscale by {model.scale}")
     scan = read_scan(input_path, series_uid)
     axis = scan.slice_axis if slice_axis is None else slice_axis
-    enhanced = enhance_volume(scan.array, scan.affine, axis, model, torch_device, batch_size,
-                              config.lower_percentile, config.upper_percentile, progress)
+    if degradation == "auto":
+        degradation = default_degradation(scan)
+        logger.info("%s: treating it as %s-degraded", input_path, degradation)
+    enhanced = enhance_volume(scan.array, scan.affine, axis, model, degradation, torch_device,
+                              batch_size, config.lower_percentile, config.upper_percentile, progress)
     write_nifti(output, enhanced.array, enhanced.affine,
                 description=f"medsr SRResNet x{scale} in-plane", overwrite=overwrite)
     return enhanced
+
+
+def default_degradation(scan) -> str:
+    """``kspace`` for MR (acquired in k-space), ``bicubic`` for CT and anything else.
+
+    DICOM says its modality; for NIfTI, CT is recognised by air far below zero (HU).
+    """
+    from medsr.data import is_ct
+
+    modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
+    if modality:
+        return "kspace" if modality.upper() == "MR" else "bicubic"
+    return "bicubic" if is_ct(scan.array, None) else "kspace"

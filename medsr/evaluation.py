@@ -83,8 +83,8 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     for name, model in models.items():
         if model.scale != scale:
             raise ValueError(f"model {name!r} upscales by {model.scale}, the evaluation by {scale}")
-        estimates[name] = enhance_volume(low_res, low_res_affine, axis, model, device=device,
-                                         batch_size=batch_size).array
+        estimates[name] = enhance_volume(low_res, low_res_affine, axis, model, degradation,
+                                         device=device, batch_size=batch_size).array
     for name, estimate in estimates.items():
         result.scores[name] = score(high_res, estimate, axis, scale)
     if keep_images:

@@ -133,11 +133,26 @@ def _read_nifti(path: Path) -> Scan:
 # --------------------------------------------------------------------------------------- DICOM
 
 
+_READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
+                AttributeError, IndexError, OverflowError, MemoryError, NotImplementedError)
+
+
 def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | None:
-    """Read a DICOM file, or None when it is not DICOM (license texts, DICOMDIR-less junk)."""
+    """Read a DICOM file, or None when it is not DICOM (license texts, junk).
+
+    Files without the 128-byte preamble (older writers) are read with ``force=True`` and
+    accepted only if they carry a SOPClassUID, so arbitrary bytes are not taken for DICOM.
+    """
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
+    except InvalidDicomError:
+        pass
+    except _READ_ERRORS:
+        return None
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        return dataset if "SOPClassUID" in dataset else None
+    except _READ_ERRORS:
         return None
 
 

@@ -32,6 +32,7 @@ from medsr.checkpoint import build_model, load_checkpoint, save_checkpoint
 from medsr.config import TrainConfig, save_config
 from medsr.data import CachedScan, PatchPairDataset, discover_scans, load_cached_scan
 from medsr.errors import MedsrError
+from medsr.model import DEGRADATION_CODES
 from medsr.transforms import DEGRADE_SLICE, RandomDegradePair, crop_to_multiple
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,33 @@ class TrainResult:
     best_ssim: float | None
 
 
+class BorderCroppedLoss(torch.nn.Module):
+    """``loss(pred, target)`` over the centre only: ``border`` pixels on each side are context
+    the network sees but is not scored on (their neighbours were cut off by the patch)."""
+
+    def __init__(self, loss: torch.nn.Module, border: int) -> None:
+        super().__init__()
+        self.loss, self.border = loss, border
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        b = self.border
+        if b == 0:
+            return self.loss(prediction, target)
+        return self.loss(prediction[..., b:-b, b:-b], target[..., b:-b, b:-b])
+
+
+def prepare_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs):
+    """MONAI engine hook: (inputs, targets, args, kwargs) so the network gets the flag."""
+    move = {"device": device, "non_blocking": non_blocking}
+    return (batch["image"].to(**move), batch["label"].to(**move), (),
+            {"degradation": batch["degradation"].to(**move)})
+
+
 class ValidationSlices(Dataset):
     """Whole held-out slices degraded with each protocol degradation (normalised range).
 
-    Items are ``{"image": (1, H/s, W/s), "label": (1, H, W)}``; slices differ in size, so
-    load them with batch size 1.
+    Items are ``{"image": (1, H/s, W/s), "label": (1, H, W), "degradation": ()}``; slices
+    differ in size, so load them with batch size 1.
     """
 
     def __init__(self, scans: list[CachedScan], scale: int, per_scan: int = VAL_SLICES_PER_SCAN) -> None:
@@ -61,15 +84,16 @@ class ValidationSlices(Dataset):
             count = min(per_scan, len(scan.slices))
             for index in np.linspace(0, len(scan.slices) - 1, count).round().astype(int):
                 high_res = crop_to_multiple(scan.slices[index].astype(np.float32), scale)
-                for degrade in DEGRADE_SLICE.values():
-                    self.items.append((degrade(high_res, scale), high_res))
+                for name, degrade in DEGRADE_SLICE.items():
+                    self.items.append((degrade(high_res, scale), high_res, DEGRADATION_CODES[name]))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        low_res, high_res = self.items[index]
-        return {"image": torch.from_numpy(low_res)[None], "label": torch.from_numpy(high_res)[None]}
+        low_res, high_res, code = self.items[index]
+        return {"image": torch.from_numpy(low_res)[None], "label": torch.from_numpy(high_res)[None],
+                "degradation": torch.tensor(code)}
 
 
 def _cached(config: TrainConfig, which: str) -> list[CachedScan]:
@@ -120,13 +144,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
 
     model = build_model(config).to(torch_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    total_iterations = config.epochs * config.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_iterations, eta_min=config.min_learning_rate)
+    scheduler = learning_rate_schedule(optimizer, config)
 
     trainer = SupervisedTrainer(
         device=torch_device, max_epochs=config.epochs, train_data_loader=loader, network=model,
-        optimizer=optimizer, loss_function=LOSSES[config.loss](),
+        optimizer=optimizer, loss_function=BorderCroppedLoss(LOSSES[config.loss](), patches.context),
+        prepare_batch=prepare_batch,
         epoch_length=config.iterations_per_epoch,
         amp=torch_device.type == "cuda",
         train_handlers=[
@@ -184,6 +207,22 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
                        None if not np.isfinite(best["ssim"]) else float(best["ssim"]))
 
 
+def learning_rate_schedule(optimizer, config: TrainConfig):
+    """Linear warm-up, then cosine decay to ``min_learning_rate``, stepped every iteration.
+
+    The warm-up matters here: the output convolution starts at zero so the untrained network
+    equals the classical upsampler, and full-size first Adam steps would throw that away.
+    """
+    total = config.epochs * config.iterations_per_epoch
+    warmup = min(config.warmup_iterations, total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total - warmup), eta_min=config.min_learning_rate)
+    if warmup == 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
 def _validator(config: TrainConfig, model, device, trainer) -> SupervisedEvaluator | None:
     """A ``SupervisedEvaluator`` run after every epoch, stopping training when SSIM stalls."""
     if not config.val_scans:
@@ -193,7 +232,7 @@ def _validator(config: TrainConfig, model, device, trainer) -> SupervisedEvaluat
         return None
     loader = DataLoader(ValidationSlices(val_scans, config.scale), batch_size=1)
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=loader, network=model,
+        device=device, val_data_loader=loader, network=model, prepare_batch=prepare_batch,
         key_val_metric={"val_ssim": IgniteMetricHandler(
             metric_fn=SSIMMetric(spatial_dims=2, data_range=1.0),
             output_transform=from_engine(["pred", "label"]))},

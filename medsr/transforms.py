@@ -229,12 +229,12 @@ class RandomDegradePair(RandomizableTransform):
         self.scale, self.weights = scale, weights
         self.blur_sigma_range, self.noise_std_range = blur_sigma_range, noise_std_range
 
-    def __call__(self, high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """Returns ``(low_res, high_res, family)``; ``family`` is the protocol degradation the
+        pair belongs to (``blur_noise`` is a resampling, so it counts as ``bicubic``)."""
         name = self.NAMES[self.R.choice(len(self.NAMES), p=self.weights)]
         if name == "blur_noise":
             sigma = self.R.uniform(*self.blur_sigma_range)
             noise = self.R.uniform(*self.noise_std_range)
-            low_res = degrade_blur_noise(high_res, self.scale, sigma, noise, self.R)
-        else:
-            low_res = DEGRADE_SLICE[name](high_res, self.scale)
-        return low_res, high_res
+            return degrade_blur_noise(high_res, self.scale, sigma, noise, self.R), high_res, "bicubic"
+        return DEGRADE_SLICE[name](high_res, self.scale), high_res, name

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real scans shipped in sample_scans/ and small checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom.data
+import pytest
+import torch
+
+from medsr.checkpoint import build_model, save_checkpoint
+from medsr.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_scans"
+MR_SERIES = SAMPLES / "mr_pd_oblique_dicom"
+MR_MULTIFRAME = SAMPLES / "mr_pd_oblique_multiframe" / "mr_pd_oblique_multiframe.dcm"
+CT_SERIES = SAMPLES / "ct_chest_3slice_dicom"
+MR_NIFTI = SAMPLES / "mr_t1_nifti" / "MR.nii.gz"
+# The project's shared scan collection, when this checkout sits beside it (CI and developers).
+SHARED_SCANS = ROOT.parent / "shared" / "scans"
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A file from pydicom's bundled test data (no network)."""
+    return Path(pydicom.data.get_testdata_file(name, download=False))
+
+
+@pytest.fixture
+def ct_small() -> Path:
+    return pydicom_test_file("CT_small.dcm")
+
+
+@pytest.fixture
+def shared_scans() -> Path:
+    if not SHARED_SCANS.is_dir():
+        pytest.skip("the shared scan collection is not beside this checkout")
+    return SHARED_SCANS
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """A small random SRResNet x2 checkpoint (fast on CPU)."""
+    torch.manual_seed(0)
+    config = load_config(None, ["model.features=8", "model.num_res_blocks=2"])
+    model = build_model(config)
+    torch.nn.init.normal_(model.tail.conv.weight, std=1e-5)  # near the classical upsampler
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, model, config, epoch=1, iteration=1)
+    return path

@@ -1,0 +1,121 @@
+"""Whole-volume enhancement: grid, units, determinism, and the CLI on every sample scan."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES
+from medsr.checkpoint import load_model
+from medsr.cli import app
+from medsr.enhance import enhance_volume
+from medsr.errors import MedsrError
+from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
+from medsr.reading import read_scan
+
+runner = CliRunner()
+
+
+def test_enhanced_grid_and_units_on_real_ct(tiny_checkpoint):
+    scan = read_scan(CT_SERIES)
+    model, _ = load_model(tiny_checkpoint)
+    enhanced = enhance_volume(scan.array, scan.affine, 2, model, batch_size=2)
+    assert enhanced.array.shape == (1024, 1024, 3)
+    np.testing.assert_allclose(voxel_sizes(enhanced.affine), voxel_sizes(scan.affine) * [0.5, 0.5, 1])
+    # stays in HU: air and the mean survive (a near-identity model)
+    assert enhanced.array.min() < -900
+    assert enhanced.array.mean() == pytest.approx(scan.array.mean(), abs=5.0)
+
+
+def test_slices_along_another_axis():
+    model, _ = load_model(_identity_checkpoint_path())
+    volume = np.random.default_rng(0).random((6, 10, 12)).astype(np.float32)
+    enhanced = enhance_volume(volume, np.eye(4), 0, model)
+    assert enhanced.array.shape == (6, 20, 24)
+    np.testing.assert_allclose(enhanced.affine, rescaled_affine(np.eye(4), in_plane_factors(0, 2)))
+
+
+def _identity_checkpoint_path():
+    from medsr.checkpoint import default_weights
+
+    return default_weights(2)
+
+
+def test_cpu_output_is_bit_identical_across_runs(tiny_checkpoint):
+    scan = read_scan(MR_SERIES)
+    model, _ = load_model(tiny_checkpoint)
+    first = enhance_volume(scan.array[:, :, :4], scan.affine, 2, model, batch_size=3).array
+    second = enhance_volume(scan.array[:, :, :4], scan.affine, 2, model, batch_size=3).array
+    assert np.array_equal(first, second)
+
+
+def test_tiny_slices_are_refused(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    with pytest.raises(MedsrError, match="too small"):
+        enhance_volume(np.random.rand(3, 30, 30), np.eye(4), 2, model)
+
+
+@pytest.mark.parametrize("source", [MR_SERIES, MR_MULTIFRAME, CT_SERIES, MR_NIFTI],
+                         ids=["dicom-series", "dicom-multiframe", "ct-series", "nifti"])
+def test_cli_enhances_every_sample_scan_with_the_shipped_weights(tmp_path, source):
+    output = tmp_path / "enhanced.nii.gz"
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    scan = read_scan(source)
+    image = nib.load(output)
+    expected_shape = list(scan.array.shape)
+    for axis in range(3):
+        if axis != scan.slice_axis:
+            expected_shape[axis] *= 2
+    assert list(image.shape) == expected_shape
+    expected_affine = rescaled_affine(scan.affine, in_plane_factors(scan.slice_axis, 2))
+    np.testing.assert_allclose(image.get_sform(), expected_affine, atol=1e-4)
+    assert int(image.header["sform_code"]) == int(image.header["qform_code"]) == 1
+    # the qform is the nearest rotation + zooms: exact unless real slice gaps add a shear
+    np.testing.assert_allclose(image.get_qform(), expected_affine, atol=5e-3)
+    assert image.header.get_data_dtype() == np.float32
+    data = image.get_fdata(dtype=np.float32)
+    assert np.isfinite(data).all()
+    # original units: the enhanced volume's robust range matches the input's
+    np.testing.assert_allclose(np.percentile(data, [50, 99]), np.percentile(scan.array, [50, 99]),
+                               rtol=0.1, atol=0.05 * np.ptp(scan.array))
+    assert [p.name for p in tmp_path.iterdir()] == ["enhanced.nii.gz"]  # no temporary left
+
+
+def test_cli_refuses_unsafe_outputs_and_keeps_existing_files(tmp_path, tiny_checkpoint):
+    existing = tmp_path / "out.nii.gz"
+    existing.write_bytes(b"keep me")
+    cases = [
+        (["enhance", str(MR_NIFTI), "-o", str(existing)], "already exists; pass --overwrite"),
+        (["enhance", str(MR_NIFTI), "-o", str(MR_NIFTI)], "overwrite the input"),
+        (["enhance", str(MR_SERIES), "-o", str(MR_SERIES / "x.nii.gz")], "inside the input series folder"),
+        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "no" / "x.nii.gz")], "does not exist"),
+        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.png")], "must end in .nii or .nii.gz"),
+        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.nii"), "--scale", "4",
+          "--weights", str(tiny_checkpoint)], "--scale 4 does not match"),
+        (["enhance", str(tmp_path / "missing"), "-o", str(tmp_path / "x.nii")], "no such file"),
+        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.nii"), "--device", "tpu"], "--device must be"),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 1, (arguments, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert "Traceback" not in result.output
+    assert existing.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz", "tiny.pt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_matches_cpu_fp32():
+    scan = read_scan(MR_SERIES)
+    model, _ = load_model(_identity_checkpoint_path())
+    cpu = enhance_volume(scan.array, scan.affine, 2, model, device="cpu").array
+    gpu = enhance_volume(scan.array, scan.affine, 2, model, device="cuda").array
+    data_range = float(np.ptp(cpu))
+    psnr = 10 * np.log10(data_range**2 / np.mean((cpu - gpu) ** 2))
+    assert psnr > 50  # bf16 rounding only
