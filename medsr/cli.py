@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -156,7 +157,11 @@ def evaluate(
             for scan_path in scans:
                 scan = read_scan(scan_path)
                 for name in degradations:
-                    results.append(evaluate_scan(scan, models, name, scale, axis, torch_device))
+                    result = evaluate_scan(scan, models, name, scale, axis, torch_device,
+                                           keep_images=report is not None)
+                    if report is not None:
+                        _write_figure(report, result, scan.slice_axis if axis is None else axis)
+                    results.append(result)
                     progress.advance(task)
         summary = summarise(results)
         _print_table(results, summary, list(models))
@@ -185,6 +190,21 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             typer.echo(f"{name}: {model} {verdict} the best baseline "
                        f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
                        f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
+
+
+def _write_figure(folder: Path, result, slice_axis: int) -> None:
+    """low-res | baselines | models | ground truth on the middle scored slice; frees the images."""
+    from medsr.metrics import scored_slices
+    from medsr.reports import comparison_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = result.images["high_res"]
+    candidates = scored_slices(reference, slice_axis, float(reference.min()), float(np.ptp(reference)))
+    index = candidates[len(candidates) // 2] if candidates else reference.shape[slice_axis] // 2
+    name = f"{Path(result.scan).name.split('.')[0]}_{result.degradation}.png"
+    comparison_figure(result.images, slice_axis, index, f"{Path(result.scan).name}: {result.degradation} "
+                      f"degradation, slice {index}", folder / name, result.scores)
+    result.images = {}
 
 
 def _write_report(folder: Path, results, summary) -> None:

@@ -5,7 +5,9 @@ One run writes into its own folder::
     out/config.yaml     the resolved config it ran with
     out/last.pt         model + optimizer + scheduler after the last complete epoch (resume)
     out/best.pt         model with the best validation SSIM so far (or the last, with no val)
-    out/history.csv     per-epoch train loss, validation PSNR/SSIM, learning rate
+    out/history.csv     per-epoch train/validation loss, validation PSNR/SSIM, learning rate
+    out/curves.png      the same as plots, redrawn after every epoch
+    out/tensorboard/    the same for TensorBoard (``tensorboard --logdir out/tensorboard``)
 
 Validation uses whole held-out slices (never slices of a training volume), degraded with both
 protocol degradations, scored in the normalised range with MONAI's PSNR and SSIM metrics.
@@ -23,7 +25,8 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (EarlyStopHandler, IgniteMetricHandler, LrScheduleHandler,
-                            PeakSignalToNoiseRatio, StatsHandler, ValidationHandler, from_engine)
+                            PeakSignalToNoiseRatio, StatsHandler, TensorBoardStatsHandler,
+                            ValidationHandler, from_engine)
 from monai.metrics import SSIMMetric
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader, Dataset
@@ -33,6 +36,7 @@ from medsr.config import TrainConfig, save_config
 from medsr.data import CachedScan, PatchPairDataset, discover_scans, load_cached_scan
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
+from medsr.reports import plot_training_curves
 from medsr.transforms import DEGRADE_SLICE, RandomDegradePair, crop_to_multiple
 
 logger = logging.getLogger(__name__)
@@ -157,6 +161,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
             StatsHandler(name=__name__, tag_name="train_loss",
                          iteration_log=lambda engine, _: engine.state.iteration % 50 == 0,
                          output_transform=from_engine(["loss"], first=True)),
+            TensorBoardStatsHandler(log_dir=str(out_dir / "tensorboard"), tag_name="train_loss",
+                                    output_transform=from_engine(["loss"], first=True)),
         ],
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: patches.set_epoch(engine.state.epoch))
@@ -165,7 +171,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda engine: epoch_losses.append(float(engine.state.output[0]["loss"])))
 
-    evaluator = _validator(config, model, torch_device, trainer)
+    evaluator = _validator(config, model, torch_device, trainer, out_dir)
     history_path = out_dir / "history.csv"
     best = {"ssim": -np.inf}
     if resume:
@@ -193,10 +199,12 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         _append_history(history_path, {
             "epoch": epoch, "iteration": iteration,
             "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+            "val_loss": metrics.get("val_loss", float("nan")),
             "val_psnr": metrics.get("val_psnr", float("nan")),
             "val_ssim": metrics.get("val_ssim", float("nan")),
             "learning_rate": optimizer.param_groups[0]["lr"],
         })
+        plot_training_curves(history_path, out_dir / "curves.png")
         logger.info("epoch %d/%d done: train loss %.5f, val PSNR %s, val SSIM %s", epoch,
                     config.epochs, np.mean(epoch_losses) if epoch_losses else float("nan"),
                     f"{metrics['val_psnr']:.3f}" if "val_psnr" in metrics else "-",
@@ -223,7 +231,7 @@ def learning_rate_schedule(optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def _validator(config: TrainConfig, model, device, trainer) -> SupervisedEvaluator | None:
+def _validator(config: TrainConfig, model, device, trainer, out_dir: Path) -> SupervisedEvaluator | None:
     """A ``SupervisedEvaluator`` run after every epoch, stopping training when SSIM stalls."""
     if not config.val_scans:
         return None
@@ -236,8 +244,14 @@ def _validator(config: TrainConfig, model, device, trainer) -> SupervisedEvaluat
         key_val_metric={"val_ssim": IgniteMetricHandler(
             metric_fn=SSIMMetric(spatial_dims=2, data_range=1.0),
             output_transform=from_engine(["pred", "label"]))},
-        additional_metrics={"val_psnr": PeakSignalToNoiseRatio(
-            max_val=1.0, output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={
+            "val_psnr": PeakSignalToNoiseRatio(max_val=1.0, output_transform=from_engine(["pred", "label"])),
+            "val_loss": IgniteMetricHandler(loss_fn=LOSSES[config.loss](),
+                                            output_transform=from_engine(["pred", "label"])),
+        },
+        val_handlers=[TensorBoardStatsHandler(
+            log_dir=str(Path(out_dir) / "tensorboard"), output_transform=lambda _: None,
+            global_epoch_transform=lambda _: trainer.state.epoch)],
         amp=device.type == "cuda",
     )
     ValidationHandler(interval=1, validator=evaluator, epoch_level=True).attach(trainer)

@@ -1,0 +1,106 @@
+"""Figures for people: training curves and side-by-side comparisons with error maps.
+
+Matplotlib runs headless (Agg); every figure is written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from medsr.writing import atomic_output  # noqa: E402
+
+CURVES = (("train_loss", "val_loss", "loss"), ("val_psnr", None, "validation PSNR (dB)"),
+          ("val_ssim", None, "validation SSIM"), ("learning_rate", None, "learning rate"))
+
+
+def plot_training_curves(history_csv: Path, output_png: Path) -> Path:
+    """Train/validation loss, validation PSNR and SSIM, and learning rate per epoch."""
+    rows = list(csv.DictReader(Path(history_csv).open()))
+    epochs = [int(r["epoch"]) for r in rows]
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for axis, (first, second, title) in zip(axes, CURVES):
+        for key in (first, second):
+            if key and rows and key in rows[0]:
+                axis.plot(epochs, [float(r[key]) for r in rows], marker=".", label=key.replace("_", " "))
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        if second:
+            axis.legend()
+    axes[-1].set_yscale("log")
+    figure.tight_layout()
+    return _save(figure, output_png)
+
+
+def _zoom_box(reference: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the ``size`` square with the most structure (largest gradient)."""
+    gradient = np.hypot(*np.gradient(reference.astype(np.float64)))
+    best, corner = -1.0, (0, 0)
+    step = max(1, size // 2)
+    for top in range(0, max(1, reference.shape[0] - size + 1), step):
+        for left in range(0, max(1, reference.shape[1] - size + 1), step):
+            value = gradient[top:top + size, left:left + size].sum()
+            if value > best:
+                best, corner = value, (top, left)
+    return corner
+
+
+def comparison_figure(images: dict[str, np.ndarray], slice_axis: int, slice_index: int,
+                      title: str, output_png: Path, scores: dict[str, dict[str, float]] | None = None) -> Path:
+    """low-res | each method | ground truth, with a zoomed inset row and an error-map row.
+
+    Args:
+        images: ``low_res``, ``high_res`` and one volume per method, all in original units;
+            methods share the ``high_res`` shape.
+        slice_axis: axis of the slices.
+        slice_index: slice to show.
+        title: figure title (scan and degradation).
+        output_png: where to write.
+        scores: optional ``{method: {"psnr", "ssim"}}`` shown under each panel.
+    """
+    reference = np.take(images["high_res"], slice_index, axis=slice_axis).T
+    methods = [m for m in images if m not in ("low_res", "high_res")]
+    panels = ["low_res", *methods, "high_res"]
+    low, high = np.percentile(reference, [0.5, 99.5])
+    size = max(16, min(reference.shape) // 4)
+    top, left = _zoom_box(reference, size)
+    error_limit = 0.1 * (high - low)
+    figure, axes = plt.subplots(3, len(panels), figsize=(2.6 * len(panels), 8.2), squeeze=False)
+    for column, name in enumerate(panels):
+        image = np.take(images[name], slice_index, axis=slice_axis).T
+        if name == "low_res":  # show on the high-res grid, nearest neighbour, to keep pixels honest
+            factor = reference.shape[0] // image.shape[0]
+            image = np.kron(image, np.ones((factor, factor)))[:reference.shape[0], :reference.shape[1]]
+        axes[0, column].imshow(image, cmap="gray", vmin=low, vmax=high)
+        label = "ground truth" if name == "high_res" else name.replace("_", " ")
+        if scores and name in scores:
+            label += f"\n{scores[name]['psnr']:.2f} dB / {scores[name]['ssim']:.4f}"
+        axes[0, column].set_title(label, fontsize=9)
+        axes[0, column].add_patch(plt.Rectangle((left, top), size, size, fill=False, color="yellow", lw=1))
+        axes[1, column].imshow(image[top:top + size, left:left + size], cmap="gray", vmin=low,
+                               vmax=high, interpolation="nearest")
+        if name in ("low_res", "high_res"):
+            axes[2, column].axis("off")
+        else:
+            axes[2, column].imshow(np.abs(image - reference), cmap="inferno", vmin=0, vmax=error_limit)
+            axes[2, column].set_title("|error|", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, output_png)
+
+
+def _save(figure, output_png: Path) -> Path:
+    output_png = Path(output_png)
+    with atomic_output(output_png, suffix=".tmp.png") as temporary:
+        figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    return output_png
