@@ -56,8 +56,9 @@ def _user_errors():
 
 
 def _progress() -> Progress:
+    # drawn only on a terminal, so piped stderr holds nothing but warnings and errors
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=stderr, transient=True)
+                    TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
 
 
 def _slice_axis(value: str) -> int | None:

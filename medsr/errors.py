@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class MedsrError(Exception):
-    """A problem with the user's input, files or settings; the message says what and where."""
+    """A problem with the user's input, files or settings; the message says what and where.
+
+    The message is folded onto one line (library texts quoted inside may span several), so the
+    CLI can always print exactly one ``error: ...`` line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 class ScanReadError(MedsrError):

@@ -14,7 +14,9 @@ positions, so the DICOM path here sorts by ImagePositionPatient projected on the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +90,15 @@ def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
     path = Path(path)
     if not path.exists():
         raise ScanReadError(f"{path}: no such file or folder")
-    if path.is_dir():
-        scan = _read_dicom_folder(path, series_uid)
-    elif path.name.lower().endswith(NIFTI_SUFFIXES):
+    if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
         scan = _read_nifti(path)
     else:
-        scan = _read_dicom_file(path)
+        try:
+            scan = _read_dicom_folder(path, series_uid) if path.is_dir() else _read_dicom_file(path)
+        except _READ_ERRORS as exc:
+            # pydicom parses elements lazily, so damaged bytes surface as these anywhere in the
+            # reader; they are a property of the file, not a bug, and become one clear error
+            raise ScanReadError(f"{path}: damaged DICOM data ({type(exc).__name__}: {exc})") from None
     if not np.all(np.isfinite(scan.array)):
         bad = int(np.count_nonzero(~np.isfinite(scan.array)))
         raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
@@ -121,6 +126,8 @@ def _read_nifti(path: Path) -> Scan:
             "extract one volume first (e.g. nibabel: image.slicer[..., 0])"
         )
     affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
     return Scan(
         array=array,
         affine=affine,
@@ -134,7 +141,8 @@ def _read_nifti(path: Path) -> Scan:
 
 
 _READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
-                AttributeError, IndexError, OverflowError, MemoryError, NotImplementedError)
+                AttributeError, IndexError, OverflowError, MemoryError, NotImplementedError,
+                struct.error)
 
 
 def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | None:
@@ -227,12 +235,15 @@ def _pixels(dataset: pydicom.Dataset, path: Path) -> np.ndarray:
     except Exception as exc:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
+        reason = " ".join(str(exc).split())[:300]  # one line, bounded
         if syntax is not None and syntax.is_compressed:
-            raise ScanReadError(
-                f"{path}: cannot decode {name} pixel data ({exc}); install a decoder with "
-                "pip install 'medsr[codecs]' (pylibjpeg with its openjpeg and libjpeg plugins)"
-            ) from None
-        raise ScanReadError(f"{path}: pixel data cannot be read ({exc})") from None
+            if importlib.util.find_spec("pylibjpeg") is None:
+                hint = ("install the decoders with pip install 'medsr[codecs]' "
+                        "(pylibjpeg with its openjpeg and libjpeg plugins)")
+            else:
+                hint = "the installed decoders failed; the file may be damaged or use a rare variant"
+            raise ScanReadError(f"{path}: cannot decode {name} pixel data: {hint} ({reason})") from None
+        raise ScanReadError(f"{path}: pixel data cannot be read ({reason})") from None
 
 
 def _rescale(stored: np.ndarray, slope, intercept) -> np.ndarray:
@@ -301,10 +312,28 @@ def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray
     return kept, np.asarray(kept_positions)
 
 
+def _single_slice_geometry(dataset: pydicom.Dataset, path: Path) -> None:
+    """A lone image without patient geometry (secondary capture, old exports) still enhances:
+    identity orientation at the origin, spacing from PixelSpacing/ImagerPixelSpacing or 1 mm."""
+    missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+               if dataset.get(k) is None]
+    if not missing:
+        return
+    logger.warning("%s: no %s; assuming an axial image at the origin", path, ", ".join(missing))
+    if dataset.get("ImageOrientationPatient") is None:
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if dataset.get("ImagePositionPatient") is None:
+        dataset.ImagePositionPatient = [0, 0, 0]
+    if dataset.get("PixelSpacing") is None:
+        dataset.PixelSpacing = dataset.get("ImagerPixelSpacing") or [1, 1]
+
+
 def _stack_slices(datasets: list[pydicom.Dataset], path: Path) -> Scan:
     first = datasets[0]
     for dataset in datasets:
         _check_has_image(dataset, path)
+    if len(datasets) == 1:
+        _single_slice_geometry(first, path)
     row_dir, col_dir = _orientation(first.get("ImageOrientationPatient"), path)
     normal = np.cross(row_dir, col_dir)
     row_spacing, col_spacing = _pixel_spacing(first.get("PixelSpacing"), path)
