@@ -114,6 +114,23 @@ def _cached(config: TrainConfig, which: str) -> list[CachedScan]:
     return scans
 
 
+def check_patient_split(config: TrainConfig) -> None:
+    """Validation must hold whole volumes the training never sees: no validation path may
+    equal, contain or sit inside a training path.
+
+    Raises:
+        MedsrError: the two lists overlap.
+    """
+    train_paths = [p.resolve() for p in config.scan_paths("train_scans")]
+    for val_path in (p.resolve() for p in config.scan_paths("val_scans")):
+        for train_path in train_paths:
+            if val_path == train_path or train_path in val_path.parents or val_path in train_path.parents:
+                raise MedsrError(
+                    f"validation scans {val_path} overlap training scans {train_path}; "
+                    "split by whole patients (separate folders or files)"
+                )
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
           device: str = "auto") -> TrainResult:
     """Run (or resume) training as ``config`` says, writing into ``out_dir``.
@@ -129,6 +146,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         raise MedsrError(f"{out_dir}: nothing to resume (no last.pt)")
     if not config.train_scans:
         raise MedsrError("the config lists no train_scans")
+    check_patient_split(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=config.seed)
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()

@@ -13,6 +13,7 @@ from conftest import MR_NIFTI, SAMPLES
 from medsr.checkpoint import load_checkpoint, load_model
 from medsr.cli import app
 from medsr.config import load_config
+from medsr.errors import MedsrError
 from medsr.data import PatchPairDataset, discover_scans, load_cached_scan
 from medsr.training import BorderCroppedLoss, learning_rate_schedule
 from medsr.transforms import RandomDegradePair
@@ -98,3 +99,32 @@ def test_learning_rate_warms_up_then_decays():
         scheduler.step()
     assert rates[0] < rates[4] <= config.learning_rate
     assert rates[-1] < rates[6] and rates[-1] >= config.min_learning_rate
+
+
+@pytest.mark.parametrize("train_scans, val_scans", [
+    (["nifti"], ["nifti/patient12"]),  # validation inside a training folder
+    (["nifti/patient12/t1.nii.gz"], ["nifti/patient12"]),  # training file inside validation
+    (["dicom/a"], ["dicom/a"]),
+])
+def test_patient_level_split_refuses_overlap(train_scans, val_scans):
+    from medsr.training import check_patient_split
+
+    config = load_config(None, [f"train_scans={train_scans}", f"val_scans={val_scans}"])
+    with pytest.raises(MedsrError, match="overlap training scans"):
+        check_patient_split(config)
+
+
+def test_patient_level_split_accepts_separate_patients():
+    from medsr.training import check_patient_split
+
+    for path in ("configs/srresnet_l1_x2.yaml", "configs/srresnet_mse_x2.yaml"):
+        check_patient_split(load_config(SAMPLES.parent / path))
+
+
+def test_tiny_end_to_end_train_then_evaluate(trained_run, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(SAMPLES / "ct_chest_3slice_dicom"),
+                                 "--weights", str(trained_run / "best.pt"), "--degradation", "kspace",
+                                 "--report", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "best PSNR/SSIM" in result.stdout and "kspace: best" in result.stdout
+    assert (tmp_path / "report" / "ct_chest_3slice_dicom_kspace.png").exists()
