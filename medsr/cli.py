@@ -92,8 +92,9 @@ def train(
 
 @app.command()
 def enhance(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="DICOM series folder, DICOM file or NIfTI file.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii or .nii.gz.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        metavar="INPUT...", help="DICOM series folder, DICOM file or NIfTI file; several, or a folder of series, for a batch.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii/.nii.gz, or a new folder for a DICOM series; for a batch, the folder for all outputs.")],
     scale: Annotated[int, typer.Option(help="In-plane factor (must match --weights).")] = 2,
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
@@ -103,24 +104,52 @@ def enhance(
     batch_size: Annotated[Optional[int], typer.Option(help="Slices per forward pass.")] = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    output_format: Annotated[str, typer.Option("--format", help="auto (by the output name), nifti or dicom.")] = "auto",
 ) -> None:
     """Upscale every slice of a scan in-plane and write the enhanced volume."""
     _setup_logging(verbose=False)
     axis = _slice_axis(slice_axis)
     with _user_errors():
-        from medsr.enhance import enhance_file
+        from medsr.enhance import enhance_file, is_single_scan
 
+        if len(inputs) > 1 or not is_single_scan(inputs[0]):
+            _enhance_batch(inputs, output, scale, axis, weights, degradation, device, batch_size,
+                           overwrite, output_format)
+            return
+        input_path = inputs[0]
         with _progress() as progress:
             task = progress.add_task("enhancing slices", total=None)
             result = enhance_file(
                 input_path, output, scale=scale, slice_axis=axis, weights=weights,
                 degradation=degradation, device=device,
-                batch_size=batch_size, series_uid=series, overwrite=overwrite,
+                batch_size=batch_size, series_uid=series, overwrite=overwrite, output_format=output_format,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     shape = "x".join(str(n) for n in result.array.shape)
     spacing = "x".join(f"{v:.3g}" for v in result.spacing)
     typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
+
+
+def _enhance_batch(inputs, out_dir, scale, axis, weights, degradation, device, batch_size,
+                   overwrite, output_format) -> None:
+    from medsr.enhance import enhance_many
+
+    with _progress() as progress:
+        task = progress.add_task("enhancing", total=None)
+        outcomes = enhance_many(
+            inputs, out_dir, scale=scale, weights=weights, output_format=output_format,
+            overwrite=overwrite, slice_axis=axis, degradation=degradation, device=device,
+            batch_size=batch_size, on_scan=lambda name: progress.update(task, description=name),
+        )
+    for outcome in outcomes:
+        where = f" -> {outcome.output}" if outcome.output and outcome.status == "done" else ""
+        detail = f": {outcome.detail}" if outcome.detail else ""
+        typer.echo(f"{outcome.status:8s}{outcome.source}{where}{detail}")
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    typer.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed")
+    if counts["failed"]:
+        typer.echo(f"error: {counts['failed']} of {len(outcomes)} scans failed (listed above)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

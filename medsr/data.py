@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 from torch.utils.data import Dataset
 
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
-from medsr.reading import NIFTI_SUFFIXES, read_scan
+from medsr.reading import NIFTI_SUFFIXES, read_scan, try_dcmread
 from medsr.transforms import RandomDegradePair, robust_window
 
 logger = logging.getLogger(__name__)
@@ -62,11 +61,8 @@ def discover_scans(root: str | Path) -> list[ScanSource]:
             if file.name.lower().endswith(NIFTI_SUFFIXES):
                 sources.append(ScanSource(file))
                 continue
-            try:
-                header = pydicom.dcmread(file, stop_before_pixels=True)
-            except Exception:
-                continue
-            if "SeriesInstanceUID" in header:
+            header = try_dcmread(file, stop_before_pixels=True)
+            if header is not None and "SeriesInstanceUID" in header:
                 series.add(str(header.SeriesInstanceUID))
         sources += [ScanSource(folder, uid if len(series) > 1 else None) for uid in sorted(series)]
     if not sources:

@@ -123,37 +123,158 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  slice_axis: int | None = None, weights: str | Path | None = None,
                  degradation: str = "auto", device: str = "auto", batch_size: int | None = None,
                  series_uid: str | None = None, overwrite: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
-    """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI.
+                 output_format: str = "auto",
+                 progress: Callable[[int, int], None] | None = None,
+                 loaded: tuple | None = None) -> EnhancedVolume:
+    """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI or a
+    DICOM series (see :func:`resolve_format`).
 
     ``degradation="auto"`` picks ``kspace`` for MR and ``bicubic`` for everything else
     (:func:`default_degradation`). Every check that can fail (output path, weights, scale)
-    runs before the slow work, and the output appears only when complete.
+    runs before the slow work, and the output appears only when complete. ``loaded`` is a
+    ``(model, config)`` pair from :func:`load_enhancer`, to reuse one model over many scans.
     """
-    from medsr.checkpoint import default_weights, load_model
     from medsr.reading import read_scan
-    from medsr.writing import NIFTI_SUFFIXES, check_output_path, write_nifti
+    from medsr.writing import check_output_path, write_nifti
 
     input_path, output = Path(input_path), Path(output)
     if degradation != "auto" and degradation not in DEGRADATION_CODES:
         raise MedsrError(f"--degradation must be auto, {' or '.join(DEGRADATION_CODES)}, not {degradation!r}")
-    if not output.name.lower().endswith(NIFTI_SUFFIXES):
-        raise MedsrError(f"{output}: output must end in .nii or .nii.gz")
+    output_format = resolve_format(output, output_format)
     check_output_path(output, [input_path], overwrite)
     torch_device = pick_device(device)
-    model, config = load_model(weights if weights is not None else default_weights(scale))
-    if model.scale != scale:
-        raise MedsrError(f"--scale {scale} does not match the weights, which upscale by {model.scale}")
+    model, config = loaded if loaded is not None else load_enhancer(weights, scale)
     scan = read_scan(input_path, series_uid)
     axis = scan.slice_axis if slice_axis is None else slice_axis
+    if output_format == "dicom" and (scan.source_format != "dicom" or axis != 2):
+        raise MedsrError(f"{output}: DICOM output needs DICOM input enhanced along its own "
+                         "slices; write .nii or .nii.gz instead")
     if degradation == "auto":
         degradation = default_degradation(scan)
         logger.info("%s: treating it as %s-degraded", input_path, degradation)
     enhanced = enhance_volume(scan.array, scan.affine, axis, model, degradation, torch_device,
                               batch_size, config.lower_percentile, config.upper_percentile, progress)
-    write_nifti(output, enhanced.array, enhanced.affine,
-                description=f"medsr SRResNet x{scale} in-plane", overwrite=overwrite)
+    description = f"medsr SRResNet x{scale} in-plane, {degradation} model"
+    if output_format == "dicom":
+        from medsr.dicom_writing import derive_series, write_dicom_series
+
+        write_dicom_series(output, derive_series(scan, enhanced.array, enhanced.affine, scale,
+                                                 f"{description} super-resolution by medsr"), overwrite)
+    else:
+        write_nifti(output, enhanced.array, enhanced.affine, description=description, overwrite=overwrite)
     return enhanced
+
+
+def load_enhancer(weights: str | Path | None, scale: int):
+    """``(model, config)`` from ``weights`` or the shipped weights for ``scale``."""
+    from medsr.checkpoint import default_weights, load_model
+
+    model, config = load_model(weights if weights is not None else default_weights(scale))
+    if model.scale != scale:
+        raise MedsrError(f"--scale {scale} does not match the weights, which upscale by {model.scale}")
+    return model, config
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What happened to one scan of a batch: ``status`` is done, skipped or failed."""
+
+    source: str
+    output: Path | None
+    status: str
+    detail: str = ""
+
+
+def batch_outputs(inputs: list[Path], out_dir: Path, scale: int, output_format: str = "auto"):
+    """Every scan under ``inputs`` with the output path it gets inside ``out_dir``.
+
+    Names come from the scan's file or series folder (``<name>_x2.nii.gz`` or ``<name>_x2/``);
+    a folder holding several series adds the last digits of each SeriesInstanceUID, and a name
+    already taken gets its parent folder's name in front.
+    """
+    from medsr.data import discover_scans
+    from medsr.reading import NIFTI_SUFFIXES
+
+    if output_format not in OUTPUT_FORMATS:
+        raise MedsrError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    planned, taken = [], set()
+    for root in inputs:
+        for source in discover_scans(root):
+            is_nifti = source.path.name.lower().endswith(NIFTI_SUFFIXES)
+            name = source.path.name
+            for suffix in NIFTI_SUFFIXES:
+                name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+            if source.series_uid:
+                name += f"_{source.series_uid.split('.')[-1][-8:]}"
+            if name in taken:
+                name = f"{source.path.parent.name}_{name}"
+            taken.add(name)
+            fmt = output_format if output_format != "auto" else ("nifti" if is_nifti else "dicom")
+            output = out_dir / (f"{name}_x{scale}.nii.gz" if fmt == "nifti" else f"{name}_x{scale}")
+            planned.append((source, output, fmt))
+    return planned
+
+
+def enhance_many(inputs: list[Path], out_dir: Path, scale: int = 2, weights=None,
+                 output_format: str = "auto", overwrite: bool = False,
+                 on_scan: Callable[[str], None] | None = None, **options) -> list[BatchOutcome]:
+    """Enhance every scan under ``inputs`` into ``out_dir``; one failure does not stop the rest.
+
+    Existing outputs are skipped unless ``overwrite``. ``options`` go to :func:`enhance_file`.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        raise MedsrError(f"{out_dir}: folder {out_dir.parent} does not exist; create it first")
+    for root in inputs:
+        if root.resolve().is_dir() and root.resolve() in [out_dir.resolve(), *out_dir.resolve().parents]:
+            raise MedsrError(f"{out_dir}: the output folder must not be inside the input {root}")
+    loaded = load_enhancer(weights, scale)
+    planned = batch_outputs(inputs, out_dir, scale, output_format)
+    out_dir.mkdir(exist_ok=True)
+    outcomes = []
+    for source, output, fmt in planned:
+        if on_scan is not None:
+            on_scan(str(source))
+        if output.exists() and not overwrite:
+            outcomes.append(BatchOutcome(str(source), output, "skipped", "output exists (use --overwrite)"))
+            continue
+        try:
+            enhance_file(source.path, output, scale=scale, series_uid=source.series_uid,
+                         overwrite=overwrite, output_format=fmt, loaded=loaded, **options)
+            outcomes.append(BatchOutcome(str(source), output, "done"))
+        except MedsrError as exc:
+            outcomes.append(BatchOutcome(str(source), None, "failed", str(exc)))
+    return outcomes
+
+
+def is_single_scan(path: Path) -> bool:
+    """A file, or a folder holding DICOM files itself (one series, or several to pick from);
+    a folder of folders or of NIfTI files is a batch."""
+    from medsr.reading import NIFTI_SUFFIXES, try_dcmread
+
+    if not path.is_dir():
+        return True
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.lower().endswith(NIFTI_SUFFIXES)]
+    return any(try_dcmread(p, stop_before_pixels=True) is not None for p in files)
+
+
+OUTPUT_FORMATS = ("auto", "nifti", "dicom")
+
+
+def resolve_format(output: Path, output_format: str = "auto") -> str:
+    """``auto``: NIfTI for a ``.nii``/``.nii.gz`` path, else a DICOM series folder."""
+    from medsr.writing import NIFTI_SUFFIXES
+
+    if output_format not in OUTPUT_FORMATS:
+        raise MedsrError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    is_nifti_name = output.name.lower().endswith(NIFTI_SUFFIXES)
+    if output_format == "auto":
+        return "nifti" if is_nifti_name else "dicom"
+    if output_format == "nifti" and not is_nifti_name:
+        raise MedsrError(f"{output}: NIfTI output must end in .nii or .nii.gz")
+    if output_format == "dicom" and is_nifti_name:
+        raise MedsrError(f"{output}: a DICOM series is written into a folder, not a .nii file")
+    return output_format
 
 
 def default_degradation(scan) -> str:

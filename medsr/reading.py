@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medsr.errors import ScanReadError
 from medsr.geometry import LPS_TO_RAS, largest_spacing_axis, voxel_sizes
@@ -48,6 +48,7 @@ class Scan:
         dicom_headers: pixel-less headers, one per slice along ``slice_axis`` for a series, the
             single header for a multi-frame object, none for NIfTI.
         multiframe: True when the DICOM input was one multi-frame object.
+        frame_order: multi-frame only: the source frame index (0-based) of each array slice.
     """
 
     array: np.ndarray
@@ -57,6 +58,7 @@ class Scan:
     source_format: str
     dicom_headers: tuple = field(default=(), repr=False)
     multiframe: bool = False
+    frame_order: tuple[int, ...] = ()
 
     @property
     def spacing(self) -> np.ndarray:
@@ -142,10 +144,10 @@ def _read_nifti(path: Path) -> Scan:
 
 _READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
                 AttributeError, IndexError, OverflowError, MemoryError, NotImplementedError,
-                struct.error)
+                struct.error, BytesLengthException)
 
 
-def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | None:
+def try_dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | None:
     """Read a DICOM file, or None when it is not DICOM (license texts, junk).
 
     Files without the 128-byte preamble (older writers) are read with ``force=True`` and
@@ -165,7 +167,7 @@ def _dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset | 
 
 
 def _read_dicom_file(path: Path) -> Scan:
-    dataset = _dcmread(path)
+    dataset = try_dcmread(path)
     if dataset is None:
         raise ScanReadError(f"{path}: not a DICOM file (and not .nii/.nii.gz)")
     _check_has_image(dataset, path)
@@ -178,7 +180,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
     by_series: dict[str, list[Path]] = defaultdict(list)
     skipped = 0
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        header = _dcmread(file, stop_before_pixels=True)
+        header = try_dcmread(file, stop_before_pixels=True)
         if header is None:
             continue
         uid = str(header.get("SeriesInstanceUID", "unknown"))
@@ -201,7 +203,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
         (files,) = by_series.values()
     datasets = []
     for file in files:
-        dataset = _dcmread(file)
+        dataset = try_dcmread(file)
         if dataset is None:
             raise ScanReadError(f"{file}: unreadable DICOM file in the series")
         if "PixelData" not in dataset:
@@ -416,10 +418,12 @@ def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
         transform = _functional_group(dataset, group, "PixelValueTransformationSequence")
         slope = transform.get("RescaleSlope") if transform is not None else dataset.get("RescaleSlope")
         intercept = transform.get("RescaleIntercept") if transform is not None else dataset.get("RescaleIntercept")
-        planes.append(_rescale(frames[index], slope, intercept).T)
+        planes.append((index, _rescale(frames[index], slope, intercept).T))
     row_dir, col_dir = orientation
     normal = np.cross(row_dir, col_dir)
     planes, positions = _sort_and_deduplicate(planes, np.asarray(positions), normal, path)
+    order = tuple(index for index, _ in planes)
+    planes = [plane for _, plane in planes]
     step = _slice_step(positions, normal, thickness, path)
     return Scan(
         array=np.ascontiguousarray(np.stack(planes, axis=2), dtype=np.float32),
@@ -429,6 +433,7 @@ def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
         source_format="dicom",
         dicom_headers=(_without_pixels(dataset),),
         multiframe=True,
+        frame_order=order,
     )
 
 

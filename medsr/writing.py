@@ -31,12 +31,17 @@ def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False) -> None:
@@ -49,6 +54,8 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
             raise OutputError(f"{output}: output would overwrite the input; choose another path")
         if source.is_dir() and source in resolved.parents:
             raise OutputError(f"{output}: output must not go inside the input series folder {source}")
+        if resolved in source.parents:
+            raise OutputError(f"{output}: output would replace a folder that holds the input {source}")
     if not output.parent.is_dir():
         raise OutputError(f"{output}: folder {output.parent} does not exist; create it first")
     if not os.access(output.parent, os.W_OK):

@@ -1,0 +1,200 @@
+"""DICOM in -> DICOM out, checked with pydicom, SimpleITK (GDCM), dcm2niix and dciodvfy."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID
+from typer.testing import CliRunner
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES
+from medsr.cli import app
+from medsr.geometry import in_plane_factors, rescaled_affine
+from medsr.reading import read_scan
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Each sample DICOM input enhanced once to a DICOM series and to NIfTI."""
+    root = tmp_path_factory.mktemp("exported")
+    outputs = {}
+    for name, source in (("ct", CT_SERIES), ("mr", MR_SERIES), ("multiframe", MR_MULTIFRAME)):
+        for suffix in ("", ".nii.gz"):
+            result = runner.invoke(app, ["enhance", str(source), "-o", str(root / f"{name}{suffix}")])
+            assert result.exit_code == 0, result.output
+        outputs[name] = (source, root / name, root / f"{name}.nii.gz")
+    return outputs
+
+
+def _files(folder):
+    return sorted(folder.glob("*.dcm"))
+
+
+@pytest.mark.parametrize("name", ["ct", "mr", "multiframe"])
+def test_series_attributes_follow_the_source(exported, name):
+    source, folder, _ = exported[name]
+    sources = [pydicom.dcmread(p) for p in ([source] if source.is_file() else _files(source))]
+    outputs = [pydicom.dcmread(p) for p in _files(folder)]
+    assert len(outputs) == len(sources)  # one file per slice, or one multi-frame object
+    source_uids = {d.SOPInstanceUID for d in sources}
+    series_uids = {d.SeriesInstanceUID for d in outputs}
+    assert len(series_uids) == 1 and series_uids.isdisjoint({d.SeriesInstanceUID for d in sources})
+    first = sources[0]
+    for dataset in outputs:
+        assert UID(dataset.SOPInstanceUID).is_valid and dataset.SOPInstanceUID not in source_uids
+        assert UID(dataset.SeriesInstanceUID).is_valid
+        for keyword in ("SOPClassUID", "StudyInstanceUID", "FrameOfReferenceUID", "PatientID",
+                        "PatientName", "StudyDate", "Modality"):
+            assert dataset.get(keyword) == first.get(keyword), keyword
+        # enhanced (multi-frame) IODs only allow PRIMARY as value 2
+        assert list(dataset.ImageType[:2]) == ["DERIVED", "PRIMARY" if name == "multiframe" else "SECONDARY"]
+        assert "medsr" in dataset.SeriesDescription and "x2" in dataset.SeriesDescription
+        assert "super-resolution" in dataset.DerivationDescription
+        assert dataset.SeriesNumber == int(first.get("SeriesNumber", 0) or 0) + 1000
+        assert (dataset.Rows, dataset.Columns) == (first.Rows * 2, first.Columns * 2)
+        assert dataset.BitsAllocated == 16 and dataset.PixelRepresentation == first.PixelRepresentation
+    if name == "multiframe":
+        (dataset,) = outputs
+        assert dataset.NumberOfFrames == first.NumberOfFrames
+        assert float(dataset.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth) >= 1
+        references = [g.DerivationImageSequence[0].SourceImageSequence[0] for g in dataset.PerFrameFunctionalGroupsSequence]
+        assert {r.ReferencedSOPInstanceUID for r in references} == {first.SOPInstanceUID}
+        assert sorted(r.ReferencedFrameNumber for r in references) == list(range(1, first.NumberOfFrames + 1))
+    else:
+        referenced = {d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in outputs}
+        assert referenced == source_uids
+        assert all(float(d.WindowWidth) >= 1 for d in outputs)
+        for dataset in outputs:
+            assert [float(v) for v in dataset.PixelSpacing] == pytest.approx([float(v) / 2 for v in first.PixelSpacing])
+            assert list(dataset.ImageOrientationPatient) == list(first.ImageOrientationPatient)
+
+
+@pytest.mark.parametrize("name", ["ct", "mr", "multiframe"])
+def test_round_trip_geometry_and_units(exported, name):
+    source, folder, nifti = exported[name]
+    original = read_scan(source)
+    written = read_scan(folder if name != "multiframe" else _files(folder)[0])
+    expected_affine = rescaled_affine(original.affine, in_plane_factors(2, 2))
+    np.testing.assert_allclose(written.affine, expected_affine, atol=1e-4)
+    enhanced = nib.load(nifti).get_fdata(dtype=np.float32)  # float32, no rounding
+    slope = float(pydicom.dcmread(_files(folder)[0]).get("RescaleSlope", 1) or 1)
+    if name == "multiframe":
+        groups = pydicom.dcmread(_files(folder)[0]).SharedFunctionalGroupsSequence[0]
+        slope = float(groups.PixelValueTransformationSequence[0].RescaleSlope)
+    # the stored integers hold the enhanced values to half a stored step: no clipping
+    assert np.abs(written.array - enhanced).max() <= slope / 2 + 1e-3
+    if name == "ct":
+        assert slope == 1.0 and written.array.min() < -900  # whole HU, air kept
+
+
+def test_each_slice_keeps_its_own_position_in_an_unevenly_spaced_series(shared_scans, tmp_path, tiny_checkpoint):
+    source = shared_scans / "dicom" / "dicom_numpy_ct_irregular"
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
+                                 "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    z_in = sorted({float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in source.glob("*.dcm")})
+    z_out = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in _files(tmp_path / "out"))
+    assert z_out == pytest.approx(z_in)
+
+
+def test_simpleitk_gdcm_reads_one_series_with_the_right_grid(exported):
+    sitk = pytest.importorskip("SimpleITK")
+    _, folder, _ = exported["ct"]
+    reader = sitk.ImageSeriesReader()
+    assert len(reader.GetGDCMSeriesIDs(str(folder))) == 1
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    written = read_scan(folder)
+    assert image.GetSize() == written.array.shape
+    np.testing.assert_allclose(image.GetSpacing(), written.spacing, rtol=1e-5)
+    lps_origin = (np.diag([-1, -1, 1, 1]) @ written.affine)[:3, 3]
+    np.testing.assert_allclose(image.GetOrigin(), lps_origin, atol=1e-3)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image).transpose(2, 1, 0), written.array, atol=0.5)
+
+
+@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix is not installed")
+@pytest.mark.parametrize("name", ["ct", "mr"])
+def test_dcm2niix_conversion_overlays_medsr_nifti_voxel_for_voxel(exported, name, tmp_path):
+    _, folder, nifti = exported[name]
+    subprocess.run(["dcm2niix", "-z", "n", "-o", str(tmp_path), "-f", "converted", str(folder)],
+                   check=True, capture_output=True)
+    theirs = nib.as_closest_canonical(nib.load(tmp_path / "converted.nii"))
+    ours = nib.as_closest_canonical(nib.load(nifti))
+    assert theirs.shape == ours.shape
+    np.testing.assert_allclose(theirs.affine[:, [0, 1, 3]], ours.affine[:, [0, 1, 3]], atol=0.01)
+    # the real MR series is unevenly spaced (6.96-7.07 mm): both tools approximate its slice
+    # step, dcm2niix from the first gap and medsr from the mean, within that spread
+    np.testing.assert_allclose(theirs.affine[:, 2], ours.affine[:, 2], atol=0.1)
+    np.testing.assert_allclose(theirs.get_fdata(), ours.get_fdata(), atol=0.51)
+
+
+def _dciodvfy_errors(path) -> set[str]:
+    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return {line.strip() for line in (output.stdout + output.stderr).splitlines() if line.startswith("Error")}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+@pytest.mark.parametrize("name", ["ct", "mr", "multiframe"])
+def test_dciodvfy_reports_no_new_errors(exported, name):
+    source, folder, _ = exported[name]
+    source_file = source if source.is_file() else _files(source)[0]
+    before = _dciodvfy_errors(source_file)
+    after = _dciodvfy_errors(_files(folder)[0])
+    inherited_uids = set(re.findall(r'"([0-9.]+)"', " ".join(before)))
+    new = {e for e in after - before
+           if not any(uid in e for uid in inherited_uids)}  # the source's own bad UIDs, now referenced
+    assert not new
+
+
+def test_dicom_output_refuses_unsafe_targets_and_leaves_nothing_behind(tmp_path, tiny_checkpoint, monkeypatch):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("keep")
+    base = ["--weights", str(tiny_checkpoint)]
+    cases = [
+        (["enhance", str(CT_SERIES), "-o", str(existing)], "already exists; pass --overwrite"),
+        (["enhance", str(CT_SERIES), "-o", str(CT_SERIES / "sub")], "inside the input series folder"),
+        (["enhance", str(CT_SERIES), "-o", str(CT_SERIES.parent), "--overwrite"], "holds the input"),
+        (["enhance", str(CT_SERIES), "-o", str(tmp_path / "x.nii.gz"), "--format", "dicom"], "into a folder"),
+    ]
+    for arguments, message in cases:
+        result = runner.invoke(app, arguments + base)
+        assert result.exit_code == 1 and message in result.stderr, result.output
+    assert (existing / "keep.txt").read_text() == "keep"
+
+    def fail_midway(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", fail_midway)
+    result = runner.invoke(app, ["enhance", str(CT_SERIES), "-o", str(tmp_path / "interrupted")] + base)
+    assert result.exit_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "tiny.pt"]
+
+
+def test_batch_writes_one_output_per_series_and_reports_failures(tmp_path, tiny_checkpoint):
+    from conftest import MR_NIFTI, pydicom_test_file
+
+    inputs = tmp_path / "inputs"
+    (inputs / "ct").mkdir(parents=True)
+    for path in CT_SERIES.glob("*.dcm"):
+        shutil.copy(path, inputs / "ct" / path.name)
+    (inputs / "structures").mkdir()
+    shutil.copy(pydicom_test_file("rtstruct.dcm"), inputs / "structures" / "rs.dcm")
+    out = tmp_path / "out"
+    arguments = ["enhance", str(inputs), str(MR_NIFTI), "-o", str(out), "--weights", str(tiny_checkpoint)]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 1  # one scan failed, the others were written
+    assert "2 done, 0 skipped, 1 failed" in result.stdout
+    assert "no pixel data" in result.stdout and "error: 1 of 3 scans failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["MR_x2.nii.gz", "ct_x2"]
+    assert len(list((out / "ct_x2").glob("*.dcm"))) == 3
+    again = runner.invoke(app, arguments)
+    assert "0 done, 2 skipped, 1 failed" in again.stdout
