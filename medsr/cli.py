@@ -6,15 +6,12 @@ code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -173,6 +170,7 @@ def evaluate(
         from medsr.enhance import pick_device
         from medsr.evaluation import evaluate_scan, summarise
         from medsr.reading import read_scan
+        from medsr.reports import write_comparison, write_metrics
 
         torch_device = pick_device(device)
         paths = weights or [default_weights(scale)]
@@ -190,13 +188,14 @@ def evaluate(
                     result = evaluate_scan(scan, models, name, scale, axis, torch_device,
                                            keep_images=report is not None)
                     if report is not None:
-                        _write_figure(report, result, scan.slice_axis if axis is None else axis)
+                        write_comparison(report, result, scan.slice_axis if axis is None else axis)
                     results.append(result)
                     progress.advance(task)
         summary = summarise(results)
         _print_table(results, summary, list(models))
         if report is not None:
-            _write_report(report, results, summary)
+            write_metrics(report, results, summary)
+            typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
 
 
 def _print_table(results, summary, model_names: list[str]) -> None:
@@ -220,36 +219,6 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             typer.echo(f"{name}: {model} {verdict} the best baseline "
                        f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
                        f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
-
-
-def _write_figure(folder: Path, result, slice_axis: int) -> None:
-    """low-res | baselines | models | ground truth on the middle scored slice; frees the images."""
-    from medsr.metrics import scored_slices
-    from medsr.reports import comparison_figure
-
-    folder.mkdir(parents=True, exist_ok=True)
-    reference = result.images["high_res"]
-    candidates = scored_slices(reference, slice_axis, float(reference.min()), float(np.ptp(reference)))
-    index = candidates[len(candidates) // 2] if candidates else reference.shape[slice_axis] // 2
-    name = f"{Path(result.scan).name.split('.')[0]}_{result.degradation}.png"
-    comparison_figure(result.images, slice_axis, index, f"{Path(result.scan).name}: {result.degradation} "
-                      f"degradation, slice {index}", folder / name, result.scores)
-    result.images = {}
-
-
-def _write_report(folder: Path, results, summary) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": "medsr evaluation protocol v1",
-               "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores} for r in results],
-               "mean": summary}
-    (folder / "metrics.json").write_text(json.dumps(payload, indent=2))
-    with (folder / "metrics.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["scan", "degradation", "method", "psnr", "ssim"])
-        for r in results:
-            for method, values in r.scores.items():
-                writer.writerow([r.scan, r.degradation, method, f"{values['psnr']:.4f}", f"{values['ssim']:.5f}"])
-    typer.echo(f"wrote {folder / 'metrics.json'} and {folder / 'metrics.csv'}")
 
 
 def main() -> None:

@@ -204,4 +204,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically."""
+    from medsr.writing import atomic_output
+
+    with atomic_output(Path(path)) as temporary:
+        temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -6,6 +6,8 @@ Matplotlib runs headless (Agg); every figure is written atomically as PNG.
 from __future__ import annotations
 
 import csv
+import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -104,3 +106,45 @@ def _save(figure, output_png: Path) -> Path:
         figure.savefig(temporary, dpi=110)
     plt.close(figure)
     return output_png
+
+
+def write_comparison(folder: Path, result, slice_axis: int) -> Path:
+    """The comparison figure of one evaluated scan on its middle scored slice; frees the images.
+
+    ``result`` is an :class:`medsr.evaluation.ScanResult` evaluated with ``keep_images=True``.
+    """
+    from medsr.metrics import scored_slices
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = result.images["high_res"]
+    candidates = scored_slices(reference, slice_axis, float(reference.min()), float(np.ptp(reference)))
+    index = candidates[len(candidates) // 2] if candidates else reference.shape[slice_axis] // 2
+    name = Path(result.scan).name.split(".")[0]
+    title = f"{Path(result.scan).name}: {result.degradation} degradation, slice {index}"
+    path = comparison_figure(result.images, slice_axis, index, title,
+                             folder / f"{name}_{result.degradation}.png", result.scores)
+    result.images = {}
+    return path
+
+
+def write_metrics(folder: Path, results, summary) -> None:
+    """``metrics.json`` (per scan and mean) and ``metrics.csv`` (one row per scan, method)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"protocol": "medsr evaluation protocol v1",
+               "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores} for r in results],
+               "mean": summary}
+    _write_text(folder / "metrics.json", json.dumps(payload, indent=2))
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["scan", "degradation", "method", "psnr", "ssim"])
+    for r in results:
+        for method, values in r.scores.items():
+            writer.writerow([r.scan, r.degradation, method, f"{values['psnr']:.4f}", f"{values['ssim']:.5f}"])
+    _write_text(folder / "metrics.csv", table.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as temporary:
+        temporary.write_text(text)
