@@ -122,8 +122,11 @@ def test_gpu_bf16_matches_cpu_fp32():
     assert psnr > 50  # bf16 rounding only
 
 
-@pytest.mark.parametrize("source", [MR_SERIES, MR_NIFTI], ids=["oblique-dicom", "nifti"])
-def test_nifti_output_world_coordinates_agree_in_nibabel_and_simpleitk(tmp_path, source, tiny_checkpoint):
+# The oblique MR has uneven gaps (6.96-7.07 mm), so its mean-step affine carries a slight shear
+# that ITK's orthonormal direction matrix cannot hold: agreement there is within the gap jitter.
+@pytest.mark.parametrize("source, tolerance", [(CT_SERIES, 1e-3), (MR_NIFTI, 1e-3), (MR_SERIES, 0.1)],
+                         ids=["ct-dicom", "nifti", "oblique-uneven-dicom"])
+def test_nifti_output_world_coordinates_agree_in_nibabel_and_simpleitk(tmp_path, source, tolerance, tiny_checkpoint):
     sitk = pytest.importorskip("SimpleITK")
     output = tmp_path / "e.nii.gz"
     result = runner.invoke(app, ["enhance", str(source), "-o", str(output), "--weights", str(tiny_checkpoint)])
@@ -133,9 +136,7 @@ def test_nifti_output_world_coordinates_agree_in_nibabel_and_simpleitk(tmp_path,
     for index in [(0, 0, 0), (7, 3, 1), (image.GetSize()[0] - 1, image.GetSize()[1] - 1, 2)]:
         ras = (affine @ [*index, 1])[:3]
         lps = np.array(image.TransformIndexToPhysicalPoint([int(i) for i in index]))
-        # ITK keeps only an orthonormal direction; the real series' slight shear (uneven gaps)
-        # costs it a few micrometres
-        np.testing.assert_allclose(lps, ras * [-1, -1, 1], atol=0.01)
+        np.testing.assert_allclose(lps, ras * [-1, -1, 1], atol=tolerance)
 
 
 def test_read_only_output_folder_is_refused(tmp_path, monkeypatch):
