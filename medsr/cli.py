@@ -219,6 +219,12 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             typer.echo(f"{name}: {model} {verdict} the best baseline "
                        f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
                        f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
+        if len(model_names) > 1:
+            for metric, unit in (("psnr", " dB"), ("ssim", "")):
+                ranked = sorted(model_names, key=lambda m: means[m][metric], reverse=True)
+                margin = means[ranked[0]][metric] - means[ranked[1]][metric]
+                typer.echo(f"{name}: {ranked[0]} wins {metric.upper()} "
+                           f"(by {margin:.4f}{unit} over {ranked[1]})")
 
 
 def main() -> None:

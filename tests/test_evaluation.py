@@ -69,3 +69,19 @@ def test_cli_evaluate_prints_the_table_and_writes_the_report(tmp_path, tiny_chec
     from PIL import Image
 
     assert Image.open(tmp_path / "report" / "series_kspace.png").size[0] > 500
+
+
+def test_cli_evaluate_says_which_model_wins_which_metric(tmp_path, tiny_checkpoint):
+    import shutil
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for path in sorted(MR_SERIES.glob("brain_01[0-1].dcm")):
+        shutil.copy(path, series / path.name)
+    other = tmp_path / "other.pt"
+    shutil.copy(tiny_checkpoint, other)
+    result = runner.invoke(app, ["evaluate", str(series), "--weights", str(tiny_checkpoint),
+                                 "--weights", str(other), "--degradation", "bicubic"])
+    assert result.exit_code == 0, result.output
+    assert "bicubic: tiny wins PSNR" in result.stdout or "bicubic: other wins PSNR" in result.stdout
+    assert "wins SSIM" in result.stdout

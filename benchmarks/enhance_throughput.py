@@ -1,0 +1,93 @@
+"""Throughput of ``medsr enhance`` against the bare forward pass of the same model, in one run.
+
+Prints, for the CPU and for CUDA when present: end-to-end slices/s of enhancing a real DICOM
+series to NIfTI (read, normalise, model, write), forward-only slices/s on the same slices, their
+ratio, the model's GFLOP per slice, the achieved GFLOP/s, and peak host (and GPU) memory.
+
+    python benchmarks/enhance_throughput.py [--series sample_scans/mr_pd_oblique_dicom] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medsr.checkpoint import default_weights, load_model
+from medsr.enhance import enhance_file
+from medsr.model import DEGRADATION_CODES
+from medsr.reading import read_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def forward_only(model, slices: np.ndarray, device: torch.device, batch_size: int) -> float:
+    """Seconds for the model alone over ``slices`` (already normalised, already on the host)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tensors = torch.from_numpy(slices)[:, None]
+    codes = torch.full((batch_size,), DEGRADATION_CODES["kspace"], device=device)
+    with torch.inference_mode(), autocast:
+        model(tensors[:batch_size].to(device), codes[: min(batch_size, len(tensors))])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for first in range(0, len(tensors), batch_size):
+            batch = tensors[first:first + batch_size].to(device)
+            model(batch, codes[: len(batch)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gflop_per_slice(model, shape: tuple[int, int]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, 1, *shape), torch.ones(1, dtype=torch.long))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--series", type=Path, default=ROOT / "sample_scans" / "mr_pd_oblique_dicom")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None)
+    arguments = parser.parse_args()
+
+    model, config = load_model(default_weights(2))
+    scan = read_scan(arguments.series)
+    slices = np.moveaxis(scan.array, 2, 0)
+    low, high = np.percentile(scan.array, [config.lower_percentile, config.upper_percentile])
+    normalised = ((slices - low) / (high - low)).astype(np.float32)
+    flops = gflop_per_slice(model, slices.shape[1:])
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"series: {arguments.series.name}, {len(slices)} slices of {slices.shape[1]}x{slices.shape[2]} "
+          f"-> x2; model: {config.model.features} features, {config.model.num_res_blocks} blocks; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{'device':6s} {'end-to-end sl/s':>16s} {'forward sl/s':>13s} {'ratio':>6s} "
+          f"{'GFLOP/slice':>12s} {'GFLOP/s':>9s} {'peak host MB':>13s} {'peak GPU MB':>12s}")
+    for device in devices:
+        batch = arguments.batch_size or (16 if device.type == "cuda" else 4)
+        model = model.to(device)
+        end_to_end, forward = [], []
+        for _ in range(arguments.repeats):  # interleaved, so drift hits both alike
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                enhance_file(arguments.series, Path(folder) / "e.nii.gz", device=device.type,
+                             batch_size=batch, loaded=(model, config))
+                end_to_end.append(time.perf_counter() - start)
+            forward.append(forward_only(model, normalised, device, batch))
+        e2e_rate, forward_rate = len(slices) / min(end_to_end), len(slices) / min(forward)
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{device.type:6s} {e2e_rate:16.2f} {forward_rate:13.2f} {e2e_rate / forward_rate:6.2f} "
+              f"{flops:12.2f} {flops * forward_rate:9.1f} {peak_host:13.0f} {peak_gpu:12.0f}")
+
+
+if __name__ == "__main__":
+    main()
