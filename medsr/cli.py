@@ -7,6 +7,7 @@ code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,8 +84,9 @@ def train(
 
         resolved = load_config(config, set_ or [])
         result = run_training(resolved, out, resume=resume, device=device)
-    typer.echo(f"trained {result.epochs} epochs ({result.iterations} iterations); "
-               f"best model: {result.out_dir / 'best.pt'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        typer.echo(f"trained {result.epochs} epochs ({result.iterations} iterations); "
+                   f"best model: {result.out_dir / 'best.pt'}")
 
 
 @app.command()

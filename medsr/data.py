@@ -22,6 +22,7 @@ from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, read_scan, try_dcmread
 from medsr.transforms import RandomDegradePair, robust_window
+from medsr.writing import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,8 @@ def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: f
     slices = informative_slices(window.forward(scan.array), scan.slice_axis).astype(np.float16)
     modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
     ct = is_ct(scan.array, modality)
-    temporary = cache_file.with_suffix(".tmp.npz")
-    np.savez_compressed(temporary, slices=slices, is_ct=ct)
-    temporary.replace(cache_file)
+    with atomic_output(cache_file, suffix=".tmp.npz") as temporary:  # unique: ranks may race here
+        np.savez_compressed(temporary, slices=slices, is_ct=ct)
     return CachedScan(str(source), slices, ct)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,12 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int = 2, weights=None
             raise MedsrError(f"{out_dir}: the output folder must not be inside the input {root}")
     loaded = load_enhancer(weights, scale)
     planned = batch_outputs(inputs, out_dir, scale, output_format)
+    # under torchrun (or any launcher that sets RANK/WORLD_SIZE) each process takes every
+    # WORLD_SIZE-th scan, on its own GPU when there are several
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    planned = planned[rank::world_size]
+    if world_size > 1 and torch.cuda.is_available() and options.get("device", "auto") in ("auto", "cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     out_dir.mkdir(exist_ok=True)
     outcomes = []
     for source, output, fmt in planned:

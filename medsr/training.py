@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (EarlyStopHandler, IgniteMetricHandler, LrScheduleHandler,
                             PeakSignalToNoiseRatio, StatsHandler, TensorBoardStatsHandler,
                             ValidationHandler, from_engine)
+from monai.data import DistributedSampler
 from monai.metrics import SSIMMetric
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from medsr.checkpoint import build_model, load_checkpoint, save_checkpoint
@@ -131,9 +135,37 @@ def check_patient_split(config: TrainConfig) -> None:
                 )
 
 
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_process_group(device_type: str) -> Processes:
+    """Join the process group ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
+    the CPU); a plain run is a group of one and initialises nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
           device: str = "auto") -> TrainResult:
     """Run (or resume) training as ``config`` says, writing into ``out_dir``.
+
+    Under ``torchrun --nproc_per_node N`` every process trains on its own share of the patches
+    (DistributedDataParallel, global batch ``N * batch_size``) and validates its share of the
+    slices (MONAI's metric handlers gather them); only rank 0 writes checkpoints, logs and curves.
 
     Raises:
         MedsrError: no training data, or ``out_dir`` already holds a run and ``resume`` is off.
@@ -147,10 +179,15 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     if not config.train_scans:
         raise MedsrError("the config lists no train_scans")
     check_patient_split(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_determinism(seed=config.seed)
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                 else ("cpu" if device == "auto" else device))
+    processes = join_process_group(torch_device.type)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(torch_device)
+    if processes.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed=config.seed + processes.rank)
 
     train_scans = _cached(config, "train_scans")
     degrade = RandomDegradePair(
@@ -159,29 +196,33 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         noise_std_range=(0.0, config.degradation.noise_std_max),
     )
     patches = PatchPairDataset(train_scans, config.patch_size, config.scale,
-                               config.batch_size * config.iterations_per_epoch, degrade,
-                               ct_weight=config.ct_sampling_weight, seed=config.seed)
-    loader = DataLoader(patches, batch_size=config.batch_size, shuffle=False, num_workers=0,
-                        pin_memory=torch_device.type == "cuda")
+                               config.batch_size * config.iterations_per_epoch * processes.world_size,
+                               degrade, ct_weight=config.ct_sampling_weight, seed=config.seed)
+    sampler = (DistributedSampler(patches, shuffle=False, num_replicas=processes.world_size,
+                                  rank=processes.rank) if processes.world_size > 1 else None)
+    loader = DataLoader(patches, batch_size=config.batch_size, shuffle=False, sampler=sampler,
+                        num_workers=0, pin_memory=torch_device.type == "cuda")
 
     model = build_model(config).to(torch_device)
+    network = model if processes.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = learning_rate_schedule(optimizer, config)
 
+    main_only_handlers = [
+        StatsHandler(name=__name__, tag_name="train_loss",
+                     iteration_log=lambda engine, _: engine.state.iteration % 50 == 0,
+                     output_transform=from_engine(["loss"], first=True)),
+        TensorBoardStatsHandler(log_dir=str(out_dir / "tensorboard"), tag_name="train_loss",
+                                output_transform=from_engine(["loss"], first=True)),
+    ] if processes.is_main else []
     trainer = SupervisedTrainer(
-        device=torch_device, max_epochs=config.epochs, train_data_loader=loader, network=model,
+        device=torch_device, max_epochs=config.epochs, train_data_loader=loader, network=network,
         optimizer=optimizer, loss_function=BorderCroppedLoss(LOSSES[config.loss](), patches.context),
         prepare_batch=prepare_batch,
         epoch_length=config.iterations_per_epoch,
         amp=torch_device.type == "cuda",
-        train_handlers=[
-            LrScheduleHandler(scheduler, print_lr=False, epoch_level=False),
-            StatsHandler(name=__name__, tag_name="train_loss",
-                         iteration_log=lambda engine, _: engine.state.iteration % 50 == 0,
-                         output_transform=from_engine(["loss"], first=True)),
-            TensorBoardStatsHandler(log_dir=str(out_dir / "tensorboard"), tag_name="train_loss",
-                                    output_transform=from_engine(["loss"], first=True)),
-        ],
+        train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), *main_only_handlers],
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: patches.set_epoch(engine.state.epoch))
     epoch_losses: list[float] = []
@@ -189,7 +230,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda engine: epoch_losses.append(float(engine.state.output[0]["loss"])))
 
-    evaluator = _validator(config, model, torch_device, trainer, out_dir)
+    evaluator = _validator(config, network, torch_device, trainer, out_dir, processes)
     history_path = out_dir / "history.csv"
     best = {"ssim": -np.inf}
     if resume:
@@ -201,10 +242,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         trainer.state.epoch = int(state["epoch"])
         trainer.state.iteration = int(state["iteration"])
         logger.info("resuming %s after epoch %d", out_dir, trainer.state.epoch)
-    save_config(config, out_dir / "config.yaml")
+    if processes.is_main:
+        save_config(config, out_dir / "config.yaml")
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _end_of_epoch(engine) -> None:
+        if not processes.is_main:
+            return
         epoch, iteration = engine.state.epoch, engine.state.iteration
         metrics = evaluator.state.metrics if evaluator is not None else {}
         ssim = metrics.get("val_ssim")
@@ -229,6 +273,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
                     f"{metrics['val_ssim']:.4f}" if "val_ssim" in metrics else "-")
 
     trainer.run()
+    if processes.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return TrainResult(out_dir, trainer.state.epoch, trainer.state.iteration,
                        None if not np.isfinite(best["ssim"]) else float(best["ssim"]))
 
@@ -249,14 +296,18 @@ def learning_rate_schedule(optimizer, config: TrainConfig):
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def _validator(config: TrainConfig, model, device, trainer, out_dir: Path) -> SupervisedEvaluator | None:
+def _validator(config: TrainConfig, model, device, trainer, out_dir: Path,
+               processes: Processes) -> SupervisedEvaluator | None:
     """A ``SupervisedEvaluator`` run after every epoch, stopping training when SSIM stalls."""
     if not config.val_scans:
         return None
     val_scans = _cached(config, "val_scans")
     if not val_scans:
         return None
-    loader = DataLoader(ValidationSlices(val_scans, config.scale), batch_size=1)
+    slices = ValidationSlices(val_scans, config.scale)
+    sampler = (DistributedSampler(slices, shuffle=False, even_divisible=False, num_replicas=processes.world_size,
+                                  rank=processes.rank) if processes.world_size > 1 else None)
+    loader = DataLoader(slices, batch_size=1, sampler=sampler)
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=model, prepare_batch=prepare_batch,
         key_val_metric={"val_ssim": IgniteMetricHandler(
@@ -269,7 +320,7 @@ def _validator(config: TrainConfig, model, device, trainer, out_dir: Path) -> Su
         },
         val_handlers=[TensorBoardStatsHandler(
             log_dir=str(Path(out_dir) / "tensorboard"), output_transform=lambda _: None,
-            global_epoch_transform=lambda _: trainer.state.epoch)],
+            global_epoch_transform=lambda _: trainer.state.epoch)] if processes.is_main else None,
         amp=device.type == "cuda",
     )
     ValidationHandler(interval=1, validator=evaluator, epoch_level=True).attach(trainer)

@@ -146,3 +146,17 @@ def test_read_only_output_folder_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
     result = runner.invoke(app, ["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.nii.gz")])
     assert result.exit_code == 1 and "is not writable" in result.stderr
+
+
+def test_batch_is_sharded_across_processes(tmp_path, monkeypatch, tiny_checkpoint):
+    """With RANK/WORLD_SIZE set (torchrun), each process enhances every WORLD_SIZE-th scan."""
+    image = nib.load(MR_NIFTI)
+    crop = nib.Nifti1Image(np.asarray(image.dataobj[60:64, 40:104, 40:104]), image.affine)
+    for name in ("a", "b", "c"):
+        nib.save(crop, tmp_path / f"{name}.nii.gz")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["enhance", *(str(tmp_path / f"{n}.nii.gz") for n in "abc"),
+                                 "-o", str(tmp_path / "out"), "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b_x2.nii.gz"]

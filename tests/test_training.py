@@ -128,3 +128,21 @@ def test_tiny_end_to_end_train_then_evaluate(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "best PSNR/SSIM" in result.stdout and "kspace: best" in result.stdout
     assert (tmp_path / "report" / "ct_chest_3slice_dicom_kspace.png").exists()
+
+
+def test_torchrun_two_processes_with_gloo(tmp_path):
+    """DistributedDataParallel on the CPU: 2 ranks, rank 0 alone writes the run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    arguments = smoke_args(out, tmp_path / "cache", epochs=2)[1:]  # drop the "train" subcommand
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "medsr.cli", "train", *arguments]
+    finished = subprocess.run(command, cwd=SAMPLES.parent, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert finished.stdout.count("trained 2 epochs (4 iterations)") == 1
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 2 and last["iteration"] == 4
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # one writer
