@@ -179,7 +179,11 @@ def evaluate(
         models = {}
         for path in paths:
             model, _ = load_model(path)
-            name = path.stem if path.stem not in models else str(path)
+            # runs/l1_x2/best.pt and runs/mse_x2/best.pt are told apart by their run folder
+            stems = [p.stem for p in paths]
+            name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
+            if name in models:
+                raise typer.BadParameter(f"--weights {path} is given twice")
             models[name] = model
         results = []
         with _progress() as progress:

@@ -270,7 +270,7 @@ OUTPUT_FORMATS = ("auto", "nifti", "dicom")
 
 def resolve_format(output: Path, output_format: str = "auto") -> str:
     """``auto``: NIfTI for a ``.nii``/``.nii.gz`` path, else a DICOM series folder."""
-    from medsr.writing import NIFTI_SUFFIXES
+    from medsr.reading import NIFTI_SUFFIXES
 
     if output_format not in OUTPUT_FORMATS:
         raise MedsrError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 
 from medsr.errors import OutputError
+from medsr.reading import NIFTI_SUFFIXES
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
 
 
