@@ -2,7 +2,9 @@
 
 Prints, for the CPU and for CUDA when present: end-to-end slices/s of enhancing a real DICOM
 series to NIfTI (read, normalise, model, write), forward-only slices/s on the same slices, their
-ratio, the model's GFLOP per slice, the achieved GFLOP/s, and peak host (and GPU) memory.
+ratio, the model's GFLOP per slice, the achieved GFLOP/s, and peak host (and GPU) memory; and
+the forward-only rate of the seed study's model (64 features, 8 blocks, random weights) on the
+same slices, with the end-to-end command's cost relative to it.
 
     python benchmarks/enhance_throughput.py [--series sample_scans/mr_pd_oblique_dicom] [--repeats 3]
 """
@@ -21,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.enhance import enhance_file
-from medsr.model import DEGRADATION_CODES
+from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,24 +71,29 @@ def main() -> None:
     print(f"series: {arguments.series.name}, {len(slices)} slices of {slices.shape[1]}x{slices.shape[2]} "
           f"-> x2; model: {config.model.features} features, {config.model.num_res_blocks} blocks; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    seed_model = SRResNet(scale=2, features=64, num_res_blocks=8).eval()
     print(f"{'device':6s} {'end-to-end sl/s':>16s} {'forward sl/s':>13s} {'ratio':>6s} "
+          f"{'seed fwd sl/s':>14s} {'e2e cost/seed fwd':>18s} "
           f"{'GFLOP/slice':>12s} {'GFLOP/s':>9s} {'peak host MB':>13s} {'peak GPU MB':>12s}")
     for device in devices:
         batch = arguments.batch_size or (16 if device.type == "cuda" else 4)
         model = model.to(device)
-        end_to_end, forward = [], []
-        for _ in range(arguments.repeats):  # interleaved, so drift hits both alike
+        seed_model = seed_model.to(device)
+        end_to_end, forward, seed_forward = [], [], []
+        for _ in range(arguments.repeats):  # interleaved, so drift hits all alike
             with tempfile.TemporaryDirectory() as folder:
                 start = time.perf_counter()
                 enhance_file(arguments.series, Path(folder) / "e.nii.gz", device=device.type,
                              batch_size=batch, loaded=(model, config))
                 end_to_end.append(time.perf_counter() - start)
             forward.append(forward_only(model, normalised, device, batch))
+            seed_forward.append(forward_only(seed_model, normalised, device, batch))
         e2e_rate, forward_rate = len(slices) / min(end_to_end), len(slices) / min(forward)
+        seed_rate = len(slices) / min(seed_forward)
         peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
         peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{device.type:6s} {e2e_rate:16.2f} {forward_rate:13.2f} {e2e_rate / forward_rate:6.2f} "
-              f"{flops:12.2f} {flops * forward_rate:9.1f} {peak_host:13.0f} {peak_gpu:12.0f}")
+              f"{seed_rate:14.2f} {seed_rate / e2e_rate:18.2f} {flops:12.2f} {flops * forward_rate:9.1f} {peak_host:13.0f} {peak_gpu:12.0f}")
 
 
 if __name__ == "__main__":
