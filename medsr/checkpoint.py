@@ -13,6 +13,7 @@ Layout::
 from __future__ import annotations
 
 import pickle
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles; the error below says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = next((line.strip() for line in str(exc).splitlines()
                        if line.strip().startswith("Unsupported")), "not plain data")

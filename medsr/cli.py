@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,6 +39,12 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("medsr").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("ignite").setLevel(logging.WARNING)
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (pydicom on odd files, ...) as one ``warning:`` line, no source dump."""
+    logger.warning("%s", " ".join(str(message).split()))
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import struct
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,11 @@ def _read_nifti(path: Path) -> Scan:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
-        array = np.asarray(image.dataobj, dtype=np.float32)
+        # damaged headers make nibabel's scaling overflow; the finite check below reports it
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            image = nib.load(str(path))
+            array = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
     if array.ndim == 4 and array.shape[3] == 1:
