@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # the same rule the evaluation protocol uses to pick the slices it scores.
 FOREGROUND_LEVEL = 0.10
 FOREGROUND_FRACTION = 0.05
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,13 @@ def is_ct(array: np.ndarray, modality: str | None) -> bool:
 
 @dataclass(frozen=True)
 class CachedScan:
-    """Normalised informative slices of one scan: ``slices`` is ``(N, H, W)`` float16."""
+    """Normalised informative slices of one scan: ``slices`` is ``(N, H, W)`` float16;
+    ``volume_range`` is the whole normalised volume's (min, max), the protocol's data range."""
 
     name: str
     slices: np.ndarray
     is_ct: bool
+    volume_range: tuple[float, float] = (0.0, 1.0)
 
 
 def _cache_key(source: ScanSource, lower: float, upper: float) -> str:
@@ -113,15 +115,18 @@ def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: f
     cache_file = cache_dir / f"{_cache_key(source, lower, upper)}.npz"
     if cache_file.exists():
         with np.load(cache_file) as stored:
-            return CachedScan(str(source), stored["slices"], bool(stored["is_ct"]))
+            return CachedScan(str(source), stored["slices"], bool(stored["is_ct"]),
+                              tuple(float(v) for v in stored["volume_range"]))
     scan = read_scan(source.path, source.series_uid)
     window = robust_window(scan.array, lower, upper)
-    slices = informative_slices(window.forward(scan.array), scan.slice_axis).astype(np.float16)
+    normalised = window.forward(scan.array)
+    slices = informative_slices(normalised, scan.slice_axis).astype(np.float16)
+    volume_range = (float(normalised.min()), float(normalised.max()))
     modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
     ct = is_ct(scan.array, modality)
     with atomic_output(cache_file, suffix=".tmp.npz") as temporary:  # unique: ranks may race here
-        np.savez_compressed(temporary, slices=slices, is_ct=ct)
-    return CachedScan(str(source), slices, ct)
+        np.savez_compressed(temporary, slices=slices, is_ct=ct, volume_range=volume_range)
+    return CachedScan(str(source), slices, ct, volume_range)
 
 
 class PatchPairDataset(Dataset):

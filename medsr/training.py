@@ -10,7 +10,8 @@ One run writes into its own folder::
     out/tensorboard/    the same for TensorBoard (``tensorboard --logdir out/tensorboard``)
 
 Validation uses whole held-out slices (never slices of a training volume), degraded with both
-protocol degradations, scored in the normalised range with MONAI's PSNR and SSIM metrics.
+protocol degradations and scored with MONAI's PSNR and SSIM metric handlers as the evaluation
+protocol scores them (volume data range, border trimmed; see :func:`to_protocol_range`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from monai.handlers import (EarlyStopHandler, IgniteMetricHandler, LrScheduleHan
                             ValidationHandler, from_engine)
 from monai.data import DistributedSampler
 from monai.metrics import SSIMMetric
+from monai.transforms import Lambda
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -82,8 +84,10 @@ def prepare_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs
 class ValidationSlices(Dataset):
     """Whole held-out slices degraded with each protocol degradation (normalised range).
 
-    Items are ``{"image": (1, H/s, W/s), "label": (1, H, W), "degradation": ()}``; slices
-    differ in size, so load them with batch size 1.
+    Items are ``{"image": (1, H/s, W/s), "label": (1, H, W), "degradation": (),
+    "volume_range": (2,)}``; slices differ in size, so load them with batch size 1.
+    ``volume_range`` is the whole volume's normalised (min, max), from which
+    :func:`to_protocol_range` puts prediction and target on the protocol's footing.
     """
 
     def __init__(self, scans: list[CachedScan], scale: int, per_scan: int = VAL_SLICES_PER_SCAN) -> None:
@@ -93,15 +97,30 @@ class ValidationSlices(Dataset):
             for index in np.linspace(0, len(scan.slices) - 1, count).round().astype(int):
                 high_res = crop_to_multiple(scan.slices[index].astype(np.float32), scale)
                 for name, degrade in DEGRADE_SLICE.items():
-                    self.items.append((degrade(high_res, scale), high_res, DEGRADATION_CODES[name]))
+                    self.items.append((degrade(high_res, scale), high_res, DEGRADATION_CODES[name],
+                                       scan.volume_range))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        low_res, high_res, code = self.items[index]
+        low_res, high_res, code, volume_range = self.items[index]
         return {"image": torch.from_numpy(low_res)[None], "label": torch.from_numpy(high_res)[None],
-                "degradation": torch.tensor(code)}
+                "degradation": torch.tensor(code), "volume_range": torch.tensor(volume_range)}
+
+
+def to_protocol_range(item: dict, scale: int) -> dict:
+    """Evaluator post-processing: what the evaluation protocol scores, per slice.
+
+    Prediction and target are mapped so the whole volume's range is [0, 1] (PSNR and SSIM with
+    ``data_range = max - min`` of the volume are invariant to that map, so data range 1 is
+    exact) and a border of ``scale`` pixels is removed. Left as in the protocol's definition
+    apart from one thing: PSNR is averaged per slice here, not computed over the whole volume.
+    """
+    low, high = (float(v) for v in item["volume_range"])
+    for key in ("pred", "label"):
+        item[key] = ((item[key] - low) / (high - low))[..., scale:-scale, scale:-scale]
+    return item
 
 
 def _cached(config: TrainConfig, which: str) -> list[CachedScan]:
@@ -311,13 +330,14 @@ def _validator(config: TrainConfig, model, device, trainer, out_dir: Path,
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=model, prepare_batch=prepare_batch,
         key_val_metric={"val_ssim": IgniteMetricHandler(
-            metric_fn=SSIMMetric(spatial_dims=2, data_range=1.0),
+            metric_fn=SSIMMetric(spatial_dims=2, data_range=1.0),  # Gaussian 11x11, sigma 1.5
             output_transform=from_engine(["pred", "label"]))},
         additional_metrics={
             "val_psnr": PeakSignalToNoiseRatio(max_val=1.0, output_transform=from_engine(["pred", "label"])),
             "val_loss": IgniteMetricHandler(loss_fn=LOSSES[config.loss](),
                                             output_transform=from_engine(["pred", "label"])),
         },
+        postprocessing=Lambda(lambda item: to_protocol_range(item, config.scale)),
         val_handlers=[TensorBoardStatsHandler(
             log_dir=str(Path(out_dir) / "tensorboard"), output_transform=lambda _: None,
             global_epoch_transform=lambda _: trainer.state.epoch)] if processes.is_main else None,

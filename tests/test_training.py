@@ -146,3 +146,28 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
     assert last["epoch"] == 2 and last["iteration"] == 4
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]  # one writer
+
+
+def test_validation_metrics_match_the_protocol_on_a_real_slice():
+    """MONAI's SSIM after to_protocol_range equals the protocol's scikit-image SSIM."""
+    import numpy as np
+    from monai.metrics import SSIMMetric
+
+    from medsr.metrics import ssim, trim_border
+    from medsr.reading import read_scan
+    from medsr.training import to_protocol_range
+    from medsr.transforms import robust_window
+
+    volume = read_scan(SAMPLES / "mr_pd_oblique_dicom").array
+    window = robust_window(volume)
+    reference = volume[:, :, 10:11]
+    estimate = reference + np.random.default_rng(0).normal(0, 20, reference.shape).astype(np.float32)
+    normalised = window.forward(volume)
+    item = {"pred": torch.from_numpy(window.forward(estimate)[..., 0])[None],
+            "label": torch.from_numpy(window.forward(reference)[..., 0])[None],
+            "volume_range": torch.tensor([normalised.min(), normalised.max()])}
+    item = to_protocol_range(item, 2)
+    ours = float(SSIMMetric(spatial_dims=2, data_range=1.0)(item["pred"][None], item["label"][None]).mean())
+    data_range = float(volume.max() - volume.min())
+    expected = ssim(trim_border(reference, 2, 2), trim_border(estimate, 2, 2), 2, data_range, float(volume.min()))
+    assert ours == pytest.approx(expected, abs=1e-5)
