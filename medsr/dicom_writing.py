@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medsr import __version__
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS
-from medsr.reading import Scan
+from medsr.reading import Scan, functional_group
 from medsr.writing import current_umask
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
     slope = float(first.get("RescaleSlope", 1) or 1)
     intercept = float(first.get("RescaleIntercept", 0) or 0)
     if scan.multiframe:
-        transform = _functional(first, "PixelValueTransformationSequence")
+        transform = functional_group(first, None, "PixelValueTransformationSequence")
         if transform is not None:
             slope = float(transform.get("RescaleSlope", slope) or slope)
             intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
@@ -196,14 +196,6 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
     return datasets
 
 
-def _functional(dataset: pydicom.Dataset, name: str, frame_group=None):
-    for groups in (frame_group, (dataset.get("SharedFunctionalGroupsSequence") or [None])[0]):
-        sequence = groups.get(name) if groups is not None else None
-        if sequence:
-            return sequence[0]
-    return None
-
-
 def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:
     """A Hierarchical SOP Instance Reference item pointing at the source object."""
     sop = pydicom.Dataset()
@@ -229,7 +221,7 @@ def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, 
     frames = []
     for k, source_index in enumerate(scan.frame_order):
         group = copy.deepcopy(per_frame_source[source_index])
-        source_position = _functional(header, "PlanePositionSequence", per_frame_source[source_index])
+        source_position = functional_group(header, per_frame_source[source_index], "PlanePositionSequence")
         position = pydicom.Dataset()
         position.ImagePositionPatient = _shifted(source_position.ImagePositionPatient, shift)
         group.PlanePositionSequence = Sequence([position])
@@ -254,7 +246,7 @@ def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, 
         if groups.get("PixelValueTransformationSequence"):
             groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(slope)
             groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
-    if not _functional(dataset, "PixelValueTransformationSequence"):
+    if not functional_group(dataset, None, "PixelValueTransformationSequence"):
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
     frames_stored = np.stack([_stored_pixels(array[:, :, k].T, signed, slope, intercept)
                               for k in range(array.shape[2])])

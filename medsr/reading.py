@@ -174,7 +174,6 @@ def _read_dicom_file(path: Path) -> Scan:
     dataset = try_dcmread(path)
     if dataset is None:
         raise ScanReadError(f"{path}: not a DICOM file (and not .nii/.nii.gz)")
-    _check_has_image(dataset, path)
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(dataset, path)
     return _stack_slices([dataset], path)
@@ -375,18 +374,15 @@ def _stack_slices(datasets: list[pydicom.Dataset], path: Path) -> Scan:
     )
 
 
-def _functional_group(dataset, frame_group, sequence_name: str):
-    """Item of a functional-group sequence: per-frame if present, else shared."""
-    for groups in (frame_group, _shared_group(dataset)):
+def functional_group(dataset: pydicom.Dataset, frame_group, sequence_name: str):
+    """First item of a functional-group sequence of a multi-frame object: the frame's own
+    (``frame_group``, may be None) if present, else the shared one; None if neither has it."""
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    for groups in (frame_group, shared[0] if shared else None):
         sequence = groups.get(sequence_name) if groups is not None else None
         if sequence:
             return sequence[0]
     return None
-
-
-def _shared_group(dataset):
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    return shared[0] if shared else None
 
 
 def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
@@ -405,9 +401,9 @@ def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
     positions, planes = [], []
     orientation = spacing = None
     for index, group in enumerate(per_frame):
-        plane_position = _functional_group(dataset, group, "PlanePositionSequence")
-        plane_orientation = _functional_group(dataset, group, "PlaneOrientationSequence")
-        measures = _functional_group(dataset, group, "PixelMeasuresSequence")
+        plane_position = functional_group(dataset, group, "PlanePositionSequence")
+        plane_orientation = functional_group(dataset, group, "PlaneOrientationSequence")
+        measures = functional_group(dataset, group, "PixelMeasuresSequence")
         if plane_position is None or plane_orientation is None or measures is None:
             raise ScanReadError(f"{path}: frame {index + 1} lacks plane position, orientation or spacing")
         frame_orientation = _orientation(plane_orientation.get("ImageOrientationPatient"), path)
@@ -419,7 +415,7 @@ def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
                   and np.allclose(frame_orientation[1], orientation[1], atol=1e-4)):
             raise ScanReadError(f"{path}: frames differ in orientation; not one volume")
         positions.append([float(v) for v in plane_position.ImagePositionPatient])
-        transform = _functional_group(dataset, group, "PixelValueTransformationSequence")
+        transform = functional_group(dataset, group, "PixelValueTransformationSequence")
         slope = transform.get("RescaleSlope") if transform is not None else dataset.get("RescaleSlope")
         intercept = transform.get("RescaleIntercept") if transform is not None else dataset.get("RescaleIntercept")
         planes.append((index, _rescale(frames[index], slope, intercept).T))
