@@ -40,14 +40,23 @@ SERIES_NUMBER_OFFSET = 1000
 IS_MAX = 2**31 - 1
 
 
-def stored_value_mapping(values: np.ndarray, signed: bool, slope: float, intercept: float) -> tuple[float, float]:
-    """Rescale slope and intercept so ``values`` fit 16-bit stored pixels without clipping.
+def stored_dtype(header: pydicom.Dataset) -> np.dtype:
+    """The source's stored representation: 8 or 16 bits (wider sources get 16), its signedness."""
+    signed = int(header.get("PixelRepresentation", 0)) == 1
+    if int(header.get("BitsAllocated", 16)) == 8:
+        return np.dtype(np.int8 if signed else np.uint8)
+    return np.dtype(np.int16 if signed else np.uint16)
+
+
+def stored_value_mapping(values: np.ndarray, dtype: np.dtype, slope: float, intercept: float) -> tuple[float, float]:
+    """Rescale slope and intercept so ``values`` fit stored pixels of ``dtype`` without clipping.
 
     The source's own slope and intercept are kept whenever the values fit them (exact for CT,
     where slope 1 keeps whole HU); otherwise the slope grows just enough and the intercept
     moves so the full range fits.
     """
-    low_limit, high_limit = (-32768, 32767) if signed else (0, 65535)
+    info = np.iinfo(dtype)
+    low_limit, high_limit = int(info.min), int(info.max)
     low, high = float(values.min()), float(values.max())
     stored_low, stored_high = (low - intercept) / slope, (high - intercept) / slope
     if low_limit <= np.floor(stored_low) and np.ceil(stored_high) <= high_limit:
@@ -57,9 +66,8 @@ def stored_value_mapping(values: np.ndarray, signed: bool, slope: float, interce
     return slope, intercept
 
 
-def _stored_pixels(plane: np.ndarray, signed: bool, slope: float, intercept: float) -> np.ndarray:
+def _stored_pixels(plane: np.ndarray, dtype: np.dtype, slope: float, intercept: float) -> np.ndarray:
     stored = np.rint((plane.astype(np.float64) - intercept) / slope)
-    dtype = np.int16 if signed else np.uint16
     info = np.iinfo(dtype)
     return np.clip(stored, info.min, info.max).astype(dtype)
 
@@ -109,12 +117,13 @@ def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, s
     return dataset
 
 
-def _set_pixel_module(dataset: pydicom.Dataset, rows: int, columns: int, signed: bool) -> None:
+def _set_pixel_module(dataset: pydicom.Dataset, rows: int, columns: int, dtype: np.dtype) -> None:
     dataset.Rows, dataset.Columns = rows, columns
     dataset.SamplesPerPixel = 1
     dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
-    dataset.PixelRepresentation = 1 if signed else 0
+    bits = dtype.itemsize * 8
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.PixelRepresentation = 1 if dtype.kind == "i" else 0
 
 
 def _file_meta(dataset: pydicom.Dataset) -> None:
@@ -162,7 +171,7 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
     now = datetime.datetime.now()
     series_uid = generate_uid()
     first = scan.dicom_headers[0]
-    signed = int(first.get("PixelRepresentation", 0)) == 1
+    dtype = stored_dtype(first)
     slope = float(first.get("RescaleSlope", 1) or 1)
     intercept = float(first.get("RescaleIntercept", 0) or 0)
     if scan.multiframe:
@@ -170,19 +179,19 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
         if transform is not None:
             slope = float(transform.get("RescaleSlope", slope) or slope)
             intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
-    slope, intercept = stored_value_mapping(array, signed, slope, intercept)
+    slope, intercept = stored_value_mapping(array, dtype, slope, intercept)
     spacing = _pixel_spacing(affine)
     # only the in-plane axes changed, so every slice origin moves by the same vector
     shift = (LPS_TO_RAS @ (affine[:, 3] - scan.affine[:, 3]))[:3]
     columns, rows = array.shape[0], array.shape[1]
     if scan.multiframe:
         return [_derive_multiframe(scan, array, shift, series_uid, description, scale, now,
-                                   signed, slope, intercept, spacing)]
+                                   dtype, slope, intercept, spacing)]
     datasets = []
     for k, header in enumerate(scan.dicom_headers):
         dataset = _derive_common(header, series_uid, description, scale, now)
         dataset.SOPInstanceUID = generate_uid()
-        _set_pixel_module(dataset, rows, columns, signed)
+        _set_pixel_module(dataset, rows, columns, dtype)
         dataset.PixelSpacing = spacing
         dataset.ImagePositionPatient = _shifted(header.ImagePositionPatient, shift)
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
@@ -190,7 +199,7 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
             dataset.RescaleType = "US"  # unspecified units: MR signal
         dataset.SourceImageSequence = Sequence([_source_reference(header)])
         _window(dataset, array[:, :, k])
-        dataset.PixelData = _stored_pixels(array[:, :, k].T, signed, slope, intercept).tobytes()
+        dataset.PixelData = _stored_pixels(array[:, :, k].T, dtype, slope, intercept).tobytes()
         _file_meta(dataset)
         datasets.append(dataset)
     return datasets
@@ -209,12 +218,12 @@ def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:
     return study
 
 
-def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, signed, slope,
+def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, dtype, slope,
                        intercept, spacing) -> pydicom.Dataset:
     header = scan.dicom_headers[0]
     dataset = _derive_common(header, series_uid, description, scale, now)
     dataset.SOPInstanceUID = generate_uid()
-    _set_pixel_module(dataset, array.shape[1], array.shape[0], signed)
+    _set_pixel_module(dataset, array.shape[1], array.shape[0], dtype)
     dataset.NumberOfFrames = array.shape[2]
     shared = dataset.get("SharedFunctionalGroupsSequence")
     per_frame_source = header.PerFrameFunctionalGroupsSequence
@@ -248,7 +257,7 @@ def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, 
             groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
     if not functional_group(dataset, None, "PixelValueTransformationSequence"):
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-    frames_stored = np.stack([_stored_pixels(array[:, :, k].T, signed, slope, intercept)
+    frames_stored = np.stack([_stored_pixels(array[:, :, k].T, dtype, slope, intercept)
                               for k in range(array.shape[2])])
     dataset.PixelData = frames_stored.tobytes()
     _file_meta(dataset)

@@ -198,3 +198,26 @@ def test_batch_writes_one_output_per_series_and_reports_failures(tmp_path, tiny_
     assert len(list((out / "ct_x2").glob("*.dcm"))) == 3
     again = runner.invoke(app, arguments)
     assert "0 done, 2 skipped, 1 failed" in again.stdout
+
+
+def test_eight_bit_input_stays_eight_bit_without_clipping(tmp_path, tiny_checkpoint):
+    """An 8-bit series (here the real CT re-stored in 8 bits) comes back in 8 bits, and the
+    rescale widens so the enhanced values, overshoot included, are not clipped."""
+    source = tmp_path / "ct8"
+    source.mkdir()
+    for path in sorted(CT_SERIES.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        hu = dataset.pixel_array.astype(np.float64) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+        dataset.PixelData = np.clip(np.rint((hu + 1024) / 16), 0, 255).astype(np.uint8).tobytes()
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+        dataset.RescaleSlope, dataset.RescaleIntercept = 16, -1024
+        dataset.save_as(source / path.name)
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"), "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "e.nii.gz"), "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    written = [pydicom.dcmread(p) for p in _files(tmp_path / "out")]
+    assert all(d.BitsAllocated == 8 and d.PixelRepresentation == 0 for d in written)
+    slope = float(written[0].RescaleSlope)
+    enhanced = nib.load(tmp_path / "e.nii.gz").get_fdata(dtype=np.float32)
+    assert np.abs(read_scan(tmp_path / "out").array - enhanced).max() <= slope / 2 + 1e-3
