@@ -131,7 +131,7 @@ def enhance(
                 batch_size=batch_size, series_uid=series, overwrite=overwrite, output_format=output_format,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
-    shape = "x".join(str(n) for n in result.array.shape)
+    shape = "x".join(str(n) for n in result.shape)
     spacing = "x".join(f"{v:.3g}" for v in result.spacing)
     typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
 

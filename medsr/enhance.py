@@ -7,8 +7,11 @@ the scale, same physical extent, slice axis untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +35,19 @@ class EnhancedVolume:
     """Result of :func:`enhance_volume`.
 
     Attributes:
-        array: ``(I', J', K')`` float32 in the input's original units, in-plane axes x scale.
+        array: ``(I', J', K')`` float32 in the input's original units, in-plane axes x scale;
+            None when the slices were streamed to a ``sink`` instead.
         affine: ``(4, 4)`` RAS affine of the enhanced grid (mm).
         slice_axis: the untouched axis.
         window: the intensity window used to normalise the input.
+        shape: ``(I', J', K')``.
     """
 
-    array: np.ndarray
+    array: np.ndarray | None
     affine: np.ndarray
     slice_axis: int
     window: IntensityWindow
+    shape: tuple[int, int, int]
 
     @property
     def spacing(self) -> np.ndarray:
@@ -64,7 +70,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                    degradation: str = "bicubic",
                    device: torch.device | str = "cpu", batch_size: int | None = None,
                    lower_percentile: float = 0.5, upper_percentile: float = 99.5,
-                   progress: Callable[[int, int], None] | None = None) -> EnhancedVolume:
+                   progress: Callable[[int, int], None] | None = None,
+                   sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
     """Upscale every slice of ``volume`` in-plane by the model's scale.
 
     Args:
@@ -77,6 +84,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
         device: where the model runs; CUDA uses bfloat16 autocast.
         batch_size: slices per forward pass (default 16 on CUDA, 4 on CPU).
         progress: called with ``(slices_done, slices_total)`` after every batch.
+        sink: if given, receives each batch of enhanced slices ``(n, I', J')`` (original units,
+            in order) on a writer thread while the next batch runs, and no full output is kept.
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -99,25 +108,69 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
     batch_size = batch_size or DEFAULT_BATCH[device.type]
     if batch_size < 1:
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
-    output = np.empty((total, in_plane[0] * scale, in_plane[1] * scale), dtype=np.float32)
+    out_plane = (in_plane[0] * scale, in_plane[1] * scale)
+    output = None if sink is not None else np.empty((total, *out_plane), dtype=np.float32)
     model = model.to(device).eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver:
         for start in range(0, total, batch_size):
             batch = window.forward(slices[start:start + batch_size])
             low_res = torch.from_numpy(batch)[:, None].to(device, non_blocking=True)
             codes = torch.full((len(batch),), DEGRADATION_CODES[degradation], device=device)
-            high_res = model(low_res, codes).float()[:, 0].cpu().numpy()
-            output[start:start + len(batch)] = window.inverse(high_res)
+            high_res = window.inverse(model(low_res, codes).float()[:, 0].cpu().numpy())
+            if output is not None:
+                output[start:start + len(batch)] = high_res
+            else:
+                deliver(high_res)
             if progress is not None:
                 progress(min(start + batch_size, total), total)
+    shape = [total, *out_plane]
+    shape.insert(slice_axis, shape.pop(0))
     return EnhancedVolume(
-        array=np.ascontiguousarray(np.moveaxis(output, 0, slice_axis)),
+        array=None if output is None else np.ascontiguousarray(np.moveaxis(output, 0, slice_axis)),
         affine=rescaled_affine(affine, in_plane_factors(slice_axis, scale)),
         slice_axis=slice_axis,
         window=window,
+        shape=tuple(shape),
     )
+
+
+class _BackgroundSink:
+    """Hands batches to ``sink`` on a writer thread (compression overlaps the next forward
+    pass; zlib and PyTorch both release the GIL). At most two batches wait, so memory stays
+    bounded; an error in the sink is raised in the caller when the block ends."""
+
+    def __init__(self, sink: Callable[[np.ndarray], None] | None) -> None:
+        self.sink, self.error = sink, None
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+
+    def __enter__(self) -> Callable[[np.ndarray], None]:
+        if self.sink is not None:
+            self.thread = threading.Thread(target=self._run, name="medsr-writer", daemon=True)
+            self.thread.start()
+        return self._put
+
+    def _put(self, item: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.sink(item)
+                except BaseException as exc:  # handed to the caller's thread
+                    self.error = exc
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if self.sink is not None:
+            self.queue.put(None)
+            self.thread.join()
+            if kind is None and self.error is not None:
+                raise self.error
+        return False
 
 
 def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
@@ -136,7 +189,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     ``(model, config)`` pair from :func:`load_enhancer`, to reuse one model over many scans.
     """
     from medsr.reading import read_scan
-    from medsr.writing import check_output_path, write_nifti
+    from medsr.writing import NiftiSliceWriter, check_output_path, write_nifti
 
     input_path, output = Path(input_path), Path(output)
     if degradation != "auto" and degradation not in DEGRADATION_CODES:
@@ -153,9 +206,17 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     if degradation == "auto":
         degradation = default_degradation(scan)
         logger.info("%s: treating it as %s-degraded", input_path, degradation)
-    enhanced = enhance_volume(scan.array, scan.affine, axis, model, degradation, torch_device,
-                              batch_size, config.lower_percentile, config.upper_percentile, progress)
     description = f"medsr SRResNet x{scale} in-plane, {degradation} model"
+    run = functools.partial(enhance_volume, scan.array, scan.affine, axis, model, degradation,
+                            torch_device, batch_size, config.lower_percentile,
+                            config.upper_percentile, progress)
+    if output_format == "nifti" and axis == 2:
+        # slices along the last axis are contiguous in NIfTI: stream them as they come
+        shape = tuple(n * (scale if a != axis else 1) for a, n in enumerate(scan.array.shape))
+        affine = rescaled_affine(scan.affine, in_plane_factors(axis, scale))
+        with NiftiSliceWriter(output, shape, affine, description, overwrite) as writer:
+            return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, 2)))
+    enhanced = run()
     if output_format == "dicom":
         from medsr.dicom_writing import derive_series, write_dicom_series
 

@@ -4,6 +4,7 @@ renamed only when complete, so an interruption never leaves half a file under th
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 from collections.abc import Iterator
@@ -62,6 +63,70 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
         raise OutputError(f"{output}: folder {output.parent} is not writable")
     if output.exists() and not overwrite:
         raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
+
+
+def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: str = "") -> nib.Nifti1Header:
+    """Header of a float32 NIfTI-1 whose qform and sform both equal ``affine`` (RAS, mm)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_qform(affine, code=SCANNER_XFORM)
+    header.set_sform(affine, code=SCANNER_XFORM)
+    header.set_xyzt_units(xyz="mm")
+    header["descrip"] = description.encode("ascii", "replace")[:79]
+    return header
+
+
+class NiftiSliceWriter:
+    """Write a float32 NIfTI slab by slab along the last axis, as the enhancer produces it.
+
+    NIfTI stores voxels with the first index fastest, so consecutive slices along axis 2 are
+    consecutive bytes: the file (gzip-compressed for ``.nii.gz``) is streamed to a temporary
+    name beside ``path`` and renamed only when every slice arrived. Memory stays at one slab.
+
+    Example:
+        >>> with NiftiSliceWriter(out, (512, 512, 120), affine) as writer:
+        ...     for slab in slabs:  # (512, 512, n) float32, in order
+        ...         writer.write(slab)
+    """
+
+    VOX_OFFSET = 352  # 348-byte header + 4-byte extension flag (no extensions)
+
+    def __init__(self, path: str | Path, shape: tuple[int, int, int], affine: np.ndarray,
+                 description: str = "", overwrite: bool = False) -> None:
+        self.path, self.shape = Path(path), tuple(int(n) for n in shape)
+        if not self.path.name.lower().endswith(NIFTI_SUFFIXES):
+            raise OutputError(f"{self.path}: NIfTI output must end in .nii or .nii.gz")
+        if self.path.exists() and not overwrite:
+            raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
+        self.header = nifti_header(self.shape, affine, description)
+        self.header["vox_offset"] = self.VOX_OFFSET
+        self.written = 0
+
+    def __enter__(self) -> NiftiSliceWriter:
+        compressed = self.path.name.lower().endswith(".nii.gz")
+        self._atomic = atomic_output(self.path, suffix=".tmp.nii.gz" if compressed else ".tmp.nii")
+        temporary = self._atomic.__enter__()
+        self._file = gzip.open(temporary, "wb", compresslevel=1) if compressed else open(temporary, "wb")
+        self.header.write_to(self._file)  # nibabel writes the extension flag too
+        self._file.write(b"\0" * (self.VOX_OFFSET - self._file.tell()))
+        return self
+
+    def write(self, slab: np.ndarray) -> None:
+        """Append ``(I, J, n)`` voxels: the next ``n`` slices along the last axis."""
+        if slab.shape[:2] != self.shape[:2] or self.written + slab.shape[2] > self.shape[2]:
+            raise ValueError(f"slab {slab.shape} does not continue a volume of {self.shape}")
+        self._file.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
+        self.written += slab.shape[2]
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._file.close()
+        if kind is None and self.written != self.shape[2]:
+            error = ValueError(f"{self.path}: only {self.written} of {self.shape[2]} slices were written")
+            self._atomic.__exit__(ValueError, error, None)  # removes the temporary file
+            raise error
+        self._atomic.__exit__(kind, error, traceback)  # renames on success, removes on failure
+        return False
 
 
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, description: str = "",
