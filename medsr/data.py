@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
-from medsr.reading import NIFTI_SUFFIXES, read_scan, try_dcmread
+from medsr.reading import NIFTI_SUFFIXES, dicom_series_in_folder, read_scan
 from medsr.transforms import RandomDegradePair, robust_window
 from medsr.writing import atomic_output
 
@@ -57,15 +57,10 @@ def discover_scans(root: str | Path) -> list[ScanSource]:
         return [ScanSource(root)]
     sources: list[ScanSource] = []
     for folder in sorted([root, *[p for p in root.rglob("*") if p.is_dir()]]):
-        series: set[str] = set()
-        for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            if file.name.lower().endswith(NIFTI_SUFFIXES):
-                sources.append(ScanSource(file))
-                continue
-            header = try_dcmread(file, stop_before_pixels=True)
-            if header is not None and "SeriesInstanceUID" in header:
-                series.add(str(header.SeriesInstanceUID))
-        sources += [ScanSource(folder, uid if len(series) > 1 else None) for uid in sorted(series)]
+        sources += [ScanSource(p) for p in sorted(folder.iterdir())
+                    if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
+        series = sorted(dicom_series_in_folder(folder))
+        sources += [ScanSource(folder, uid if len(series) > 1 else None) for uid in series]
     if not sources:
         raise MedsrError(f"{root}: no DICOM series or NIfTI files found")
     return sources
@@ -122,8 +117,7 @@ def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: f
     normalised = window.forward(scan.array)
     slices = informative_slices(normalised, scan.slice_axis).astype(np.float16)
     volume_range = (float(normalised.min()), float(normalised.max()))
-    modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
-    ct = is_ct(scan.array, modality)
+    ct = is_ct(scan.array, scan.modality)
     with atomic_output(cache_file, suffix=".tmp.npz") as temporary:  # unique: ranks may race here
         np.savez_compressed(temporary, slices=slices, is_ct=ct, volume_range=volume_range)
     return CachedScan(str(source), slices, ct, volume_range)

@@ -195,7 +195,7 @@ def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
         dataset.PixelSpacing = spacing
         dataset.ImagePositionPatient = _shifted(header.ImagePositionPatient, shift)
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-        if "RescaleType" not in dataset and first.get("Modality") != "CT":
+        if "RescaleType" not in dataset and scan.modality != "CT":
             dataset.RescaleType = "US"  # unspecified units: MR signal
         dataset.SourceImageSequence = Sequence([_source_reference(header)])
         _window(dataset, array[:, :, k])

@@ -318,12 +318,9 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int = 2, weights=None
 def is_single_scan(path: Path) -> bool:
     """A file, or a folder holding DICOM files itself (one series, or several to pick from);
     a folder of folders or of NIfTI files is a batch."""
-    from medsr.reading import NIFTI_SUFFIXES, try_dcmread
+    from medsr.reading import dicom_series_in_folder
 
-    if not path.is_dir():
-        return True
-    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.lower().endswith(NIFTI_SUFFIXES)]
-    return any(try_dcmread(p, stop_before_pixels=True) is not None for p in files)
+    return not path.is_dir() or bool(dicom_series_in_folder(path))
 
 
 OUTPUT_FORMATS = ("auto", "nifti", "dicom")
@@ -352,7 +349,6 @@ def default_degradation(scan) -> str:
     """
     from medsr.data import is_ct
 
-    modality = str(scan.dicom_headers[0].get("Modality", "")) if scan.dicom_headers else None
-    if modality:
-        return "kspace" if modality.upper() == "MR" else "bicubic"
+    if scan.modality:
+        return "kspace" if scan.modality == "MR" else "bicubic"
     return "bicubic" if is_ct(scan.array, None) else "kspace"

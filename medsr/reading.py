@@ -62,6 +62,12 @@ class Scan:
     frame_order: tuple[int, ...] = ()
 
     @property
+    def modality(self) -> str | None:
+        """DICOM Modality (``"CT"``, ``"MR"``...), or None for NIfTI and DICOM without one."""
+        value = str(self.dicom_headers[0].get("Modality", "") or "") if self.dicom_headers else ""
+        return value.upper() or None
+
+    @property
     def spacing(self) -> np.ndarray:
         """Voxel size in mm along each array axis, shape ``(3,)``."""
         return voxel_sizes(self.affine)
@@ -179,15 +185,22 @@ def _read_dicom_file(path: Path) -> Scan:
     return _stack_slices([dataset], path)
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
+def dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
+    """The DICOM files directly in ``folder``, grouped by SeriesInstanceUID ("unknown" when a
+    file has none); other files (NIfTI, licence texts, junk) are left out."""
     by_series: dict[str, list[Path]] = defaultdict(list)
-    skipped = 0
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        header = try_dcmread(file, stop_before_pixels=True)
-        if header is None:
+        if file.name.lower().endswith(NIFTI_SUFFIXES):
             continue
-        uid = str(header.get("SeriesInstanceUID", "unknown"))
-        by_series[uid].append(file)
+        header = try_dcmread(file, stop_before_pixels=True)
+        if header is not None:
+            by_series[str(header.get("SeriesInstanceUID", "unknown"))].append(file)
+    return dict(by_series)
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
+    by_series = dicom_series_in_folder(folder)
+    skipped = 0
     if not by_series:
         raise ScanReadError(f"{folder}: no DICOM files in this folder")
     if series_uid is not None:
