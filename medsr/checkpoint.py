@@ -42,7 +42,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, epo
     payload = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(),
         "model": model.state_dict(), "epoch": epoch, "iteration": iteration,
-        **{name: state for name, state in training_state.items()},
+        **training_state,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,7 @@ def evaluate(
 
 
 def _print_table(results, summary, model_names: list[str]) -> None:
-    from medsr.evaluation import BASELINES
+    from medsr.evaluation import BASELINES, best_baseline
 
     methods = list(BASELINES) + model_names
     header = ["scan", "degradation"] + [f"{m} PSNR/SSIM" for m in methods]
@@ -224,8 +224,7 @@ def _print_table(results, summary, model_names: list[str]) -> None:
     for row in [header, *rows]:
         typer.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
     for name, means in summary.items():
-        counted = ["bicubic"] if name == "bicubic" else ["bicubic", "zero_fill"]
-        best = {m: max(means[b][m] for b in counted) for m in ("psnr", "ssim")}
+        best = best_baseline(means, name)
         for model in model_names:
             wins = [m for m in ("psnr", "ssim") if means[model][m] > best[m]]
             verdict = "beats" if len(wins) == 2 else "does not beat"

@@ -53,6 +53,13 @@ BASELINES: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
 }
 
 
+def best_baseline(scores: dict[str, dict[str, float]], degradation: str) -> dict[str, float]:
+    """Best PSNR and best SSIM among the baselines that count for ``degradation``
+    (``scores[method] = {"psnr", "ssim"}``, per scan or averaged)."""
+    counted = [scores[b] for b in BASELINES_FOR[degradation]]
+    return {metric: max(s[metric] for s in counted) for metric in ("psnr", "ssim")}
+
+
 @dataclass
 class ScanResult:
     """Scores for one scan and one degradation: ``scores[method] = {"psnr": dB, "ssim": x}``."""
@@ -64,8 +71,7 @@ class ScanResult:
 
     def best_baseline(self) -> dict[str, float]:
         """Best PSNR and best SSIM among the baselines that count for this degradation."""
-        counted = [self.scores[b] for b in BASELINES_FOR[self.degradation]]
-        return {metric: max(s[metric] for s in counted) for metric in ("psnr", "ssim")}
+        return best_baseline(self.scores, self.degradation)
 
     def beats_baselines(self, method: str) -> bool:
         best = self.best_baseline()
