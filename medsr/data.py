@@ -66,11 +66,14 @@ def discover_scans(root: str | Path) -> list[ScanSource]:
     return sources
 
 
+CT_AIR_PERCENTILE, CT_AIR_THRESHOLD = 1.0, -500.0  # 1% of voxels below -500: HU air
+
+
 def is_ct(array: np.ndarray, modality: str | None) -> bool:
     """CT when DICOM says so, or (NIfTI) when values reach far below zero as HU air does."""
     if modality:
         return modality.upper() == "CT"
-    return float(np.percentile(array, 1)) < -500.0
+    return float(np.percentile(array, CT_AIR_PERCENTILE)) < CT_AIR_THRESHOLD
 
 
 @dataclass(frozen=True)

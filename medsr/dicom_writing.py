@@ -8,8 +8,11 @@ images; geometry on the grid that tiles the original pixels (the NIfTI rule of
 rescale chosen so the enhanced values (HU, MR units) fit without clipping.
 
 Single-frame input gives one file per slice; multi-frame (Enhanced / Legacy Converted) input
-gives one multi-frame object. The series is written into a temporary folder beside the
-destination and renamed into place only when every file is complete.
+gives one multi-frame object. :class:`DicomSeriesWriter` takes the slices as the enhancer
+produces them, so memory holds one batch: single-frame files are written at once, multi-frame
+pixel data goes to a scratch file and is joined to its header at the end. The series is
+written into a temporary folder beside the destination and renamed into place only when
+every file is complete.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import datetime
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -31,7 +35,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from medsr import __version__
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS
-from medsr.reading import Scan, functional_group
+from medsr.reading import OpenScan, functional_group
+from medsr.transforms import IntensityWindow
 from medsr.writing import current_umask
 
 logger = logging.getLogger(__name__)
@@ -49,11 +54,13 @@ def stored_dtype(header: pydicom.Dataset) -> np.dtype:
 
 
 def stored_value_mapping(values: np.ndarray, dtype: np.dtype, slope: float, intercept: float) -> tuple[float, float]:
-    """Rescale slope and intercept so ``values`` fit stored pixels of ``dtype`` without clipping.
+    """Rescale slope and intercept so ``values`` (one slice) fit stored pixels of ``dtype``
+    without clipping.
 
     The source's own slope and intercept are kept whenever the values fit them (exact for CT,
     where slope 1 keeps whole HU); otherwise the slope grows just enough and the intercept
-    moves so the full range fits.
+    moves so the slice's range fits. Rescale is per image (per frame for multi-frame), so only
+    the slices that need it get a wider one.
     """
     info = np.iinfo(dtype)
     low_limit, high_limit = int(info.min), int(info.max)
@@ -135,15 +142,21 @@ def _file_meta(dataset: pydicom.Dataset) -> None:
     dataset.file_meta = meta
 
 
-def _window(dataset: pydicom.Dataset, values: np.ndarray) -> None:
-    """Keep the source window (same units) if it is valid; else derive one from percentiles."""
+def _window(dataset: pydicom.Dataset, window: IntensityWindow) -> None:
+    """Keep the source window (same units) if it is valid; else show the robust percentile
+    range the enhancer normalised with."""
     width = dataset.get("WindowWidth")
     widths = list(width) if isinstance(width, pydicom.multival.MultiValue) else [width]
     if dataset.get("WindowCenter") is not None and width is not None and all(
             w is not None and float(w) >= 1 for w in widths):
         return
-    low, high = np.percentile(values, [1, 99])
+    low, high = window.low, window.high
     dataset.WindowCenter, dataset.WindowWidth = _ds((low + high) / 2), _ds(max(high - low, 1.0))
+
+
+def _set_pixel_data(dataset: pydicom.Dataset, stored: np.ndarray) -> None:
+    # the VR is given, as the header may come from any transfer syntax
+    dataset.add_new(PIXEL_DATA, "OB" if stored.dtype.itemsize == 1 else "OW", stored.tobytes())
 
 
 def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydicom.Dataset:
@@ -155,54 +168,142 @@ def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydi
     return item
 
 
-def derive_series(scan: Scan, array: np.ndarray, affine: np.ndarray, scale: int,
-                  description: str) -> list[pydicom.Dataset]:
-    """The DICOM objects of the enhanced series (not yet written).
+class DicomSeriesWriter:
+    """Write an enhanced volume as a new DICOM series, slice by slice, into ``folder``.
 
     Args:
-        scan: the source DICOM scan (headers in array order, or one multi-frame header).
-        array: ``(I, J, K)`` enhanced volume in original units, slice axis 2.
-        affine: its RAS affine.
+        folder: the series folder to create (files ``IM0001.dcm``...).
+        scan: the opened source DICOM scan (headers in slice order, or one multi-frame header).
+        affine: RAS affine of the enhanced grid (slice axis 2).
         scale: in-plane factor, for the descriptions.
         description: DerivationDescription text.
+        window: the intensity window the enhancer used (display window when the source's is
+            missing or invalid).
+        overwrite: replace an existing ``folder``.
+
+    Example:
+        >>> with DicomSeriesWriter(out, scan, enhanced_affine, 2, text, window) as writer:
+        ...     for slab in slabs:  # (n, I', J') in original units, in slice order
+        ...         writer.write(slab)
+
+    Raises:
+        OutputError: ``folder`` exists (without ``overwrite``) or its parent is missing.
     """
-    if scan.source_format != "dicom" or scan.slice_axis != 2:
-        raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
-    now = datetime.datetime.now()
-    series_uid = generate_uid()
-    first = scan.dicom_headers[0]
-    dtype = stored_dtype(first)
-    slope = float(first.get("RescaleSlope", 1) or 1)
-    intercept = float(first.get("RescaleIntercept", 0) or 0)
-    if scan.multiframe:
-        transform = functional_group(first, None, "PixelValueTransformationSequence")
-        if transform is not None:
-            slope = float(transform.get("RescaleSlope", slope) or slope)
-            intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
-    slope, intercept = stored_value_mapping(array, dtype, slope, intercept)
-    spacing = _pixel_spacing(affine)
-    # only the in-plane axes changed, so every slice origin moves by the same vector
-    shift = (LPS_TO_RAS @ (affine[:, 3] - scan.affine[:, 3]))[:3]
-    columns, rows = array.shape[0], array.shape[1]
-    if scan.multiframe:
-        return [_derive_multiframe(scan, array, shift, series_uid, description, scale, now,
-                                   dtype, slope, intercept, spacing)]
-    datasets = []
-    for k, header in enumerate(scan.dicom_headers):
-        dataset = _derive_common(header, series_uid, description, scale, now)
+
+    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
+                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+        if scan.source_format != "dicom" or scan.slice_axis != 2:
+            raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
+        self.folder, self.scan, self.scale = Path(folder), scan, scale
+        self.description, self.window = description, window
+        _check_destination(self.folder, overwrite)
+        self.now = datetime.datetime.now()
+        self.series_uid = generate_uid()
+        first = scan.dicom_headers[0]
+        self.dtype = stored_dtype(first)
+        slope = float(first.get("RescaleSlope", 1) or 1)
+        intercept = float(first.get("RescaleIntercept", 0) or 0)
+        if scan.multiframe:
+            transform = functional_group(first, None, "PixelValueTransformationSequence")
+            if transform is not None:
+                slope = float(transform.get("RescaleSlope", slope) or slope)
+                intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
+        self.source_mapping = (slope, intercept)
+        self.spacing = _pixel_spacing(affine)
+        # only the in-plane axes changed, so every slice origin moves by the same vector
+        self.shift = (LPS_TO_RAS @ (affine[:, 3] - scan.affine[:, 3]))[:3]
+        self.written, self.mappings = 0, []
+
+    def __enter__(self) -> DicomSeriesWriter:
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".tmp",
+                                             dir=self.folder.parent))
+        if self.scan.multiframe:
+            self._frames = open(self.staging / "frames.raw", "wb")
+        return self
+
+    def write(self, slab: np.ndarray) -> None:
+        """Store the next ``n`` enhanced slices, ``(n, I', J')`` in original units."""
+        for plane in slab:
+            mapping = stored_value_mapping(plane, self.dtype, *self.source_mapping)
+            stored = _stored_pixels(plane.T, self.dtype, *mapping)
+            if self.scan.multiframe:
+                self._frames.write(stored.tobytes())
+            else:
+                self._write_image(self.written, stored, mapping)
+            self.mappings.append(mapping)
+            self.written += 1
+
+    def _write_image(self, k: int, stored: np.ndarray, mapping: tuple[float, float]) -> None:
+        header = self.scan.dicom_headers[k]
+        dataset = _derive_common(header, self.series_uid, self.description, self.scale, self.now)
         dataset.SOPInstanceUID = generate_uid()
-        _set_pixel_module(dataset, rows, columns, dtype)
-        dataset.PixelSpacing = spacing
-        dataset.ImagePositionPatient = _shifted(header.ImagePositionPatient, shift)
-        dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-        if "RescaleType" not in dataset and scan.modality != "CT":
+        _set_pixel_module(dataset, stored.shape[0], stored.shape[1], self.dtype)
+        dataset.PixelSpacing = self.spacing
+        dataset.ImagePositionPatient = _shifted(header.ImagePositionPatient, self.shift)
+        dataset.RescaleSlope, dataset.RescaleIntercept = _ds(mapping[0]), _ds(mapping[1])
+        if "RescaleType" not in dataset and self.scan.modality != "CT":
             dataset.RescaleType = "US"  # unspecified units: MR signal
         dataset.SourceImageSequence = Sequence([_source_reference(header)])
-        _window(dataset, array[:, :, k])
-        dataset.PixelData = _stored_pixels(array[:, :, k].T, dtype, slope, intercept).tobytes()
+        _window(dataset, self.window)
+        _set_pixel_data(dataset, stored)
         _file_meta(dataset)
-        datasets.append(dataset)
-    return datasets
+        dataset.save_as(self.staging / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            if self.scan.multiframe:
+                self._frames.close()
+            if kind is None:
+                if self.written != self.scan.n_slices:
+                    raise OutputError(f"{self.folder}: only {self.written} of {self.scan.n_slices} slices were written")
+                if self.scan.multiframe:
+                    self._write_multiframe()
+                os.chmod(self.staging, 0o777 & ~current_umask())
+                _move_into_place(self.staging, self.folder)
+        finally:
+            if self.staging.exists():
+                shutil.rmtree(self.staging)
+        return False
+
+    def _write_multiframe(self) -> None:
+        raw = self.staging / "frames.raw"
+        dataset = _derive_multiframe(self.scan, self.written, self.shift, self.series_uid,
+                                     self.description, self.scale, self.now, self.dtype,
+                                     self.mappings, self.spacing, self.window)
+        _file_meta(dataset)
+        target = self.staging / "IM0001.dcm"
+        dataset.save_as(target, enforce_file_format=True)
+        # pixel data, the last element, is appended from the scratch file in chunks
+        length = raw.stat().st_size
+        with open(target, "ab") as out, open(raw, "rb") as frames:
+            out.write(struct.pack("<HH2sHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF,
+                                  b"OB" if self.dtype.itemsize == 1 else b"OW", 0, length + length % 2))
+            shutil.copyfileobj(frames, out, 16 * 2**20)
+            if length % 2:
+                out.write(b"\0")  # values have even length
+        raw.unlink()
+
+
+PIXEL_DATA = 0x7FE00010
+
+
+def _check_destination(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not overwrite:
+        raise OutputError(f"{folder}: already exists; pass --overwrite to replace it")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder")
+    if not folder.parent.is_dir():
+        raise OutputError(f"{folder}: folder {folder.parent} does not exist; create it first")
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    if folder.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+        os.replace(folder, retired / folder.name)
+        os.replace(staging, folder)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, folder)
 
 
 def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:
@@ -218,15 +319,21 @@ def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:
     return study
 
 
-def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, dtype, slope,
-                       intercept, spacing) -> pydicom.Dataset:
+def _derive_multiframe(scan, n_frames, shift, series_uid, description, scale, now, dtype,
+                       mappings, spacing, window) -> pydicom.Dataset:
+    """The multi-frame header (everything but the pixel data) for ``n_frames`` enhanced frames
+    stored with the per-frame rescale ``mappings``."""
     header = scan.dicom_headers[0]
     dataset = _derive_common(header, series_uid, description, scale, now)
+    for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
+        del dataset[tag]  # the pixel data goes last, appended by the writer
     dataset.SOPInstanceUID = generate_uid()
-    _set_pixel_module(dataset, array.shape[1], array.shape[0], dtype)
-    dataset.NumberOfFrames = array.shape[2]
+    columns, rows = (int(round(n * scale)) for n in scan.shape[:2])
+    _set_pixel_module(dataset, rows, columns, dtype)
+    dataset.NumberOfFrames = n_frames
     shared = dataset.get("SharedFunctionalGroupsSequence")
     per_frame_source = header.PerFrameFunctionalGroupsSequence
+    one_mapping = len(set(mappings)) == 1
     frames = []
     for k, source_index in enumerate(scan.frame_order):
         group = copy.deepcopy(per_frame_source[source_index])
@@ -238,58 +345,36 @@ def _derive_multiframe(scan, array, shift, series_uid, description, scale, now, 
         derivation.DerivationDescription = description[:1024]
         derivation.SourceImageSequence = Sequence([_source_reference(header, source_index)])
         group.DerivationImageSequence = Sequence([derivation])
+        if not one_mapping:  # some frames needed a wider rescale: every frame says its own
+            transform = pydicom.Dataset()
+            transform.RescaleSlope, transform.RescaleIntercept = _ds(mappings[k][0]), _ds(mappings[k][1])
+            transform.RescaleType = "HU" if scan.modality == "CT" else "US"
+            group.PixelValueTransformationSequence = Sequence([transform])
         frames.append(group)
+    if not one_mapping:
+        for groups in shared or []:
+            if "PixelValueTransformationSequence" in groups:
+                del groups.PixelValueTransformationSequence  # a macro is shared or per-frame
+        for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+            if keyword in dataset:
+                delattr(dataset, keyword)
     dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
     # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
     # frame types say DERIVED, and derived objects list their sources as evidence
     dataset.ImageType = ["DERIVED", "PRIMARY", *list(header.ImageType)[2:]]
     dataset.SourceImageEvidenceSequence = Sequence([_evidence(header)])
+    slope, intercept = mappings[0]
     for groups in [*(shared or []), *frames]:
         for name in [k for k in groups.dir() if k.endswith("FrameTypeSequence")]:
             frame_type = list(groups.get(name)[0].FrameType)
             groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
         if groups.get("FrameVOILUTSequence"):
-            _window(groups.FrameVOILUTSequence[0], array)
+            _window(groups.FrameVOILUTSequence[0], window)
         if groups.get("PixelMeasuresSequence"):
             groups.PixelMeasuresSequence[0].PixelSpacing = spacing
-        if groups.get("PixelValueTransformationSequence"):
+        if one_mapping and groups.get("PixelValueTransformationSequence"):
             groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(slope)
             groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
-    if not functional_group(dataset, None, "PixelValueTransformationSequence"):
+    if one_mapping and not functional_group(dataset, None, "PixelValueTransformationSequence"):
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-    frames_stored = np.stack([_stored_pixels(array[:, :, k].T, dtype, slope, intercept)
-                              for k in range(array.shape[2])])
-    dataset.PixelData = frames_stored.tobytes()
-    _file_meta(dataset)
     return dataset
-
-
-def write_dicom_series(folder: str | Path, datasets: list[pydicom.Dataset], overwrite: bool = False) -> Path:
-    """Write ``datasets`` as files ``IM0001.dcm``... into a new ``folder``, atomically.
-
-    Raises:
-        OutputError: ``folder`` exists (without ``overwrite``) or its parent is missing.
-    """
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise OutputError(f"{folder}: already exists; pass --overwrite to replace it")
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: exists and is not a folder")
-    if not folder.parent.is_dir():
-        raise OutputError(f"{folder}: folder {folder.parent} does not exist; create it first")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        for index, dataset in enumerate(datasets, start=1):
-            dataset.save_as(staging / f"IM{index:04d}.dcm", enforce_file_format=True)
-        os.chmod(staging, 0o777 & ~current_umask())
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-            os.replace(folder, retired / folder.name)
-            os.replace(staging, folder)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder

@@ -7,6 +7,7 @@ the scale, same physical extent, slice axis untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -22,12 +23,17 @@ import torch
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
-from medsr.transforms import IntensityWindow, robust_window
+from medsr.reading import OpenScan, check_finite
+from medsr.transforms import IntensityCounts, IntensityWindow
 
 logger = logging.getLogger(__name__)
 
 MIN_SLICE_SIZE = 4  # smaller slices carry too little context for a 9x9 head
-DEFAULT_BATCH = {"cuda": 16, "cpu": 4}
+DEFAULT_BATCH = {"cpu": 4}
+MAX_GPU_BATCH = 256
+# slices kept in memory from the survey pass, so short series are decoded once; longer
+# series decode the rest again, so memory stays bounded whatever the series length
+READ_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -66,74 +72,161 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: SRResNet,
-                   degradation: str = "bicubic",
-                   device: torch.device | str = "cpu", batch_size: int | None = None,
-                   lower_percentile: float = 0.5, upper_percentile: float = 99.5,
-                   progress: Callable[[int, int], None] | None = None,
-                   sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
-    """Upscale every slice of ``volume`` in-plane by the model's scale.
+@dataclass
+class Survey:
+    """What a first pass over the slices learns: the value counts that give the intensity
+    window, and the first slices read, kept (up to a memory budget) so the enhancing pass
+    need not decode them again."""
+
+    counts: IntensityCounts
+    kept: dict[int, np.ndarray]
+
+
+def survey_scan(scan: OpenScan, keep_bytes: int | None = None) -> Survey:
+    """Read every slice once: count values, refuse NaN/infinite voxels, keep the first slices
+    up to ``keep_bytes`` (default :data:`READ_CACHE_BYTES`).
+
+    Raises:
+        ScanReadError: damaged pixel data or non-finite voxels (counted over the whole scan).
+    """
+    keep_bytes = READ_CACHE_BYTES if keep_bytes is None else keep_bytes
+    counts, kept, kept_bytes = IntensityCounts(), {}, 0
+    for index, plane in enumerate(scan.planes()):
+        counts.add(plane)
+        if kept_bytes + plane.nbytes <= keep_bytes:
+            kept[index] = plane
+            kept_bytes += plane.nbytes
+    check_finite(np.empty(0), scan.path, bad=counts.non_finite)
+    return Survey(counts, kept)
+
+
+def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
+                 device: torch.device | str = "cpu", batch_size: int | None = None,
+                 lower_percentile: float = 0.5, upper_percentile: float = 99.5,
+                 progress: Callable[[int, int], None] | None = None,
+                 sink: Callable[[np.ndarray], None] | None = None,
+                 survey: Survey | None = None, channels_last: bool | None = None) -> EnhancedVolume:
+    """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
+
+    A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
+    the model runs on this one, and a writer thread hands finished slices to ``sink``; host
+    memory holds a few batches, plus at most ``READ_CACHE_BYTES`` of slices kept from the
+    survey pass, however long the series.
 
     Args:
-        volume: ``(I, J, K)`` in original units (HU for CT).
-        affine: its ``(4, 4)`` RAS affine in mm.
-        slice_axis: axis of the slices (0, 1 or 2).
+        scan: an opened scan (:func:`medsr.reading.open_scan`).
         model: a trained :class:`SRResNet`.
         degradation: how the input lost its resolution, ``"bicubic"`` (resampled, CT) or
             ``"kspace"`` (MR acquired with fewer k-space lines); see :mod:`medsr.model`.
-        device: where the model runs; CUDA uses bfloat16 autocast.
-        batch_size: slices per forward pass (default 16 on CUDA, 4 on CPU).
+        device: where the model runs; CUDA uses bfloat16 autocast and channels-last tensors.
+        batch_size: slices per forward pass (default: 4 on CPU; on CUDA as many as fit in
+            half of the free GPU memory, at most 256).
         progress: called with ``(slices_done, slices_total)`` after every batch.
         sink: if given, receives each batch of enhanced slices ``(n, I', J')`` (original units,
-            in order) on a writer thread while the next batch runs, and no full output is kept.
+            in order) on a writer thread, and no full output is kept.
+        survey: the first pass, if the caller already ran :func:`survey_scan`.
+        channels_last: NHWC tensors (default: on CUDA only, where the convolutions run faster).
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
 
     Raises:
-        MedsrError: slices too small, or a constant volume.
+        MedsrError: slices too small, a constant volume, damaged or non-finite voxels.
     """
     device = torch.device(device)
     if degradation not in DEGRADATION_CODES:
         raise MedsrError(f"degradation must be one of {', '.join(DEGRADATION_CODES)}, not {degradation!r}")
-    in_plane = [volume.shape[a] for a in range(3) if a != slice_axis]
+    axis = scan.slice_axis
+    in_plane = [scan.shape[a] for a in range(3) if a != axis]
     if min(in_plane) < MIN_SLICE_SIZE:
         raise MedsrError(
             f"slices of {in_plane[0]}x{in_plane[1]} voxels are too small; medsr needs at least "
             f"{MIN_SLICE_SIZE}x{MIN_SLICE_SIZE} (check --slice-axis)"
         )
-    window = robust_window(volume, lower_percentile, upper_percentile)
-    slices = np.moveaxis(volume, slice_axis, 0)
-    total, scale = slices.shape[0], model.scale
-    batch_size = batch_size or DEFAULT_BATCH[device.type]
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
+    survey = survey if survey is not None else survey_scan(scan)
+    window = survey.counts.window(lower_percentile, upper_percentile)
+    total, scale = scan.n_slices, model.scale
     out_plane = (in_plane[0] * scale, in_plane[1] * scale)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout).eval()
+    code = DEGRADATION_CODES[degradation]
+    batch_size = batch_size or default_batch_size(model, device, tuple(in_plane), code)
     output = None if sink is not None else np.empty((total, *out_plane), dtype=np.float32)
-    model = model.to(device).eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver:
+
+    def batches():  # on the reader thread
         for start in range(0, total, batch_size):
-            batch = window.forward(slices[start:start + batch_size])
-            low_res = torch.from_numpy(batch)[:, None].to(device, non_blocking=True)
-            codes = torch.full((len(batch),), DEGRADATION_CODES[degradation], device=device)
-            high_res = window.inverse(model(low_res, codes).float()[:, 0].cpu().numpy())
+            stop = min(start + batch_size, total)
+            planes = [survey.kept.pop(k) if k in survey.kept else scan.read_plane(k)
+                      for k in range(start, stop)]
+            low_res = torch.from_numpy(window.forward(np.stack(planes)))[:, None]
+            yield start, low_res.pin_memory() if device.type == "cuda" else low_res
+
+    with (torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver,
+          _Prefetch(batches()) as prefetched):
+        for start, low_res in prefetched:
+            low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
+            codes = torch.full((len(low_res),), code, device=device)
+            high_res = model(low_res, codes).float()[:, 0].cpu().numpy()
+            high_res = window.inverse(high_res)
             if output is not None:
-                output[start:start + len(batch)] = high_res
+                output[start:start + len(high_res)] = high_res
             else:
                 deliver(high_res)
             if progress is not None:
-                progress(min(start + batch_size, total), total)
+                progress(start + len(high_res), total)
     shape = [total, *out_plane]
-    shape.insert(slice_axis, shape.pop(0))
+    shape.insert(axis, shape.pop(0))
     return EnhancedVolume(
-        array=None if output is None else np.ascontiguousarray(np.moveaxis(output, 0, slice_axis)),
-        affine=rescaled_affine(affine, in_plane_factors(slice_axis, scale)),
-        slice_axis=slice_axis,
+        array=None if output is None else np.ascontiguousarray(np.moveaxis(output, 0, axis)),
+        affine=rescaled_affine(scan.affine, in_plane_factors(axis, scale)),
+        slice_axis=axis,
         window=window,
         shape=tuple(shape),
     )
+
+
+def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: SRResNet,
+                   degradation: str = "bicubic", device: torch.device | str = "cpu",
+                   batch_size: int | None = None, lower_percentile: float = 0.5,
+                   upper_percentile: float = 99.5, progress: Callable[[int, int], None] | None = None,
+                   sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+    """:func:`enhance_scan` for a volume already in memory: ``(I, J, K)`` in original units
+    with its RAS ``affine``, slices along ``slice_axis``."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise MedsrError(f"expected a 3-D volume, got shape {volume.shape}")
+    scan = OpenScan(shape=tuple(volume.shape), affine=np.asarray(affine, dtype=np.float64),
+                    slice_axis=slice_axis, path=Path("<volume>"), source_format="array",
+                    read_plane=lambda index: np.take(volume, index, axis=slice_axis))
+    return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
+                        upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0))
+
+
+def default_batch_size(model: SRResNet, device: torch.device, plane: tuple[int, int], code: int) -> int:
+    """Slices per forward pass: 4 on CPU (more only adds latency); on CUDA, measured: one
+    slice's peak activation memory, then as many slices as fit in half the free memory."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH["cpu"]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.zeros(1, 1, *plane, device=device), torch.full((1,), code, device=device))
+    torch.cuda.synchronize(device)
+    per_slice = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_size_for_memory(free, per_slice)
+
+
+def batch_size_for_memory(free_bytes: int, per_slice_bytes: int, fraction: float = 0.5,
+                          largest: int = MAX_GPU_BATCH) -> int:
+    """As many slices as fit in ``fraction`` of ``free_bytes``, between 1 and ``largest``."""
+    return int(max(1, min(largest, fraction * free_bytes // max(per_slice_bytes, 1))))
 
 
 class _BackgroundSink:
@@ -173,6 +266,53 @@ class _BackgroundSink:
         return False
 
 
+class _Prefetch:
+    """Runs a generator on a reader thread, at most two items ahead; an error in it is raised
+    in the consumer when it reaches that point. Decoding and NumPy release the GIL, so the
+    reading overlaps the model."""
+
+    DONE = object()
+
+    def __init__(self, items) -> None:
+        self.items, self.error, self.stopped = items, None, threading.Event()
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, name="medsr-reader", daemon=True)
+        self.thread.start()
+        return self._consume()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopped.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer's thread
+            self.error = exc
+        self.queue.put(self.DONE)
+
+    def _consume(self):
+        while (item := self.queue.get()) is not self.DONE:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self.stopped.set()  # the consumer stopped early (an error): let the reader finish
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        return False
+
+
 def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  slice_axis: int | None = None, weights: str | Path | None = None,
                  degradation: str = "auto", device: str = "auto", batch_size: int | None = None,
@@ -188,7 +328,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     runs before the slow work, and the output appears only when complete. ``loaded`` is a
     ``(model, config)`` pair from :func:`load_enhancer`, to reuse one model over many scans.
     """
-    from medsr.reading import read_scan
+    from medsr.reading import open_scan
     from medsr.writing import NiftiSliceWriter, check_output_path, write_nifti
 
     input_path, output = Path(input_path), Path(output)
@@ -198,33 +338,49 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     check_output_path(output, [input_path], overwrite)
     torch_device = pick_device(device)
     model, config = loaded if loaded is not None else load_enhancer(weights, scale)
-    scan = read_scan(input_path, series_uid)
-    axis = scan.slice_axis if slice_axis is None else slice_axis
+    scan = open_scan(input_path, series_uid)
+    if slice_axis is not None and slice_axis != scan.slice_axis:
+        scan = dataclasses.replace(scan, slice_axis=slice_axis, read_plane=_planes_along(scan, slice_axis))
+    axis = scan.slice_axis
     if output_format == "dicom" and (scan.source_format != "dicom" or axis != 2):
         raise MedsrError(f"{output}: DICOM output needs DICOM input enhanced along its own "
                          "slices; write .nii or .nii.gz instead")
+    survey = survey_scan(scan)
     if degradation == "auto":
-        degradation = default_degradation(scan)
+        degradation = default_degradation(scan, survey.counts)
         logger.info("%s: treating it as %s-degraded", input_path, degradation)
     description = f"medsr SRResNet x{scale} in-plane, {degradation} model"
-    run = functools.partial(enhance_volume, scan.array, scan.affine, axis, model, degradation,
-                            torch_device, batch_size, config.lower_percentile,
-                            config.upper_percentile, progress)
-    if output_format == "nifti" and axis == 2:
+    run = functools.partial(enhance_scan, scan, model, degradation, torch_device, batch_size,
+                            config.lower_percentile, config.upper_percentile, progress,
+                            survey=survey)
+    shape = tuple(n * (scale if a != axis else 1) for a, n in enumerate(scan.shape))
+    affine = rescaled_affine(scan.affine, in_plane_factors(axis, scale))
+    if output_format == "dicom":
+        from medsr.dicom_writing import DicomSeriesWriter
+
+        window = survey.counts.window(config.lower_percentile, config.upper_percentile)
+        with DicomSeriesWriter(output, scan, affine, scale, f"{description} super-resolution by medsr",
+                               window, overwrite) as writer:
+            return run(sink=writer.write)
+    if axis == 2:
         # slices along the last axis are contiguous in NIfTI: stream them as they come
-        shape = tuple(n * (scale if a != axis else 1) for a, n in enumerate(scan.array.shape))
-        affine = rescaled_affine(scan.affine, in_plane_factors(axis, scale))
         with NiftiSliceWriter(output, shape, affine, description, overwrite) as writer:
             return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, 2)))
-    enhanced = run()
-    if output_format == "dicom":
-        from medsr.dicom_writing import derive_series, write_dicom_series
-
-        write_dicom_series(output, derive_series(scan, enhanced.array, enhanced.affine, scale,
-                                                 f"{description} super-resolution by medsr"), overwrite)
-    else:
-        write_nifti(output, enhanced.array, enhanced.affine, description=description, overwrite=overwrite)
+    enhanced = run()  # other axes interleave in the file: the volume is written whole
+    write_nifti(output, enhanced.array, enhanced.affine, description=description, overwrite=overwrite)
     return enhanced
+
+
+def _planes_along(scan: OpenScan, axis: int) -> Callable[[int], np.ndarray]:
+    """Slices across the acquired ones (``--slice-axis``): the volume is read once, whole."""
+    volume = []
+
+    def read_plane(index: int) -> np.ndarray:
+        if not volume:
+            volume.append(scan.load().array)
+        return np.take(volume[0], index, axis=axis)
+
+    return read_plane
 
 
 def load_enhancer(weights: str | Path | None, scale: int):
@@ -342,13 +498,16 @@ def resolve_format(output: Path, output_format: str = "auto") -> str:
     return output_format
 
 
-def default_degradation(scan) -> str:
+def default_degradation(scan, counts: IntensityCounts | None = None) -> str:
     """``kspace`` for MR (acquired in k-space), ``bicubic`` for CT and anything else.
 
-    DICOM says its modality; for NIfTI, CT is recognised by air far below zero (HU).
+    DICOM says its modality; for NIfTI, CT is recognised by air far below zero (HU), from the
+    scan's value ``counts`` (or its array).
     """
-    from medsr.data import is_ct
+    from medsr.data import CT_AIR_PERCENTILE, CT_AIR_THRESHOLD, is_ct
 
     if scan.modality:
         return "kspace" if scan.modality == "MR" else "bicubic"
+    if counts is not None:
+        return "bicubic" if counts.percentile(CT_AIR_PERCENTILE) < CT_AIR_THRESHOLD else "kspace"
     return "bicubic" if is_ct(scan.array, None) else "kspace"

@@ -10,6 +10,10 @@ array order and without pixel data, so a writer can derive a new series from the
 
 MONAI's ``PydicomReader`` orders slices by InstanceNumber and does not cope with duplicate
 positions, so the DICOM path here sorts by ImagePositionPatient projected on the slice normal.
+
+:func:`open_scan` reads only headers and returns an :class:`OpenScan` whose slices are decoded
+one at a time on demand, so a long series can be enhanced with memory bounded by the batch;
+:func:`read_scan` is ``open_scan(...).load()``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import logging
 import struct
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.pixels import pixel_array as decode_pixels
 
 from medsr.errors import ScanReadError
 from medsr.geometry import LPS_TO_RAS, largest_spacing_axis, voxel_sizes
@@ -36,8 +42,26 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GAP_TOLERANCE = 0.01
 
 
+class _ScanFacts:
+    """What :class:`Scan` and :class:`OpenScan` both tell from their headers and affine."""
+
+    affine: np.ndarray
+    dicom_headers: tuple
+
+    @property
+    def modality(self) -> str | None:
+        """DICOM Modality (``"CT"``, ``"MR"``...), or None for NIfTI and DICOM without one."""
+        value = str(self.dicom_headers[0].get("Modality", "") or "") if self.dicom_headers else ""
+        return value.upper() or None
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis, shape ``(3,)``."""
+        return voxel_sizes(self.affine)
+
+
 @dataclass(frozen=True)
-class Scan:
+class Scan(_ScanFacts):
     """A volume in original units with its geometry.
 
     Attributes:
@@ -61,17 +85,6 @@ class Scan:
     multiframe: bool = False
     frame_order: tuple[int, ...] = ()
 
-    @property
-    def modality(self) -> str | None:
-        """DICOM Modality (``"CT"``, ``"MR"``...), or None for NIfTI and DICOM without one."""
-        value = str(self.dicom_headers[0].get("Modality", "") or "") if self.dicom_headers else ""
-        return value.upper() or None
-
-    @property
-    def spacing(self) -> np.ndarray:
-        """Voxel size in mm along each array axis, shape ``(3,)``."""
-        return voxel_sizes(self.affine)
-
     def to_metatensor(self):
         """The volume as a MONAI ``MetaTensor`` with ``affine`` and ``slice_axis`` in its meta."""
         from monai.data import MetaTensor
@@ -83,8 +96,60 @@ class Scan:
         )
 
 
+@dataclass(frozen=True)
+class OpenScan(_ScanFacts):
+    """A scan whose headers and geometry are read and whose voxels are read slice by slice.
+
+    Attributes:
+        shape: ``(I, J, K)`` of the whole volume.
+        affine, slice_axis, path, source_format, dicom_headers, multiframe, frame_order: as
+            in :class:`Scan`.
+        read_plane: index along ``slice_axis`` -> that slice, float32 in original units, the
+            two remaining axes in array order. Raises :class:`ScanReadError` on damaged data.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    slice_axis: int
+    path: Path
+    source_format: str
+    read_plane: Callable[[int], np.ndarray] = field(repr=False)
+    dicom_headers: tuple = field(default=(), repr=False)
+    multiframe: bool = False
+    frame_order: tuple[int, ...] = ()
+
+    @property
+    def n_slices(self) -> int:
+        return self.shape[self.slice_axis]
+
+    def planes(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Slices ``start`` to ``stop`` in order, each read when asked for."""
+        for index in range(start, self.n_slices if stop is None else stop):
+            yield self.read_plane(index)
+
+    def load(self) -> Scan:
+        """Every slice, as a :class:`Scan`.
+
+        Raises:
+            ScanReadError: damaged pixel data, or NaN/infinite voxels.
+        """
+        array = np.stack(list(self.planes()), axis=self.slice_axis)
+        check_finite(array, self.path)
+        return Scan(array=np.ascontiguousarray(array, dtype=np.float32), affine=self.affine,
+                    slice_axis=self.slice_axis, path=self.path, source_format=self.source_format,
+                    dicom_headers=self.dicom_headers, multiframe=self.multiframe,
+                    frame_order=self.frame_order)
+
+
+def check_finite(voxels: np.ndarray, path: Path, bad: int | None = None) -> None:
+    """Refuse NaN or infinite voxels (``bad``: their count when the caller already has it)."""
+    bad = int(np.count_nonzero(~np.isfinite(voxels))) if bad is None else bad
+    if bad:
+        raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
+
+
 def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
-    """Read a DICOM series folder, a DICOM file or a NIfTI file.
+    """Read a DICOM series folder, a DICOM file or a NIfTI file, every voxel at once.
 
     Args:
         path: a folder holding one DICOM series, a single DICOM file, or a ``.nii``/``.nii.gz``.
@@ -96,57 +161,89 @@ def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
     Raises:
         ScanReadError: the path is missing, not a readable scan, or holds no usable image.
     """
+    return open_scan(path, series_uid).load()
+
+
+def open_scan(path: str | Path, series_uid: str | None = None) -> OpenScan:
+    """Read the headers of a scan (as :func:`read_scan` takes it) and check its geometry; the
+    voxels are read later, slice by slice, through :attr:`OpenScan.read_plane`.
+
+    Raises:
+        ScanReadError: the path is missing, not a readable scan, or holds no usable image.
+    """
     path = Path(path)
     if not path.exists():
         raise ScanReadError(f"{path}: no such file or folder")
     if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
-        scan = _read_nifti(path)
-    else:
-        try:
-            scan = _read_dicom_folder(path, series_uid) if path.is_dir() else _read_dicom_file(path)
-        except _READ_ERRORS as exc:
-            # pydicom parses elements lazily, so damaged bytes surface as these anywhere in the
-            # reader; they are a property of the file, not a bug, and become one clear error
-            raise ScanReadError(f"{path}: damaged DICOM data ({type(exc).__name__}: {exc})") from None
-    if not np.all(np.isfinite(scan.array)):
-        bad = int(np.count_nonzero(~np.isfinite(scan.array)))
-        raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
-    return scan
+        return _open_nifti(path)
+    try:
+        return _open_dicom_folder(path, series_uid) if path.is_dir() else _open_dicom_file(path)
+    except _READ_ERRORS as exc:
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: BaseException) -> ScanReadError:
+    # pydicom parses elements lazily, so damaged bytes surface as these anywhere in the
+    # reader; they are a property of the file, not a bug, and become one clear error
+    return ScanReadError(f"{path}: damaged DICOM data ({type(exc).__name__}: {exc})")
 
 
 # --------------------------------------------------------------------------------------- NIfTI
 
 
-def _read_nifti(path: Path) -> Scan:
+def _open_nifti(path: Path) -> OpenScan:
     import nibabel as nib
 
-    try:
-        # damaged headers make nibabel's scaling overflow; the finite check below reports it
+    def quietly(read):
+        # damaged headers make nibabel's scaling overflow; the finite checks report it
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
-            image = nib.load(str(path))
-            array = np.asarray(image.dataobj, dtype=np.float32)
+            return read()
+
+    try:
+        # the file stays open, so reading the slices in order decompresses a .nii.gz once
+        image = quietly(lambda: nib.load(str(path), keep_file_open=True))
+        shape = tuple(int(n) for n in image.shape)
+        affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = array[..., np.newaxis]
-    if array.ndim != 3:
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3:
         raise ScanReadError(
-            f"{path}: medsr enhances 3-D volumes, this NIfTI has shape {array.shape}; "
+            f"{path}: medsr enhances 3-D volumes, this NIfTI has shape {tuple(image.shape)}; "
             "extract one volume first (e.g. nibabel: image.slicer[..., 0])"
         )
-    affine = np.asarray(image.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
-    return Scan(
-        array=array,
-        affine=affine,
-        slice_axis=largest_spacing_axis(affine),
-        path=path,
-        source_format="nifti",
-    )
+    slice_axis = largest_spacing_axis(affine)
+
+    def read_all() -> np.ndarray:
+        try:
+            return quietly(lambda: np.asarray(image.dataobj, dtype=np.float32)).reshape(shape)
+        except Exception as exc:
+            raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
+
+    if slice_axis == 2 and len(image.shape) == 3:
+        def read_plane(index: int) -> np.ndarray:
+            # slices along the last axis are contiguous bytes in the file
+            try:
+                return quietly(lambda: image.slicer[:, :, index:index + 1].get_fdata(dtype=np.float32))[:, :, 0]
+            except Exception as exc:
+                raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
+    else:
+        # other slice axes are strided through the file: read it once, serve slices from memory
+        cached = []
+
+        def read_plane(index: int) -> np.ndarray:
+            if not cached:
+                cached.append(read_all())
+            return np.take(cached[0], index, axis=slice_axis)
+
+    return OpenScan(shape=shape, affine=affine, slice_axis=slice_axis, path=path,
+                    source_format="nifti", read_plane=read_plane)
 
 
 # --------------------------------------------------------------------------------------- DICOM
@@ -176,13 +273,13 @@ def try_dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset
         return None
 
 
-def _read_dicom_file(path: Path) -> Scan:
-    dataset = try_dcmread(path)
-    if dataset is None:
+def _open_dicom_file(path: Path) -> OpenScan:
+    header = try_dcmread(path, stop_before_pixels=True)
+    if header is None:
         raise ScanReadError(f"{path}: not a DICOM file (and not .nii/.nii.gz)")
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        return _read_multiframe(dataset, path)
-    return _stack_slices([dataset], path)
+    if int(header.get("NumberOfFrames", 1) or 1) > 1:
+        return _open_multiframe(header, path, path)
+    return _open_slices([(path, header)], path)
 
 
 def dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
@@ -198,9 +295,8 @@ def dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
     return dict(by_series)
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
+def _open_dicom_folder(folder: Path, series_uid: str | None) -> OpenScan:
     by_series = dicom_series_in_folder(folder)
-    skipped = 0
     if not by_series:
         raise ScanReadError(f"{folder}: no DICOM files in this folder")
     if series_uid is not None:
@@ -217,26 +313,30 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Scan:
         )
     else:
         (files,) = by_series.values()
-    datasets = []
+    images = []
     for file in files:
-        dataset = try_dcmread(file)
-        if dataset is None:
+        header = try_dcmread(file, stop_before_pixels=True)
+        if header is None:
             raise ScanReadError(f"{file}: unreadable DICOM file in the series")
-        if "PixelData" not in dataset:
-            skipped += 1
-            continue
-        datasets.append(dataset)
-    if skipped:
-        logger.warning("%s: skipped %d DICOM objects without pixel data", folder, skipped)
-    if not datasets:
+        if _is_image(header):
+            images.append((file, header))
+    if len(images) < len(files):
+        logger.warning("%s: skipped %d DICOM objects without pixel data", folder, len(files) - len(images))
+    if not images:
         raise ScanReadError(f"{folder}: the DICOM series has no images (no pixel data)")
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        return _read_multiframe(datasets[0], files[0])
-    return _stack_slices(datasets, folder)
+    if len(images) == 1 and int(images[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        return _open_multiframe(images[0][1], images[0][0], folder)
+    return _open_slices(images, folder)
+
+
+def _is_image(header: pydicom.Dataset) -> bool:
+    """Headers are read without their pixel data, so an image is known by its matrix size
+    (structure sets, reports and presentation states have none)."""
+    return "Rows" in header and "Columns" in header
 
 
 def _check_has_image(dataset: pydicom.Dataset, path: Path) -> None:
-    if "PixelData" not in dataset:
+    if not _is_image(dataset):
         modality = dataset.get("Modality", "unknown modality")
         raise ScanReadError(f"{path}: DICOM object ({modality}) has no pixel data to enhance")
     if int(dataset.get("SamplesPerPixel", 1)) != 1:
@@ -262,6 +362,49 @@ def _pixels(dataset: pydicom.Dataset, path: Path) -> np.ndarray:
                 hint = "the installed decoders failed; the file may be damaged or use a rare variant"
             raise ScanReadError(f"{path}: cannot decode {name} pixel data: {hint} ({reason})") from None
         raise ScanReadError(f"{path}: pixel data cannot be read ({reason})") from None
+
+
+class _FrameDecoder:
+    """Stored pixel values of one file, or of one frame of a multi-frame file, read on demand.
+
+    pydicom's :func:`~pydicom.pixels.pixel_array` on a path reads only the elements before the
+    pixel data and the requested frame: some scanners put thousands of elements after the
+    pixels, which a full read would parse for every slice. Files it cannot take (no preamble,
+    odd encodings) go through a full read, which also gives the clear decoder messages.
+    """
+
+    def __init__(self, file: Path, rows: int, columns: int, n_frames: int = 1) -> None:
+        self.file, self.shape, self.n_frames = file, (rows, columns), n_frames
+        self._all_frames: np.ndarray | None = None  # the full-read fallback, decoded once
+
+    def __call__(self, frame: int | None = None) -> np.ndarray:
+        try:
+            if self._all_frames is None:
+                try:
+                    stored = decode_pixels(self.file, index=frame)
+                except Exception:  # anything pydicom's direct path rejects gets the full read
+                    stored = self._full_read(frame)
+            else:
+                stored = self._all_frames[frame or 0]
+        except _READ_ERRORS as exc:
+            raise _damaged(self.file, exc) from None
+        if stored.shape != self.shape:
+            raise ScanReadError(f"{self.file}: pixel data of shape {stored.shape} does not match "
+                                f"Rows x Columns {self.shape[0]}x{self.shape[1]}")
+        return stored
+
+    def _full_read(self, frame: int | None) -> np.ndarray:
+        dataset = try_dcmread(self.file)
+        if dataset is None or "PixelData" not in dataset:
+            raise ScanReadError(f"{self.file}: pixel data cannot be read")
+        frames = _pixels(dataset, self.file)
+        if self.n_frames == 1:
+            return frames
+        frames = frames.reshape(-1, *self.shape)
+        if len(frames) != self.n_frames:
+            raise ScanReadError(f"{self.file}: {len(frames)} frames of pixel data, NumberOfFrames says {self.n_frames}")
+        self._all_frames = frames
+        return frames[frame]
 
 
 def _rescale(stored: np.ndarray, slope, intercept) -> np.ndarray:
@@ -346,43 +489,46 @@ def _single_slice_geometry(dataset: pydicom.Dataset, path: Path) -> None:
         dataset.PixelSpacing = dataset.get("ImagerPixelSpacing") or [1, 1]
 
 
-def _stack_slices(datasets: list[pydicom.Dataset], path: Path) -> Scan:
-    first = datasets[0]
-    for dataset in datasets:
-        _check_has_image(dataset, path)
-    if len(datasets) == 1:
+def _open_slices(images: list[tuple[Path, pydicom.Dataset]], path: Path) -> OpenScan:
+    """A series of single-frame images (file, header): checked, sorted along the normal."""
+    first = images[0][1]
+    for _, header in images:
+        _check_has_image(header, path)
+    if len(images) == 1:
         _single_slice_geometry(first, path)
     row_dir, col_dir = _orientation(first.get("ImageOrientationPatient"), path)
     normal = np.cross(row_dir, col_dir)
     row_spacing, col_spacing = _pixel_spacing(first.get("PixelSpacing"), path)
-    shape = (int(first.Rows), int(first.Columns))
-    for dataset in datasets[1:]:
-        if (int(dataset.Rows), int(dataset.Columns)) != shape:
+    rows, columns = int(first.Rows), int(first.Columns)
+    for _, header in images[1:]:
+        if (int(header.Rows), int(header.Columns)) != (rows, columns):
             raise ScanReadError(f"{path}: slices differ in size; not one volume")
-        other_row, other_col = _orientation(dataset.get("ImageOrientationPatient"), path)
+        other_row, other_col = _orientation(header.get("ImageOrientationPatient"), path)
         if not (np.allclose(other_row, row_dir, atol=1e-4) and np.allclose(other_col, col_dir, atol=1e-4)):
             raise ScanReadError(f"{path}: slices differ in orientation; not one volume")
     positions = []
-    for dataset in datasets:
-        position = dataset.get("ImagePositionPatient")
+    for _, header in images:
+        position = header.get("ImagePositionPatient")
         if position is None or len(position) != 3:
             raise ScanReadError(f"{path}: a slice has no ImagePositionPatient")
         positions.append([float(v) for v in position])
-    datasets, positions = _sort_and_deduplicate(datasets, np.asarray(positions), normal, path)
+    images, positions = _sort_and_deduplicate(images, np.asarray(positions), normal, path)
     thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     step = _slice_step(positions, normal, thickness, path)
-    planes = [
-        _rescale(_pixels(ds, path), ds.get("RescaleSlope"), ds.get("RescaleIntercept")).T
-        for ds in datasets
-    ]
-    array = np.stack(planes, axis=2)
-    headers = tuple(_without_pixels(ds) for ds in datasets)
-    return Scan(
-        array=np.ascontiguousarray(array, dtype=np.float32),
+    decoders = [_FrameDecoder(file, rows, columns) for file, _ in images]
+    headers = tuple(header for _, header in images)
+
+    def read_plane(index: int) -> np.ndarray:
+        header = headers[index]
+        return _rescale(decoders[index](), header.get("RescaleSlope"), header.get("RescaleIntercept")).T
+
+    return OpenScan(
+        shape=(columns, rows, len(images)),
         affine=_affine(row_dir, col_dir, row_spacing, col_spacing, positions[0], step),
         slice_axis=2,
         path=path,
         source_format="dicom",
+        read_plane=read_plane,
         dicom_headers=headers,
     )
 
@@ -398,20 +544,17 @@ def functional_group(dataset: pydicom.Dataset, frame_group, sequence_name: str):
     return None
 
 
-def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
+def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path) -> OpenScan:
     """Enhanced (multi-frame) MR/CT: geometry and rescale from the functional groups."""
     _check_has_image(dataset, path)
-    frames = _pixels(dataset, path)
     n_frames = int(dataset.NumberOfFrames)
-    if frames.ndim == 2:
-        frames = frames[np.newaxis]
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     if not per_frame or len(per_frame) != n_frames:
         raise ScanReadError(
             f"{path}: multi-frame DICOM without per-frame functional groups; "
             "medsr needs the position of every frame"
         )
-    positions, planes = [], []
+    positions, rescales = [], []
     orientation = spacing = None
     for index, group in enumerate(per_frame):
         plane_position = functional_group(dataset, group, "PlanePositionSequence")
@@ -429,31 +572,27 @@ def _read_multiframe(dataset: pydicom.Dataset, path: Path) -> Scan:
             raise ScanReadError(f"{path}: frames differ in orientation; not one volume")
         positions.append([float(v) for v in plane_position.ImagePositionPatient])
         transform = functional_group(dataset, group, "PixelValueTransformationSequence")
-        slope = transform.get("RescaleSlope") if transform is not None else dataset.get("RescaleSlope")
-        intercept = transform.get("RescaleIntercept") if transform is not None else dataset.get("RescaleIntercept")
-        planes.append((index, _rescale(frames[index], slope, intercept).T))
+        holder = transform if transform is not None else dataset
+        rescales.append((holder.get("RescaleSlope"), holder.get("RescaleIntercept")))
     row_dir, col_dir = orientation
     normal = np.cross(row_dir, col_dir)
-    planes, positions = _sort_and_deduplicate(planes, np.asarray(positions), normal, path)
-    order = tuple(index for index, _ in planes)
-    planes = [plane for _, plane in planes]
+    order, positions = _sort_and_deduplicate(list(range(n_frames)), np.asarray(positions), normal, path)
     step = _slice_step(positions, normal, thickness, path)
-    return Scan(
-        array=np.ascontiguousarray(np.stack(planes, axis=2), dtype=np.float32),
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    decoder = _FrameDecoder(file, rows, columns, n_frames)
+
+    def read_plane(index: int) -> np.ndarray:
+        frame = order[index]
+        return _rescale(decoder(frame), *rescales[frame]).T
+
+    return OpenScan(
+        shape=(columns, rows, len(order)),
         affine=_affine(row_dir, col_dir, spacing[0], spacing[1], positions[0], step),
         slice_axis=2,
         path=path,
         source_format="dicom",
-        dicom_headers=(_without_pixels(dataset),),
+        read_plane=read_plane,
+        dicom_headers=(dataset,),
         multiframe=True,
-        frame_order=order,
+        frame_order=tuple(order),
     )
-
-
-def _without_pixels(dataset: pydicom.Dataset) -> pydicom.Dataset:
-    header = pydicom.Dataset(dataset)  # shallow copy: elements shared, pixel data dropped
-    header.file_meta = getattr(dataset, "file_meta", pydicom.dataset.FileMetaDataset())
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in header:
-            del header[keyword]
-    return header

@@ -53,11 +53,95 @@ def robust_window(volume: np.ndarray, lower_percentile: float = 0.5,
             f"percentiles must satisfy 0 <= lower < upper <= 100, not {lower_percentile}, {upper_percentile}"
         )
     low, high = np.percentile(volume, [lower_percentile, upper_percentile])
-    if not high > low:
-        low, high = float(volume.min()), float(volume.max())
+    return _window_or_constant(low, high, float(volume.min()), float(volume.max()))
+
+
+def _window_or_constant(low: float, high: float, minimum: float, maximum: float) -> IntensityWindow:
+    if not high > low:  # a mostly constant image: fall back to its full range
+        low, high = minimum, maximum
     if not high > low:
         raise MedsrError(f"the image is constant (every voxel is {low:g}); there is nothing to enhance")
     return IntensityWindow(float(low), float(high))
+
+
+class IntensityCounts:
+    """Exact percentiles of a volume seen one slice at a time, without keeping the slices.
+
+    It counts how often each value occurs: scans store integers (12-16 bits, one rescale), so
+    there are at most tens of thousands of distinct values however long the series is. The
+    percentiles use NumPy's default linear interpolation between order statistics, so
+    :meth:`window` equals :func:`robust_window` on the whole volume (to float rounding).
+    Non-finite voxels are counted in ``non_finite`` and left out.
+
+    Example:
+        >>> counts = IntensityCounts()
+        >>> for plane in scan.planes():
+        ...     counts.add(plane)
+        >>> window = counts.window(0.5, 99.5)
+    """
+
+    MERGE_EVERY = 32  # slices between merges of the pending value lists
+
+    def __init__(self) -> None:
+        self.values = np.empty(0, dtype=np.float64)
+        self.counts = np.empty(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.non_finite = 0
+
+    def add(self, plane: np.ndarray) -> None:
+        plane = np.asarray(plane).ravel()
+        finite = np.isfinite(plane)
+        if not finite.all():
+            self.non_finite += int(plane.size - np.count_nonzero(finite))
+            plane = plane[finite]
+        if plane.size == 0:
+            return
+        low, high = float(plane.min()), float(plane.max())
+        if high - low < 2**20 and np.array_equal(plane, np.rint(plane)):
+            # whole numbers (HU, most MR): counting beats sorting by an order of magnitude
+            tally = np.bincount((plane - low).astype(np.int64))
+            present = np.flatnonzero(tally)
+            self._pending.append((present + low, tally[present]))
+        else:
+            self._pending.append(np.unique(plane.astype(np.float64), return_counts=True))
+        if len(self._pending) >= self.MERGE_EVERY:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate([self.values, *(v for v, _ in self._pending)])
+        counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
+        self.values, inverse = np.unique(values, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.values)).astype(np.int64)
+        self._pending = []
+
+    @property
+    def total(self) -> int:
+        self._merge()
+        return int(self.counts.sum())
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0-100) of every finite value added so far."""
+        self._merge()
+        if not len(self.values):
+            raise MedsrError("the image has no finite voxels; there is nothing to enhance")
+        ends = np.cumsum(self.counts)  # values[i] holds ranks ends[i-1] .. ends[i]-1
+        position = (ends[-1] - 1) * q / 100.0
+        below = int(np.floor(position))
+        at = lambda rank: self.values[np.searchsorted(ends, rank, side="right")]  # noqa: E731
+        low = at(below)
+        high = at(min(below + 1, ends[-1] - 1))
+        return float(low + (high - low) * (position - below))
+
+    def window(self, lower_percentile: float = 0.5, upper_percentile: float = 99.5) -> IntensityWindow:
+        """The same window :func:`robust_window` gives for the whole volume."""
+        if not 0 <= lower_percentile < upper_percentile <= 100:
+            raise ValueError(
+                f"percentiles must satisfy 0 <= lower < upper <= 100, not {lower_percentile}, {upper_percentile}"
+            )
+        low, high = self.percentile(lower_percentile), self.percentile(upper_percentile)
+        return _window_or_constant(low, high, float(self.values[0]), float(self.values[-1]))
 
 
 class NormalizeIntensityRobust(Transform):

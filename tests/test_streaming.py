@@ -1,0 +1,189 @@
+"""Streaming enhance: slices read on demand, exact windows without the whole volume, memory
+that follows the batch and not the series, outputs identical to the in-memory path."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import tracemalloc
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
+from medsr import enhance
+from medsr.checkpoint import load_model
+from medsr.dicom_writing import DicomSeriesWriter
+from medsr.enhance import (_Prefetch, batch_size_for_memory, enhance_file, enhance_scan,
+                           enhance_volume, survey_scan)
+from medsr.errors import ScanReadError
+from medsr.reading import open_scan, read_scan
+from medsr.transforms import IntensityCounts, robust_window
+
+
+@pytest.mark.parametrize("source", [CT_SERIES, MR_SERIES, MR_MULTIFRAME, MR_NIFTI])
+def test_counted_percentiles_equal_numpy_on_real_scans(source):
+    volume = read_scan(source).array
+    counts = IntensityCounts()
+    for k in range(volume.shape[2]):
+        counts.add(volume[:, :, k])
+    assert counts.total == volume.size
+    for q in (0, 0.5, 1, 37.3, 50, 99.5, 100):
+        assert counts.percentile(q) == pytest.approx(float(np.percentile(volume, q)), rel=1e-6, abs=1e-4)
+    expected = robust_window(volume)
+    window = counts.window()
+    assert (window.low, window.high) == pytest.approx((expected.low, expected.high), rel=1e-6, abs=1e-4)
+
+
+def test_counted_percentiles_on_non_integer_values_and_non_finite_voxels():
+    rng = np.random.default_rng(7)
+    volume = (rng.normal(size=(40, 30, 9)) * 123.4).astype(np.float32)
+    volume[3, 4, 5], volume[0, 0, 0] = np.nan, np.inf
+    counts = IntensityCounts()
+    for k in range(volume.shape[2]):
+        counts.add(volume[:, :, k])
+    finite = volume[np.isfinite(volume)]
+    assert counts.non_finite == 2 and counts.total == finite.size
+    for q in (0.5, 12.5, 99.5):
+        assert counts.percentile(q) == pytest.approx(float(np.percentile(finite, q)), rel=1e-5)
+
+
+def test_open_scan_reads_slices_lazily_and_load_matches(tmp_path):
+    scan = open_scan(MR_SERIES)
+    assert scan.shape == (256, 256, 20) and scan.n_slices == 20
+    whole = read_scan(MR_SERIES).array
+    np.testing.assert_array_equal(scan.read_plane(7), whole[:, :, 7])
+    # decoding needs the file only when the slice is asked for
+    copy = tmp_path / "series"
+    shutil.copytree(MR_SERIES, copy)
+    opened = open_scan(copy)
+    victim = sorted(copy.glob("*.dcm"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:data.index(b"\xe0\x7f\x10\x00") + 1000])  # pixels cut short after opening
+    failing = next(k for k, h in enumerate(opened.dicom_headers)
+                   if h.SOPInstanceUID == pydicom.dcmread(MR_SERIES / victim.name).SOPInstanceUID)
+    with pytest.raises(ScanReadError, match=victim.name):
+        opened.read_plane(failing)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 3 * 256 * 256 * 4])
+def test_slices_beyond_the_read_cache_are_decoded_again_to_the_same_result(tmp_path, tiny_checkpoint,
+                                                                           monkeypatch, keep_bytes):
+    """A long series keeps only READ_CACHE_BYTES of the survey pass; the rest is read again."""
+    model, _ = load_model(tiny_checkpoint)
+    expected = enhance_volume(read_scan(MR_SERIES).array, open_scan(MR_SERIES).affine, 2, model,
+                              "kspace", batch_size=4).array
+    monkeypatch.setattr(enhance, "READ_CACHE_BYTES", keep_bytes)
+    streamed = enhance_scan(open_scan(MR_SERIES), model, "kspace", batch_size=4).array
+    np.testing.assert_array_equal(streamed, expected)
+
+
+def test_channels_last_gives_the_same_slices(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    scan = open_scan(CT_SERIES)
+    plain = enhance_scan(scan, model, batch_size=2, channels_last=False).array
+    nhwc = enhance_scan(scan, model, batch_size=2, channels_last=True).array
+    np.testing.assert_allclose(nhwc, plain, atol=1e-3 * np.ptp(plain))
+
+
+def test_gpu_batch_size_follows_free_memory():
+    assert batch_size_for_memory(free_bytes=80 * 2**30, per_slice_bytes=100 * 2**20) == 256  # capped
+    assert batch_size_for_memory(free_bytes=8 * 2**30, per_slice_bytes=100 * 2**20) == 40
+    assert batch_size_for_memory(free_bytes=2**20, per_slice_bytes=100 * 2**20) == 1
+
+
+def test_reader_errors_reach_the_consumer_and_the_thread_ends():
+    def items():
+        yield 1
+        yield 2
+        raise ScanReadError("slice 3: damaged")
+
+    seen = []
+    with pytest.raises(ScanReadError, match="slice 3"):
+        with _Prefetch(items()) as prefetched:
+            for item in prefetched:
+                seen.append(item)
+    assert seen == [1, 2]
+    # a consumer that stops early does not leave the reader blocked
+    with pytest.raises(RuntimeError):
+        with _Prefetch(iter(range(100))) as prefetched:
+            next(prefetched)
+            raise RuntimeError("model failed")
+    assert not [t for t in threading.enumerate() if t.name == "medsr-reader"]
+
+
+def _long_series(folder, n_slices: int):
+    """``n_slices`` copies of pydicom's real 64x64 MR image, stacked 1 mm apart in one series."""
+    folder.mkdir()
+    source = pydicom.dcmread(pydicom_test_file("MR_small.dcm"))
+    series = generate_uid()
+    origin = np.array([float(v) for v in source.ImagePositionPatient])
+    normal = np.cross(*np.array([float(v) for v in source.ImageOrientationPatient]).reshape(2, 3))
+    for k in range(n_slices):
+        source.SeriesInstanceUID, source.SOPInstanceUID = series, generate_uid()
+        source.InstanceNumber = k + 1
+        source.ImagePositionPatient = [f"{v:.4f}" for v in origin + k * normal]
+        source.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ""])
+def test_memory_follows_the_batch_not_the_series(tmp_path, tiny_checkpoint, monkeypatch, suffix):
+    """Beyond the headers (kept per slice for the DICOM output, tens of KB each), peak host
+    memory (NumPy and Python allocations, traced) is the same for a 40- and a 120-slice series,
+    written as NIfTI or as a DICOM series, once the read cache is full."""
+    monkeypatch.setattr(enhance, "READ_CACHE_BYTES", 0)
+    loaded = load_model(tiny_checkpoint)
+    beyond_headers = {}
+    for n in (40, 120):
+        series = _long_series(tmp_path / f"in{n}", n)
+        tracemalloc.start()
+        opened = open_scan(series)
+        headers = tracemalloc.get_traced_memory()[0]
+        del opened
+        tracemalloc.reset_peak()
+        enhance_file(series, tmp_path / f"out{n}{suffix}", batch_size=4, loaded=loaded)
+        beyond_headers[n] = tracemalloc.get_traced_memory()[1] - headers
+        tracemalloc.stop()
+    extra_output = (120 - 40) * 128 * 128 * 4  # what an in-memory result would add
+    assert beyond_headers[120] - beyond_headers[40] < extra_output / 10, beyond_headers
+    written = read_scan(tmp_path / f"out120{suffix}")
+    assert written.array.shape == (128, 128, 120)
+
+
+def test_multiframe_frames_that_need_a_wider_rescale_get_their_own(tmp_path, tiny_checkpoint):
+    """A frame whose values do not fit the source's stored range gets a per-frame rescale; the
+    others keep the source's; every value reads back within half a stored step."""
+    scan = open_scan(MR_MULTIFRAME)
+    volume = read_scan(MR_MULTIFRAME).array
+    enhanced = np.repeat(np.repeat(volume, 2, axis=0), 2, axis=1)
+    enhanced[:, :, 5] *= 100.0  # beyond int16 with slope 1
+    window = IntensityCounts()
+    window.add(volume)
+    affine = enhance.rescaled_affine(scan.affine, enhance.in_plane_factors(2, 2))
+    with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", window.window()) as writer:
+        for start in range(0, enhanced.shape[2], 3):
+            writer.write(np.moveaxis(enhanced[:, :, start:start + 3], 2, 0))
+    written_file = tmp_path / "out" / "IM0001.dcm"
+    dataset = pydicom.dcmread(written_file)
+    groups = dataset.PerFrameFunctionalGroupsSequence
+    slopes = [float(g.PixelValueTransformationSequence[0].RescaleSlope) for g in groups]
+    assert slopes[5] > 1 and slopes.count(1.0) == len(slopes) - 1
+    assert "PixelValueTransformationSequence" not in dataset.SharedFunctionalGroupsSequence[0]
+    written = read_scan(written_file).array
+    for k in range(enhanced.shape[2]):
+        assert np.abs(written[:, :, k] - enhanced[:, :, k]).max() <= slopes[k] / 2 + 1e-3
+    assert dataset.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert len(dataset.PixelData) == enhanced.size * 2
+
+
+def test_an_unfinished_dicom_stream_leaves_nothing(tmp_path):
+    scan = open_scan(MR_SERIES)
+    affine = enhance.rescaled_affine(scan.affine, enhance.in_plane_factors(2, 2))
+    window = survey_scan(scan).counts.window()
+    with pytest.raises(Exception, match="only 1 of 20 slices"):
+        with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", window) as writer:
+            writer.write(np.zeros((1, 512, 512), np.float32))
+    assert list(tmp_path.iterdir()) == []
