@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import torch
-from pydicom.uid import generate_uid
+from long_series import repeat_series
 
 from medsr.checkpoint import build_model, save_checkpoint
 from medsr.config import load_config
@@ -43,23 +41,6 @@ print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {time.perf_counter(
 """
 
 
-def build_series(folder: Path, n_slices: int) -> Path:
-    sources = sorted(p for p in CT.iterdir() if p.suffix == ".dcm")
-    datasets = [pydicom.dcmread(p) for p in sources]
-    cosines = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
-    normal = np.cross(cosines[:3], cosines[3:])
-    origin = np.array([float(v) for v in datasets[0].ImagePositionPatient])
-    series = generate_uid()
-    folder.mkdir()
-    for k in range(n_slices):
-        dataset = datasets[k % len(datasets)]
-        dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series, generate_uid()
-        dataset.InstanceNumber = k + 1
-        dataset.ImagePositionPatient = [f"{v:.3f}" for v in origin + k * normal]
-        dataset.save_as(folder / f"{k:05d}.dcm", enforce_file_format=True)
-    return folder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[100, 1000])
@@ -74,7 +55,7 @@ def main() -> None:
         print(f"{'slices':>6s} {'output':>8s} {'input MB':>9s} {'output MB':>10s} "
               f"{'peak RSS MB':>12s} {'seconds':>8s}")
         for n in arguments.slices:
-            series = build_series(scratch / f"ct{n}", n)
+            series = repeat_series(CT, n, scratch / f"ct{n}")
             for output in (f"ct{n}_x2.nii.gz", f"ct{n}_x2"):
                 command = [sys.executable, "-c", MEASURE, "enhance", str(series), "-o",
                            str(scratch / output), "--weights", str(weights), "--device", "cpu",

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ MAX_GPU_BATCH = 256
 # slices kept in memory from the survey pass, so short series are decoded once; longer
 # series decode the rest again, so memory stays bounded whatever the series length
 READ_CACHE_BYTES = 256 * 2**20
+# torch.compile costs ~20 s on a 2-core CPU and makes the forward pass ~1.7x faster there
+# (benchmarks/README.md): it pays from a few hundred slices on
+COMPILE_MIN_SLICES = 256
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
                  lower_percentile: float = 0.5, upper_percentile: float = 99.5,
                  progress: Callable[[int, int], None] | None = None,
                  sink: Callable[[np.ndarray], None] | None = None,
-                 survey: Survey | None = None, channels_last: bool | None = None) -> EnhancedVolume:
+                 survey: Survey | None = None, channels_last: bool | None = None,
+                 compile_model: str = "auto") -> EnhancedVolume:
     """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
 
     A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
@@ -126,6 +132,9 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
             in order) on a writer thread, and no full output is kept.
         survey: the first pass, if the caller already ran :func:`survey_scan`.
         channels_last: NHWC tensors (default: on CUDA only, where the convolutions run faster).
+        compile_model: ``torch.compile`` the model: ``on``, ``off``, or ``auto`` (on from
+            :data:`COMPILE_MIN_SLICES` slices, where the compile time pays). If compiling fails
+            (no C++ compiler, say), a warning is logged and the model runs as it is.
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -154,6 +163,7 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
     model = model.to(device, memory_format=layout).eval()
     code = DEGRADATION_CODES[degradation]
     batch_size = batch_size or default_batch_size(model, device, tuple(in_plane), code)
+    forward = _Forward(model, compile_model, total)
     output = None if sink is not None else np.empty((total, *out_plane), dtype=np.float32)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -163,15 +173,17 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
             stop = min(start + batch_size, total)
             planes = [survey.kept.pop(k) if k in survey.kept else scan.read_plane(k)
                       for k in range(start, stop)]
+            if forward.compiled:  # a compiled graph fits one batch shape: pad the last batch
+                planes += planes[-1:] * (batch_size - len(planes))
             low_res = torch.from_numpy(window.forward(np.stack(planes)))[:, None]
-            yield start, low_res.pin_memory() if device.type == "cuda" else low_res
+            yield start, stop - start, low_res.pin_memory() if device.type == "cuda" else low_res
 
     with (torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver,
           _Prefetch(batches()) as prefetched):
-        for start, low_res in prefetched:
+        for start, count, low_res in prefetched:
             low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
             codes = torch.full((len(low_res),), code, device=device)
-            high_res = model(low_res, codes).float()[:, 0].cpu().numpy()
+            high_res = forward(low_res, codes).float()[:count, 0].cpu().numpy()
             high_res = window.inverse(high_res)
             if output is not None:
                 output[start:start + len(high_res)] = high_res
@@ -227,6 +239,36 @@ def batch_size_for_memory(free_bytes: int, per_slice_bytes: int, fraction: float
                           largest: int = MAX_GPU_BATCH) -> int:
     """As many slices as fit in ``fraction`` of ``free_bytes``, between 1 and ``largest``."""
     return int(max(1, min(largest, fraction * free_bytes // max(per_slice_bytes, 1))))
+
+
+class _Forward:
+    """The model, compiled with ``torch.compile`` when asked (or, for ``auto``, when the series
+    is long enough to pay for it); falls back to the plain model if compiling fails."""
+
+    def __init__(self, model: SRResNet, compile_model: str, n_slices: int) -> None:
+        if compile_model not in COMPILE_CHOICES:
+            raise MedsrError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, not {compile_model!r}")
+        self.model = model
+        self.compiled = compile_model == "on" or (compile_model == "auto" and n_slices >= COMPILE_MIN_SLICES)
+        self.run = torch.compile(model, dynamic=False) if self.compiled else model
+        self.checked = not self.compiled
+
+    def __call__(self, low_res: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if self.checked:
+            return self.run(low_res, codes)
+        try:
+            with warnings.catch_warnings():
+                # inductor leaves the FFT of the k-space upsampler to eager code, and says so
+                warnings.simplefilter("ignore", UserWarning)
+                result = self.run(low_res, codes)
+        except Exception as exc:  # compilation happens on the first call
+            reason = " ".join(str(exc).split())[:200]
+            logger.warning("torch.compile failed (%s: %s); running the model uncompiled",
+                           type(exc).__name__, reason)
+            self.run = self.model
+            result = self.run(low_res, codes)
+        self.checked = True
+        return result
 
 
 class _BackgroundSink:
@@ -319,7 +361,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  series_uid: str | None = None, overwrite: bool = False,
                  output_format: str = "auto",
                  progress: Callable[[int, int], None] | None = None,
-                 loaded: tuple | None = None) -> EnhancedVolume:
+                 loaded: tuple | None = None, compile_model: str = "auto") -> EnhancedVolume:
     """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI or a
     DICOM series (see :func:`resolve_format`).
 
@@ -352,7 +394,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     description = f"medsr SRResNet x{scale} in-plane, {degradation} model"
     run = functools.partial(enhance_scan, scan, model, degradation, torch_device, batch_size,
                             config.lower_percentile, config.upper_percentile, progress,
-                            survey=survey)
+                            survey=survey, compile_model=compile_model)
     shape = tuple(n * (scale if a != axis else 1) for a, n in enumerate(scan.shape))
     affine = rescaled_affine(scan.affine, in_plane_factors(axis, scale))
     if output_format == "dicom":

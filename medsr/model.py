@@ -108,6 +108,7 @@ class SRResNet(nn.Module):
         features = features + self.body_out(self.body(features))
         detail = self.tail(self.upsample(features))
         base = F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
-        if bool(is_kspace.any()):
-            base = torch.where(is_kspace, zero_fill_upsample(low_res, self.scale).to(base.dtype), base)
+        # both upsamplers, then a per-slice choice: no data-dependent branch, so no device sync
+        # and one graph for torch.compile (the FFT costs little next to the convolutions)
+        base = torch.where(is_kspace, zero_fill_upsample(low_res, self.scale).to(base.dtype), base)
         return base + detail

@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.uid import generate_uid
 
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
@@ -187,3 +188,37 @@ def test_an_unfinished_dicom_stream_leaves_nothing(tmp_path):
         with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", window) as writer:
             writer.write(np.zeros((1, 512, 512), np.float32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compiled_model_gives_the_same_slices_and_pads_the_last_batch(tiny_checkpoint):
+    """torch.compile (20 slices in batches of 6: the last, of 2, is padded to the compiled
+    shape) matches the plain model."""
+    model, _ = load_model(tiny_checkpoint)
+    scan = open_scan(MR_SERIES)
+    plain = enhance_scan(scan, model, "kspace", batch_size=6, compile_model="off").array
+    compiled = enhance_scan(scan, model, "kspace", batch_size=6, compile_model="on").array
+    assert compiled.shape == plain.shape
+    np.testing.assert_allclose(compiled, plain, atol=1e-4 * np.ptp(plain))
+
+
+def test_compile_choice_and_its_fallback(tiny_checkpoint, monkeypatch, caplog):
+    from medsr.enhance import COMPILE_MIN_SLICES, _Forward
+    from medsr.errors import MedsrError
+
+    model, _ = load_model(tiny_checkpoint)
+    assert not _Forward(model, "auto", COMPILE_MIN_SLICES - 1).compiled
+    assert not _Forward(model, "off", 10_000).compiled
+    with pytest.raises(MedsrError, match="--compile must be one of auto, on, off"):
+        _Forward(model, "yes", 10)
+
+    def broken_compile(module, **options):
+        def run(*inputs):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    scan = open_scan(CT_SERIES)
+    expected = enhance_scan(scan, model, batch_size=2, compile_model="off").array
+    fallback = enhance_scan(scan, model, batch_size=2, compile_model="on").array
+    np.testing.assert_array_equal(fallback, expected)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
