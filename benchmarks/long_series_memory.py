@@ -8,7 +8,7 @@ the input and the enhanced volume would take as float32 arrays. A small random m
 features, 2 blocks) keeps the run short: the memory of the pipeline, not the model's
 arithmetic, is measured here.
 
-    python benchmarks/long_series_memory.py [--slices 100 1000] [--batch-size 4]
+    python benchmarks/long_series_memory.py [--slices 100 1000] [--batch-size 4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -58,8 +59,8 @@ def main() -> None:
             series = repeat_series(CT, n, scratch / f"ct{n}")
             for output in (f"ct{n}_x2.nii.gz", f"ct{n}_x2"):
                 command = [sys.executable, "-c", MEASURE, "enhance", str(series), "-o",
-                           str(scratch / output), "--weights", str(weights), "--device", "cpu",
-                           "--batch-size", str(arguments.batch_size)]
+                           str(scratch / output), "--weights", str(weights), "--device", arguments.device,
+                           "--batch-size", str(arguments.batch_size), "--compile", "off"]
                 result = subprocess.run(command, capture_output=True, text=True, check=True)
                 peak_kb, seconds = result.stdout.split()[-2:]
                 kind = "NIfTI" if output.endswith(".nii.gz") else "DICOM"

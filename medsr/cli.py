@@ -113,6 +113,7 @@ def enhance(
     output_format: Annotated[str, typer.Option("--format", help="auto (by the output name), nifti or dicom.")] = "auto",
     compile_model: Annotated[str, typer.Option(
         "--compile", help="torch.compile the model: auto (series of 256 slices or more), on or off.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.")] = "auto",
 ) -> None:
     """Upscale every slice of a scan in-plane and write the enhanced volume."""
     _setup_logging(verbose=False)
@@ -122,7 +123,7 @@ def enhance(
 
         if len(inputs) > 1 or not is_single_scan(inputs[0]):
             _enhance_batch(inputs, output, scale, axis, weights, degradation, device, batch_size,
-                           overwrite, output_format, compile_model)
+                           overwrite, output_format, compile_model, precision)
             return
         input_path = inputs[0]
         with _progress() as progress:
@@ -131,7 +132,7 @@ def enhance(
                 input_path, output, scale=scale, slice_axis=axis, weights=weights,
                 degradation=degradation, device=device,
                 batch_size=batch_size, series_uid=series, overwrite=overwrite, output_format=output_format,
-                compile_model=compile_model,
+                compile_model=compile_model, precision=precision,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     shape = "x".join(str(n) for n in result.shape)
@@ -140,7 +141,7 @@ def enhance(
 
 
 def _enhance_batch(inputs, out_dir, scale, axis, weights, degradation, device, batch_size,
-                   overwrite, output_format, compile_model) -> None:
+                   overwrite, output_format, compile_model, precision) -> None:
     from medsr.enhance import enhance_many
 
     with _progress() as progress:
@@ -148,7 +149,7 @@ def _enhance_batch(inputs, out_dir, scale, axis, weights, degradation, device, b
         outcomes = enhance_many(
             inputs, out_dir, scale=scale, weights=weights, output_format=output_format,
             overwrite=overwrite, slice_axis=axis, degradation=degradation, device=device,
-            batch_size=batch_size, compile_model=compile_model,
+            batch_size=batch_size, compile_model=compile_model, precision=precision,
             on_scan=lambda name: progress.update(task, description=name),
         )
     for outcome in outcomes:

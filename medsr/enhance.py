@@ -35,10 +35,12 @@ MAX_GPU_BATCH = 256
 # slices kept in memory from the survey pass, so short series are decoded once; longer
 # series decode the rest again, so memory stays bounded whatever the series length
 READ_CACHE_BYTES = 256 * 2**20
-# torch.compile costs ~20 s on a 2-core CPU and makes the forward pass ~1.7x faster there
-# (benchmarks/README.md): it pays from a few hundred slices on
+# torch.compile costs ~13 s the first time on a 2-core CPU (~4 s once inductor's disk cache
+# has the graphs) and makes the forward pass 1.8x faster there (benchmarks/README.md): it
+# repays itself after about 100 slices, so auto waits for series clearly past that
 COMPILE_MIN_SLICES = 256
 COMPILE_CHOICES = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, fp32 on the CPU
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
                  progress: Callable[[int, int], None] | None = None,
                  sink: Callable[[np.ndarray], None] | None = None,
                  survey: Survey | None = None, channels_last: bool | None = None,
-                 compile_model: str = "auto") -> EnhancedVolume:
+                 compile_model: str = "auto", precision: str = "auto") -> EnhancedVolume:
     """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
 
     A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
@@ -124,7 +126,7 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
         model: a trained :class:`SRResNet`.
         degradation: how the input lost its resolution, ``"bicubic"`` (resampled, CT) or
             ``"kspace"`` (MR acquired with fewer k-space lines); see :mod:`medsr.model`.
-        device: where the model runs; CUDA uses bfloat16 autocast and channels-last tensors.
+        device: where the model runs; CUDA uses channels-last tensors.
         batch_size: slices per forward pass (default: 4 on CPU; on CUDA as many as fit in
             half of the free GPU memory, at most 256).
         progress: called with ``(slices_done, slices_total)`` after every batch.
@@ -135,6 +137,8 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
         compile_model: ``torch.compile`` the model: ``on``, ``off``, or ``auto`` (on from
             :data:`COMPILE_MIN_SLICES` slices, where the compile time pays). If compiling fails
             (no C++ compiler, say), a warning is logged and the model runs as it is.
+        precision: ``bf16`` (bfloat16 autocast; the k-space upsampler stays float32), ``fp32``,
+            or ``auto``: bf16 on CUDA, fp32 on the CPU.
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -162,11 +166,10 @@ def enhance_scan(scan: OpenScan, model: SRResNet, degradation: str = "bicubic",
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=layout).eval()
     code = DEGRADATION_CODES[degradation]
-    batch_size = batch_size or default_batch_size(model, device, tuple(in_plane), code)
+    autocast = _autocast(device, precision)
+    batch_size = batch_size or default_batch_size(model, device, tuple(in_plane), code, autocast)
     forward = _Forward(model, compile_model, total)
     output = None if sink is not None else np.empty((total, *out_plane), dtype=np.float32)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
 
     def batches():  # on the reader thread
         for start in range(0, total, batch_size):
@@ -206,7 +209,7 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                    degradation: str = "bicubic", device: torch.device | str = "cpu",
                    batch_size: int | None = None, lower_percentile: float = 0.5,
                    upper_percentile: float = 99.5, progress: Callable[[int, int], None] | None = None,
-                   sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+                   sink: Callable[[np.ndarray], None] | None = None, precision: str = "auto") -> EnhancedVolume:
     """:func:`enhance_scan` for a volume already in memory: ``(I, J, K)`` in original units
     with its RAS ``affine``, slices along ``slice_axis``."""
     volume = np.asarray(volume, dtype=np.float32)
@@ -216,18 +219,35 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                     slice_axis=slice_axis, path=Path("<volume>"), source_format="array",
                     read_plane=lambda index: np.take(volume, index, axis=slice_axis))
     return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
-                        upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0))
+                        upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0),
+                        precision=precision)
 
 
-def default_batch_size(model: SRResNet, device: torch.device, plane: tuple[int, int], code: int) -> int:
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse a value of ``--option`` outside ``choices``, naming them."""
+    if value not in choices:
+        raise MedsrError(f"--{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _autocast(device: torch.device, precision: str):
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_batch_size(model: SRResNet, device: torch.device, plane: tuple[int, int], code: int,
+                       autocast=None) -> int:
     """Slices per forward pass: 4 on CPU (more only adds latency); on CUDA, measured: one
-    slice's peak activation memory, then as many slices as fit in half the free memory."""
+    slice's peak activation memory (under ``autocast``, default bf16), then as many slices as
+    fit in half the free memory."""
     if device.type != "cuda":
         return DEFAULT_BATCH["cpu"]
+    autocast = autocast if autocast is not None else _autocast(device, "auto")
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.inference_mode(), autocast:
         model(torch.zeros(1, 1, *plane, device=device), torch.full((1,), code, device=device))
     torch.cuda.synchronize(device)
     per_slice = torch.cuda.max_memory_allocated(device) - before
@@ -246,8 +266,7 @@ class _Forward:
     is long enough to pay for it); falls back to the plain model if compiling fails."""
 
     def __init__(self, model: SRResNet, compile_model: str, n_slices: int) -> None:
-        if compile_model not in COMPILE_CHOICES:
-            raise MedsrError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, not {compile_model!r}")
+        check_choice("compile", compile_model, COMPILE_CHOICES)
         self.model = model
         self.compiled = compile_model == "on" or (compile_model == "auto" and n_slices >= COMPILE_MIN_SLICES)
         self.run = torch.compile(model, dynamic=False) if self.compiled else model
@@ -361,7 +380,8 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  series_uid: str | None = None, overwrite: bool = False,
                  output_format: str = "auto",
                  progress: Callable[[int, int], None] | None = None,
-                 loaded: tuple | None = None, compile_model: str = "auto") -> EnhancedVolume:
+                 loaded: tuple | None = None, compile_model: str = "auto",
+                 precision: str = "auto") -> EnhancedVolume:
     """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI or a
     DICOM series (see :func:`resolve_format`).
 
@@ -379,6 +399,8 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     output_format = resolve_format(output, output_format)
     check_output_path(output, [input_path], overwrite)
     torch_device = pick_device(device)
+    check_choice("precision", precision, PRECISIONS)  # before the slow work
+    check_choice("compile", compile_model, COMPILE_CHOICES)
     model, config = loaded if loaded is not None else load_enhancer(weights, scale)
     scan = open_scan(input_path, series_uid)
     if slice_axis is not None and slice_axis != scan.slice_axis:
@@ -394,7 +416,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     description = f"medsr SRResNet x{scale} in-plane, {degradation} model"
     run = functools.partial(enhance_scan, scan, model, degradation, torch_device, batch_size,
                             config.lower_percentile, config.upper_percentile, progress,
-                            survey=survey, compile_model=compile_model)
+                            survey=survey, compile_model=compile_model, precision=precision)
     shape = tuple(n * (scale if a != axis else 1) for a, n in enumerate(scan.shape))
     affine = rescaled_affine(scan.affine, in_plane_factors(axis, scale))
     if output_format == "dicom":
@@ -455,8 +477,7 @@ def batch_outputs(inputs: list[Path], out_dir: Path, scale: int, output_format: 
     from medsr.data import discover_scans
     from medsr.reading import NIFTI_SUFFIXES
 
-    if output_format not in OUTPUT_FORMATS:
-        raise MedsrError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    check_choice("format", output_format, OUTPUT_FORMATS)
     planned, taken = [], set()
     for root in inputs:
         for source in discover_scans(root):
@@ -528,8 +549,7 @@ def resolve_format(output: Path, output_format: str = "auto") -> str:
     """``auto``: NIfTI for a ``.nii``/``.nii.gz`` path, else a DICOM series folder."""
     from medsr.reading import NIFTI_SUFFIXES
 
-    if output_format not in OUTPUT_FORMATS:
-        raise MedsrError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}")
+    check_choice("format", output_format, OUTPUT_FORMATS)
     is_nifti_name = output.name.lower().endswith(NIFTI_SUFFIXES)
     if output_format == "auto":
         return "nifti" if is_nifti_name else "dicom"

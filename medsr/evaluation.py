@@ -80,7 +80,7 @@ class ScanResult:
 
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
-                  keep_images: bool = False) -> ScanResult:
+                  keep_images: bool = False, precision: str = "auto") -> ScanResult:
     """Run protocol v1 on one scan for one degradation with every model and baseline."""
     axis = scan.slice_axis if slice_axis is None else slice_axis
     low_res, high_res, low_res_affine = degrade_volume(scan.array, scan.affine, axis, scale, degradation)
@@ -90,7 +90,7 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
         if model.scale != scale:
             raise ValueError(f"model {name!r} upscales by {model.scale}, the evaluation by {scale}")
         estimates[name] = enhance_volume(low_res, low_res_affine, axis, model, degradation,
-                                         device=device, batch_size=batch_size).array
+                                         device=device, batch_size=batch_size, precision=precision).array
     for name, estimate in estimates.items():
         result.scores[name] = score(high_res, estimate, axis, scale)
     if keep_images:

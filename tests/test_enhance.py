@@ -122,6 +122,22 @@ def test_gpu_bf16_matches_cpu_fp32():
     assert psnr > 50  # bf16 rounding only
 
 
+@pytest.mark.parametrize("source, degradation", [(MR_SERIES, "kspace"), (CT_SERIES, "bicubic")])
+def test_bf16_autocast_scores_within_0_05_db_of_fp32(source, degradation):
+    """The CUDA path's arithmetic (bfloat16 autocast, float32 k-space upsampler), checked on
+    the CPU: protocol scores of the shipped model move by < 0.05 dB PSNR and < 0.001 SSIM."""
+    from medsr.checkpoint import default_weights
+    from medsr.evaluation import evaluate_scan
+
+    model, _ = load_model(default_weights(2))
+    scan = read_scan(source)
+    fp32 = evaluate_scan(scan, {"m": model}, degradation, 2, precision="fp32").scores["m"]
+    bf16 = evaluate_scan(scan, {"m": model}, degradation, 2, precision="bf16").scores["m"]
+    assert abs(bf16["psnr"] - fp32["psnr"]) < 0.05
+    assert abs(bf16["ssim"] - fp32["ssim"]) < 1e-3
+    assert bf16 != fp32  # the bf16 path really ran
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("source, degradation", [(MR_SERIES, "kspace"), (CT_SERIES, "bicubic")])

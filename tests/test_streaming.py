@@ -222,3 +222,17 @@ def test_compile_choice_and_its_fallback(tiny_checkpoint, monkeypatch, caplog):
     fallback = enhance_scan(scan, model, batch_size=2, compile_model="on").array
     np.testing.assert_array_equal(fallback, expected)
     assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--precision", "fp16"], "error: --precision must be one of auto, fp32, bf16, not 'fp16'"),
+    (["--compile", "yes"], "error: --compile must be one of auto, on, off, not 'yes'"),
+])
+def test_bad_speed_options_are_one_error_line_before_any_work(tmp_path, option, message):
+    from typer.testing import CliRunner
+
+    from medsr.cli import app
+
+    result = CliRunner().invoke(app, ["enhance", str(CT_SERIES), "-o", str(tmp_path / "o.nii.gz"), *option])
+    assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == message
+    assert list(tmp_path.iterdir()) == []
