@@ -127,13 +127,18 @@ def enhance(
             return
         input_path = inputs[0]
         with _progress() as progress:
-            task = progress.add_task("enhancing slices", total=None)
+            task = progress.add_task("reading slices", total=None)
+
+            def stage(name: str):
+                return lambda done, total: progress.update(task, completed=done, total=total,
+                                                           description=f"{name} slices")
+
             result = enhance_file(
                 input_path, output, scale=scale, slice_axis=axis, weights=weights,
                 degradation=degradation, device=device,
                 batch_size=batch_size, series_uid=series, overwrite=overwrite, output_format=output_format,
                 compile_model=compile_model, precision=precision,
-                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                reading=stage("reading"), progress=stage("enhancing"),
             )
     shape = "x".join(str(n) for n in result.shape)
     spacing = "x".join(f"{v:.3g}" for v in result.spacing)

@@ -89,9 +89,11 @@ class Survey:
     kept: dict[int, np.ndarray]
 
 
-def survey_scan(scan: OpenScan, keep_bytes: int | None = None) -> Survey:
+def survey_scan(scan: OpenScan, keep_bytes: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Survey:
     """Read every slice once: count values, refuse NaN/infinite voxels, keep the first slices
-    up to ``keep_bytes`` (default :data:`READ_CACHE_BYTES`).
+    up to ``keep_bytes`` (default :data:`READ_CACHE_BYTES`); ``progress(read, total)`` after
+    each slice.
 
     Raises:
         ScanReadError: damaged pixel data or non-finite voxels (counted over the whole scan).
@@ -103,6 +105,8 @@ def survey_scan(scan: OpenScan, keep_bytes: int | None = None) -> Survey:
         if kept_bytes + plane.nbytes <= keep_bytes:
             kept[index] = plane
             kept_bytes += plane.nbytes
+        if progress is not None:
+            progress(index + 1, scan.n_slices)
     check_finite(np.empty(0), scan.path, bad=counts.non_finite)
     return Survey(counts, kept)
 
@@ -381,7 +385,8 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
                  output_format: str = "auto",
                  progress: Callable[[int, int], None] | None = None,
                  loaded: tuple | None = None, compile_model: str = "auto",
-                 precision: str = "auto") -> EnhancedVolume:
+                 precision: str = "auto",
+                 reading: Callable[[int, int], None] | None = None) -> EnhancedVolume:
     """Read a scan, enhance it with ``weights`` (default: the shipped model), write NIfTI or a
     DICOM series (see :func:`resolve_format`).
 
@@ -389,6 +394,8 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     (:func:`default_degradation`). Every check that can fail (output path, weights, scale)
     runs before the slow work, and the output appears only when complete. ``loaded`` is a
     ``(model, config)`` pair from :func:`load_enhancer`, to reuse one model over many scans.
+    ``reading`` and ``progress`` report ``(slices_done, total)`` of the survey pass and of the
+    enhancing pass.
     """
     from medsr.reading import open_scan
     from medsr.writing import NiftiSliceWriter, check_output_path, write_nifti
@@ -409,7 +416,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     if output_format == "dicom" and (scan.source_format != "dicom" or axis != 2):
         raise MedsrError(f"{output}: DICOM output needs DICOM input enhanced along its own "
                          "slices; write .nii or .nii.gz instead")
-    survey = survey_scan(scan)
+    survey = survey_scan(scan, progress=reading)
     if degradation == "auto":
         degradation = default_degradation(scan, survey.counts)
         logger.info("%s: treating it as %s-degraded", input_path, degradation)

@@ -216,6 +216,8 @@ def _open_nifti(path: Path) -> OpenScan:
             f"{path}: medsr enhances 3-D volumes, this NIfTI has shape {tuple(image.shape)}; "
             "extract one volume first (e.g. nibabel: image.slicer[..., 0])"
         )
+    if min(shape) < 1:
+        raise ScanReadError(f"{path}: the NIfTI volume has no voxels (shape {shape})")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
     slice_axis = largest_spacing_axis(affine)

@@ -157,3 +157,7 @@ def test_nan_and_4d_nifti_are_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((8, 8, 3, 2), np.float32), np.eye(4)), tmp_path / "4d.nii.gz")
     with pytest.raises(ScanReadError, match=r"shape \(8, 8, 3, 2\).*extract one volume"):
         read_scan(tmp_path / "4d.nii.gz")
+    # found by the fuzz campaign: a header whose last dimension is 0
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 0), np.float32), np.eye(4)), tmp_path / "empty.nii.gz")
+    with pytest.raises(ScanReadError, match=r"has no voxels \(shape \(8, 8, 0\)\)"):
+        read_scan(tmp_path / "empty.nii.gz")

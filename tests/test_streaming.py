@@ -236,3 +236,12 @@ def test_bad_speed_options_are_one_error_line_before_any_work(tmp_path, option, 
     result = CliRunner().invoke(app, ["enhance", str(CT_SERIES), "-o", str(tmp_path / "o.nii.gz"), *option])
     assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_both_passes_report_progress(tmp_path, tiny_checkpoint):
+    reads, enhanced = [], []
+    enhance_file(MR_SERIES, tmp_path / "o.nii.gz", batch_size=8, loaded=load_model(tiny_checkpoint),
+                 reading=lambda done, total: reads.append((done, total)),
+                 progress=lambda done, total: enhanced.append((done, total)))
+    assert reads == [(k, 20) for k in range(1, 21)]
+    assert enhanced == [(8, 20), (16, 20), (20, 20)]
