@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pydicom.data
@@ -19,6 +22,24 @@ CT_SERIES = SAMPLES / "ct_chest_3slice_dicom"
 MR_NIFTI = SAMPLES / "mr_t1_nifti" / "MR.nii.gz"
 # The project's shared scan collection, when this checkout sits beside it (CI and developers).
 SHARED_SCANS = ROOT.parent / "shared" / "scans"
+
+
+NEEDS_DCIODVFY = pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                                    reason="dciodvfy (dicom3tools) is not installed")
+
+
+def new_dciodvfy_errors(source: Path, derived: Path) -> set[str]:
+    """dciodvfy errors in ``derived`` that ``source`` does not have; errors naming the
+    source's own invalid UIDs (which the derived object must reference) do not count."""
+
+    def errors(path: Path) -> set[str]:
+        output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        return {line.strip() for line in (output.stdout + output.stderr).splitlines()
+                if line.startswith("Error")}
+
+    before, after = errors(source), errors(derived)
+    inherited_uids = set(re.findall(r'"([0-9.]+)"', " ".join(before)))
+    return {e for e in after - before if not any(uid in e for uid in inherited_uids)}
 
 
 def pydicom_test_file(name: str) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, new_dciodvfy_errors, pydicom_test_file
 from medsr import enhance
 from medsr.checkpoint import load_model
 from medsr.dicom_writing import DicomSeriesWriter
@@ -178,6 +178,8 @@ def test_multiframe_frames_that_need_a_wider_rescale_get_their_own(tmp_path, tin
         assert np.abs(written[:, :, k] - enhanced[:, :, k]).max() <= slopes[k] / 2 + 1e-3
     assert dataset.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert len(dataset.PixelData) == enhanced.size * 2
+    if shutil.which("dciodvfy"):  # per-frame rescale and appended pixel data stay conformant
+        assert not new_dciodvfy_errors(MR_MULTIFRAME, written_file)
 
 
 def test_an_unfinished_dicom_stream_leaves_nothing(tmp_path):
