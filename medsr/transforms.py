@@ -71,7 +71,10 @@ class IntensityCounts:
     there are at most tens of thousands of distinct values however long the series is. The
     percentiles use NumPy's default linear interpolation between order statistics, so
     :meth:`window` equals :func:`robust_window` on the whole volume (to float rounding).
-    Non-finite voxels are counted in ``non_finite`` and left out.
+    Float volumes (resampled or filtered NIfTI) can hold a distinct value per voxel: past
+    :data:`MAX_DISTINCT` values, every value is cut to a 12-bit mantissa, which bounds memory
+    and moves a percentile by less than 0.025% of its value. Non-finite voxels are counted in
+    ``non_finite`` and left out.
 
     Example:
         >>> counts = IntensityCounts()
@@ -81,12 +84,20 @@ class IntensityCounts:
     """
 
     MERGE_EVERY = 32  # slices between merges of the pending value lists
+    MAX_DISTINCT = 2**20  # distinct values kept exactly (16 MB of values and counts)
+    MANTISSA_BITS = 12  # precision of the values once there are more
 
     def __init__(self) -> None:
         self.values = np.empty(0, dtype=np.float64)
         self.counts = np.empty(0, dtype=np.int64)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.non_finite = 0
+        self.coarse = False  # True once values are cut to MANTISSA_BITS
+
+    def _coarsen(self, values: np.ndarray) -> np.ndarray:
+        """``values`` with their float64 mantissa cut to :data:`MANTISSA_BITS` (toward zero)."""
+        mask = np.uint64(~((1 << (52 - self.MANTISSA_BITS)) - 1) & (2**64 - 1))
+        return (values.astype(np.float64).view(np.uint64) & mask).view(np.float64)
 
     def add(self, plane: np.ndarray) -> None:
         plane = np.asarray(plane).ravel()
@@ -103,7 +114,8 @@ class IntensityCounts:
             present = np.flatnonzero(tally)
             self._pending.append((present + low, tally[present]))
         else:
-            self._pending.append(np.unique(plane.astype(np.float64), return_counts=True))
+            plane = self._coarsen(plane) if self.coarse else plane.astype(np.float64)
+            self._pending.append(np.unique(plane, return_counts=True))
         if len(self._pending) >= self.MERGE_EVERY:
             self._merge()
 
@@ -112,9 +124,16 @@ class IntensityCounts:
             return
         values = np.concatenate([self.values, *(v for v, _ in self._pending)])
         counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
+        if self.coarse:
+            values = self._coarsen(values)
         self.values, inverse = np.unique(values, return_inverse=True)
         self.counts = np.bincount(inverse, weights=counts, minlength=len(self.values)).astype(np.int64)
         self._pending = []
+        if len(self.values) > self.MAX_DISTINCT and not self.coarse:
+            self.coarse = True
+            self._pending = [(self.values, self.counts)]
+            self.values, self.counts = np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64)
+            self._merge()
 
     @property
     def total(self) -> int:
