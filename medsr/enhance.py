@@ -24,7 +24,7 @@ import torch
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
-from medsr.reading import OpenScan, check_finite
+from medsr.reading import OpenScan, refuse_non_finite
 from medsr.transforms import IntensityCounts, IntensityWindow
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def survey_scan(scan: OpenScan, keep_bytes: int | None = None,
             kept_bytes += plane.nbytes
         if progress is not None:
             progress(index + 1, scan.n_slices)
-    check_finite(np.empty(0), scan.path, bad=counts.non_finite)
+    refuse_non_finite(scan.path, counts.non_finite)
     return Survey(counts, kept)
 
 

@@ -134,16 +134,15 @@ class OpenScan(_ScanFacts):
             ScanReadError: damaged pixel data, or NaN/infinite voxels.
         """
         array = np.stack(list(self.planes()), axis=self.slice_axis)
-        check_finite(array, self.path)
+        refuse_non_finite(self.path, int(np.count_nonzero(~np.isfinite(array))))
         return Scan(array=np.ascontiguousarray(array, dtype=np.float32), affine=self.affine,
                     slice_axis=self.slice_axis, path=self.path, source_format=self.source_format,
                     dicom_headers=self.dicom_headers, multiframe=self.multiframe,
                     frame_order=self.frame_order)
 
 
-def check_finite(voxels: np.ndarray, path: Path, bad: int | None = None) -> None:
-    """Refuse NaN or infinite voxels (``bad``: their count when the caller already has it)."""
-    bad = int(np.count_nonzero(~np.isfinite(voxels))) if bad is None else bad
+def refuse_non_finite(path: Path, bad: int) -> None:
+    """Refuse a scan with ``bad`` NaN or infinite voxels (when there are any)."""
     if bad:
         raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
 
@@ -287,18 +286,23 @@ def _open_dicom_file(path: Path) -> OpenScan:
 def dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
     """The DICOM files directly in ``folder``, grouped by SeriesInstanceUID ("unknown" when a
     file has none); other files (NIfTI, licence texts, junk) are left out."""
-    by_series: dict[str, list[Path]] = defaultdict(list)
+    return {uid: [file for file, _ in members] for uid, members in _headers_by_series(folder).items()}
+
+
+def _headers_by_series(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
+    """(file, pixel-less header) of every DICOM file directly in ``folder``, by series."""
+    by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
         if file.name.lower().endswith(NIFTI_SUFFIXES):
             continue
         header = try_dcmread(file, stop_before_pixels=True)
         if header is not None:
-            by_series[str(header.get("SeriesInstanceUID", "unknown"))].append(file)
+            by_series[str(header.get("SeriesInstanceUID", "unknown"))].append((file, header))
     return dict(by_series)
 
 
 def _open_dicom_folder(folder: Path, series_uid: str | None) -> OpenScan:
-    by_series = dicom_series_in_folder(folder)
+    by_series = _headers_by_series(folder)
     if not by_series:
         raise ScanReadError(f"{folder}: no DICOM files in this folder")
     if series_uid is not None:
@@ -307,23 +311,17 @@ def _open_dicom_folder(folder: Path, series_uid: str | None) -> OpenScan:
                 f"{folder}: no series with SeriesInstanceUID {series_uid}; "
                 f"found {', '.join(sorted(by_series))}"
             )
-        files = by_series[series_uid]
+        members = by_series[series_uid]
     elif len(by_series) > 1:
         listing = "; ".join(f"{uid} ({len(f)} files)" for uid, f in sorted(by_series.items()))
         raise ScanReadError(
             f"{folder}: holds {len(by_series)} DICOM series ({listing}); pick one with --series UID"
         )
     else:
-        (files,) = by_series.values()
-    images = []
-    for file in files:
-        header = try_dcmread(file, stop_before_pixels=True)
-        if header is None:
-            raise ScanReadError(f"{file}: unreadable DICOM file in the series")
-        if _is_image(header):
-            images.append((file, header))
-    if len(images) < len(files):
-        logger.warning("%s: skipped %d DICOM objects without pixel data", folder, len(files) - len(images))
+        (members,) = by_series.values()
+    images = [(file, header) for file, header in members if _is_image(header)]
+    if len(images) < len(members):
+        logger.warning("%s: skipped %d DICOM objects without pixel data", folder, len(members) - len(images))
     if not images:
         raise ScanReadError(f"{folder}: the DICOM series has no images (no pixel data)")
     if len(images) == 1 and int(images[0][1].get("NumberOfFrames", 1) or 1) > 1:
