@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SERIES_NUMBER_OFFSET = 1000
 IS_MAX = 2**31 - 1
+PIXEL_DATA = 0x7FE00010  # (7FE0,0010), the last element of an image
 
 
 def stored_dtype(header: pydicom.Dataset) -> np.dtype:
@@ -282,9 +283,6 @@ class DicomSeriesWriter:
             if length % 2:
                 out.write(b"\0")  # values have even length
         raw.unlink()
-
-
-PIXEL_DATA = 0x7FE00010
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:

@@ -122,9 +122,9 @@ class OpenScan(_ScanFacts):
     def n_slices(self) -> int:
         return self.shape[self.slice_axis]
 
-    def planes(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
-        """Slices ``start`` to ``stop`` in order, each read when asked for."""
-        for index in range(start, self.n_slices if stop is None else stop):
+    def planes(self) -> Iterator[np.ndarray]:
+        """Every slice in order, each read when asked for."""
+        for index in range(self.n_slices):
             yield self.read_plane(index)
 
     def load(self) -> Scan:
