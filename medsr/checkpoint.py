@@ -12,6 +12,7 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import warnings
 from importlib import resources
@@ -107,3 +108,17 @@ def default_weights(scale: int) -> Path:
             "pass --weights with a checkpoint from medsr train"
         )
     return Path(str(resources.files("medsr") / "weights" / DEFAULT_WEIGHTS[scale]))
+
+
+def export_weights(source: str | Path, destination: str | Path) -> Path:
+    """A checkpoint fit to publish: the model and its config, without training state and with
+    the trainer's own paths (``data_root``, ``cache_dir``) set back to their defaults, so the
+    file names nothing of the machine it was trained on.
+    """
+    payload = load_checkpoint(source)
+    model, _ = load_model(source)
+    defaults = TrainConfig()
+    config = dataclasses.replace(payload["config"], data_root=defaults.data_root,
+                                 cache_dir=defaults.cache_dir)
+    save_checkpoint(Path(destination), model, config, payload["epoch"], payload["iteration"])
+    return Path(destination)
