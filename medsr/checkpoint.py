@@ -28,7 +28,7 @@ from medsr.writing import atomic_output
 
 FORMAT = "medsr-checkpoint"
 VERSION = 1
-DEFAULT_WEIGHTS = {2: "srresnet_x2.pt"}
+DEFAULT_WEIGHTS = {2: "srresnet_x2.pt", 4: "srresnet_x4.pt"}
 
 
 def build_model(config: TrainConfig) -> SRResNet:

@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from medsr.checkpoint import build_model, default_weights, load_checkpoint, load_model, save_checkpoint
-from medsr.config import load_config
+from medsr.checkpoint import (build_model, default_weights, export_weights, load_checkpoint, load_model,
+                              save_checkpoint)
+from medsr.config import TrainConfig, load_config
 from medsr.errors import CheckpointError
 
 
@@ -62,8 +63,28 @@ def test_other_files_and_other_architectures(tmp_path):
         load_model(tmp_path / "lying.pt")
 
 
-def test_shipped_default_weights_load_offline():
-    model, config = load_model(default_weights(2))
-    assert model.scale == config.scale == 2
-    with pytest.raises(CheckpointError, match="no shipped weights for scale 4"):
-        default_weights(4)
+@pytest.mark.parametrize("scale", [2, 4])
+def test_shipped_default_weights_load_offline_and_name_no_machine(scale):
+    model, config = load_model(default_weights(scale))
+    assert model.scale == config.scale == scale
+    payload = load_checkpoint(default_weights(scale))
+    assert set(payload) == {"format", "version", "config", "model", "epoch", "iteration"}
+    assert (config.data_root, config.cache_dir) == (TrainConfig().data_root, TrainConfig().cache_dir)
+    with pytest.raises(CheckpointError, match=r"no shipped weights for scale 3 \(shipped: \[2, 4\]\)"):
+        default_weights(3)
+
+
+def test_exported_weights_keep_the_model_and_drop_training_state_and_paths(tmp_path):
+    config = load_config(None, ["model.features=8", "model.num_res_blocks=1",
+                                f"data_root={tmp_path / 'private' / 'scans'}", f"cache_dir={tmp_path / 'cache'}"])
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters())
+    save_checkpoint(tmp_path / "last.pt", model, config, 7, 700, optimizer=optimizer.state_dict())
+    export_weights(tmp_path / "last.pt", tmp_path / "public.pt")
+    exported = load_checkpoint(tmp_path / "public.pt")
+    assert "optimizer" not in exported and (exported["epoch"], exported["iteration"]) == (7, 700)
+    assert str(tmp_path) not in (tmp_path / "public.pt").read_bytes().decode("latin-1")
+    assert exported["config"].model == config.model and exported["config"].data_root == "scans"
+    reloaded, _ = load_model(tmp_path / "public.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 from medsr.checkpoint import load_model
 from medsr.cli import app
 from medsr.enhance import enhance_volume
@@ -201,3 +201,12 @@ def test_streamed_nifti_equals_the_in_memory_result(tmp_path, tiny_checkpoint):
         with NiftiSliceWriter(tmp_path / "partial.nii.gz", (4, 4, 2), np.eye(4)) as writer:
             writer.write(np.zeros((4, 4, 1), np.float32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.nii.gz", "tiny.pt"]
+
+
+def test_cli_scale_4_uses_the_shipped_x4_weights(tmp_path):
+    source = pydicom_test_file("MR_small.dcm")
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "x4"), "--scale", "4"])
+    assert result.exit_code == 0, result.output
+    original, written = read_scan(source), read_scan(tmp_path / "x4")
+    assert written.array.shape == (256, 256, 1)
+    np.testing.assert_allclose(written.spacing[:2], original.spacing[:2] / 4, rtol=1e-5)
