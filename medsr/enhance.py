@@ -398,7 +398,7 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     enhancing pass.
     """
     from medsr.reading import open_scan
-    from medsr.writing import NiftiSliceWriter, check_output_path, write_nifti
+    from medsr.writing import NiftiSliceWriter, check_output_path
 
     input_path, output = Path(input_path), Path(output)
     if degradation != "auto" and degradation not in DEGRADATION_CODES:
@@ -433,13 +433,8 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
         with DicomSeriesWriter(output, scan, affine, scale, f"{description} super-resolution by medsr",
                                window, overwrite) as writer:
             return run(sink=writer.write)
-    if axis == 2:
-        # slices along the last axis are contiguous in NIfTI: stream them as they come
-        with NiftiSliceWriter(output, shape, affine, description, overwrite) as writer:
-            return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, 2)))
-    enhanced = run()  # other axes interleave in the file: the volume is written whole
-    write_nifti(output, enhanced.array, enhanced.affine, description=description, overwrite=overwrite)
-    return enhanced
+    with NiftiSliceWriter(output, shape, affine, description, overwrite, slice_axis=axis) as writer:
+        return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, axis)))
 
 
 def _planes_along(scan: OpenScan, axis: int) -> Callable[[int], np.ndarray]:

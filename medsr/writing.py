@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,11 +79,13 @@ def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: s
 
 
 class NiftiSliceWriter:
-    """Write a float32 NIfTI slab by slab along the last axis, as the enhancer produces it.
+    """Write a float32 NIfTI slab by slab along ``slice_axis``, as the enhancer produces it.
 
     NIfTI stores voxels with the first index fastest, so consecutive slices along axis 2 are
     consecutive bytes: the file (gzip-compressed for ``.nii.gz``) is streamed to a temporary
-    name beside ``path`` and renamed only when every slice arrived. Memory stays at one slab.
+    name beside ``path``. Slices along axis 0 or 1 interleave in the file, so they go into a
+    memory-mapped uncompressed scratch file (compressed at the end for ``.nii.gz``). Either way
+    memory holds one slab, and ``path`` appears only when every slice arrived.
 
     Example:
         >>> with NiftiSliceWriter(out, (512, 512, 120), affine) as writer:
@@ -93,8 +96,9 @@ class NiftiSliceWriter:
     VOX_OFFSET = 352  # 348-byte header + 4-byte extension flag (no extensions)
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int], affine: np.ndarray,
-                 description: str = "", overwrite: bool = False) -> None:
+                 description: str = "", overwrite: bool = False, slice_axis: int = 2) -> None:
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
+        self.slice_axis = slice_axis
         if not self.path.name.lower().endswith(NIFTI_SUFFIXES):
             raise OutputError(f"{self.path}: NIfTI output must end in .nii or .nii.gz")
         if self.path.exists() and not overwrite:
@@ -102,55 +106,72 @@ class NiftiSliceWriter:
         self.header = nifti_header(self.shape, affine, description)
         self.header["vox_offset"] = self.VOX_OFFSET
         self.written = 0
+        self.compressed = self.path.name.lower().endswith(".nii.gz")
 
     def __enter__(self) -> NiftiSliceWriter:
-        compressed = self.path.name.lower().endswith(".nii.gz")
-        self._atomic = atomic_output(self.path, suffix=".tmp.nii.gz" if compressed else ".tmp.nii")
-        temporary = self._atomic.__enter__()
-        self._file = gzip.open(temporary, "wb", compresslevel=1) if compressed else open(temporary, "wb")
-        self.header.write_to(self._file)  # nibabel writes the extension flag too
-        self._file.write(b"\0" * (self.VOX_OFFSET - self._file.tell()))
+        self._atomic = atomic_output(self.path, suffix=".tmp.nii.gz" if self.compressed else ".tmp.nii")
+        temporary = self._temporary = self._atomic.__enter__()
+        self._scratch = None
+        if self.slice_axis == 2:
+            self._file = gzip.open(temporary, "wb", compresslevel=1) if self.compressed else open(temporary, "wb")
+            self._write_header(self._file)
+            return self
+        if self.compressed:  # the scratch holds the uncompressed file until the end
+            handle, scratch = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".scratch.nii",
+                                               dir=self.path.parent)
+            os.close(handle)
+            self._scratch = Path(scratch)
+        target = self._scratch or temporary
+        with open(target, "wb") as file:
+            self._write_header(file)
+            file.truncate(self.VOX_OFFSET + 4 * int(np.prod(self.shape)))
+        self._voxels = np.memmap(target, dtype="<f4", mode="r+", offset=self.VOX_OFFSET,
+                                 shape=self.shape, order="F")
         return self
 
+    def _write_header(self, file) -> None:
+        self.header.write_to(file)  # nibabel writes the extension flag too
+        file.write(b"\0" * (self.VOX_OFFSET - file.tell()))
+
     def write(self, slab: np.ndarray) -> None:
-        """Append ``(I, J, n)`` voxels: the next ``n`` slices along the last axis."""
-        if slab.shape[:2] != self.shape[:2] or self.written + slab.shape[2] > self.shape[2]:
+        """Append the next ``n`` slices: ``slab`` spans the volume but ``n`` along the slice axis."""
+        expected = list(self.shape)
+        expected[self.slice_axis] = slab.shape[self.slice_axis]
+        if list(slab.shape) != expected or self.written + slab.shape[self.slice_axis] > self.shape[self.slice_axis]:
             raise ValueError(f"slab {slab.shape} does not continue a volume of {self.shape}")
-        self._file.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
-        self.written += slab.shape[2]
+        if self.slice_axis == 2:
+            self._file.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
+        else:
+            where = [slice(None)] * 3
+            where[self.slice_axis] = slice(self.written, self.written + slab.shape[self.slice_axis])
+            self._voxels[tuple(where)] = slab
+        self.written += slab.shape[self.slice_axis]
 
     def __exit__(self, kind, error, traceback) -> bool:
-        self._file.close()
-        if kind is None and self.written != self.shape[2]:
-            error = ValueError(f"{self.path}: only {self.written} of {self.shape[2]} slices were written")
-            self._atomic.__exit__(ValueError, error, None)  # removes the temporary file
-            raise error
+        try:
+            self._finish(complete=kind is None)
+        except BaseException as failure:
+            # an incomplete volume or a failed compression: the temporary file goes
+            self._atomic.__exit__(type(failure), failure, failure.__traceback__)
+            raise
+        finally:
+            if self._scratch is not None:
+                self._scratch.unlink(missing_ok=True)
         self._atomic.__exit__(kind, error, traceback)  # renames on success, removes on failure
         return False
 
-
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, description: str = "",
-                overwrite: bool = False) -> Path:
-    """Write a float32 NIfTI-1 whose qform and sform both equal ``affine`` (RAS, mm).
-
-    Args:
-        path: destination ending in ``.nii`` or ``.nii.gz``.
-        array: ``(I, J, K)`` voxels in original units.
-        affine: ``(4, 4)`` voxel -> RAS mm.
-        description: stored in the header's ``descrip`` (at most 79 characters).
-        overwrite: replace an existing file.
-    """
-    path = Path(path)
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise OutputError(f"{path}: NIfTI output must end in .nii or .nii.gz")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
-    image = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
-    image.set_qform(affine, code=SCANNER_XFORM)
-    image.set_sform(affine, code=SCANNER_XFORM)
-    image.header.set_xyzt_units(xyz="mm")
-    image.header["descrip"] = description.encode("ascii", "replace")[:79]
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    with atomic_output(path, suffix=f".tmp{suffix}") as temporary:  # nibabel compresses by suffix
-        nib.save(image, temporary)
-    return path
+    def _finish(self, complete: bool) -> None:
+        if self.slice_axis == 2:
+            self._file.close()
+        else:
+            self._voxels.flush()
+            del self._voxels
+        if not complete:
+            return
+        if self.written != self.shape[self.slice_axis]:
+            raise ValueError(f"{self.path}: only {self.written} of {self.shape[self.slice_axis]} "
+                             "slices were written")
+        if self._scratch is not None:
+            with open(self._scratch, "rb") as source, \
+                    gzip.open(self._temporary, "wb", compresslevel=1) as compressed:
+                shutil.copyfileobj(source, compressed, 16 * 2**20)

@@ -263,3 +263,38 @@ def test_both_passes_report_progress(tmp_path, tiny_checkpoint):
                  progress=lambda done, total: enhanced.append((done, total)))
     assert reads == [(k, 20) for k in range(1, 21)]
     assert enhanced == [(8, 20), (16, 20), (20, 20)]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_slices_across_the_file_stream_through_a_mapped_scratch(tmp_path, tiny_checkpoint, suffix):
+    """Enhanced along axis 0, NIfTI slices interleave in the file: they go to a memory-mapped
+    scratch (compressed at the end for .nii.gz); the file equals the in-memory result, and
+    nothing else is left in the folder."""
+    import nibabel as nib
+
+    model, config = load_model(tiny_checkpoint)
+    scan = read_scan(MR_NIFTI)
+    volume = scan.array[:, 40:72, 40:72]  # a block of the real T1, kept small
+    source = tmp_path / "block.nii.gz"
+    nib.save(nib.Nifti1Image(volume, scan.affine), source)
+    expected = enhance_volume(volume, scan.affine, 0, model, "kspace", batch_size=16)
+    output = tmp_path / f"out{suffix}"
+    enhance_file(source, output, slice_axis=0, degradation="kspace", batch_size=16,
+                 loaded=(model, config))
+    image = nib.load(output)
+    np.testing.assert_array_equal(image.get_fdata(dtype=np.float32), expected.array)
+    np.testing.assert_allclose(image.affine, expected.affine, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["block.nii.gz", output.name, "tiny.pt"])
+
+
+def test_an_unfinished_mapped_nifti_leaves_nothing(tmp_path):
+    from medsr.writing import NiftiSliceWriter
+
+    with pytest.raises(ValueError, match="only 1 of 3 slices"):
+        with NiftiSliceWriter(tmp_path / "o.nii.gz", (3, 4, 5), np.eye(4), slice_axis=0) as writer:
+            writer.write(np.zeros((1, 4, 5), np.float32))
+    with pytest.raises(RuntimeError):
+        with NiftiSliceWriter(tmp_path / "o.nii", (3, 4, 5), np.eye(4), slice_axis=1) as writer:
+            writer.write(np.zeros((3, 2, 5), np.float32))
+            raise RuntimeError("model failed")
+    assert list(tmp_path.iterdir()) == []
