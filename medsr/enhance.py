@@ -24,7 +24,7 @@ import torch
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
-from medsr.reading import OpenScan, refuse_non_finite
+from medsr.reading import OpenScan, planes_from_whole, refuse_non_finite
 from medsr.transforms import IntensityCounts, IntensityWindow
 
 logger = logging.getLogger(__name__)
@@ -411,7 +411,10 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
     model, config = loaded if loaded is not None else load_enhancer(weights, scale)
     scan = open_scan(input_path, series_uid)
     if slice_axis is not None and slice_axis != scan.slice_axis:
-        scan = dataclasses.replace(scan, slice_axis=slice_axis, read_plane=_planes_along(scan, slice_axis))
+        # slices across the acquired ones: the volume is read once, whole
+        acquired = scan
+        scan = dataclasses.replace(acquired, slice_axis=slice_axis,
+                                   read_plane=planes_from_whole(lambda: acquired.load().array, slice_axis))
     axis = scan.slice_axis
     if output_format == "dicom" and (scan.source_format != "dicom" or axis != 2):
         raise MedsrError(f"{output}: DICOM output needs DICOM input enhanced along its own "
@@ -435,18 +438,6 @@ def enhance_file(input_path: str | Path, output: str | Path, scale: int = 2,
             return run(sink=writer.write)
     with NiftiSliceWriter(output, shape, affine, description, overwrite, slice_axis=axis) as writer:
         return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, axis)))
-
-
-def _planes_along(scan: OpenScan, axis: int) -> Callable[[int], np.ndarray]:
-    """Slices across the acquired ones (``--slice-axis``): the volume is read once, whole."""
-    volume = []
-
-    def read_plane(index: int) -> np.ndarray:
-        if not volume:
-            volume.append(scan.load().array)
-        return np.take(volume[0], index, axis=axis)
-
-    return read_plane
 
 
 def load_enhancer(weights: str | Path | None, scale: int):
@@ -562,16 +553,14 @@ def resolve_format(output: Path, output_format: str = "auto") -> str:
     return output_format
 
 
-def default_degradation(scan, counts: IntensityCounts | None = None) -> str:
+def default_degradation(scan: OpenScan, counts: IntensityCounts) -> str:
     """``kspace`` for MR (acquired in k-space), ``bicubic`` for CT and anything else.
 
     DICOM says its modality; for NIfTI, CT is recognised by air far below zero (HU), from the
-    scan's value ``counts`` (or its array).
+    scan's value ``counts``.
     """
-    from medsr.data import CT_AIR_PERCENTILE, CT_AIR_THRESHOLD, is_ct
+    from medsr.data import CT_AIR_PERCENTILE, CT_AIR_THRESHOLD
 
     if scan.modality:
         return "kspace" if scan.modality == "MR" else "bicubic"
-    if counts is not None:
-        return "bicubic" if counts.percentile(CT_AIR_PERCENTILE) < CT_AIR_THRESHOLD else "kspace"
-    return "bicubic" if is_ct(scan.array, None) else "kspace"
+    return "bicubic" if counts.percentile(CT_AIR_PERCENTILE) < CT_AIR_THRESHOLD else "kspace"

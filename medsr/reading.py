@@ -234,17 +234,24 @@ def _open_nifti(path: Path) -> OpenScan:
                 return quietly(lambda: image.slicer[:, :, index:index + 1].get_fdata(dtype=np.float32))[:, :, 0]
             except Exception as exc:
                 raise ScanReadError(f"{path}: not a readable NIfTI file ({exc})") from None
-    else:
-        # other slice axes are strided through the file: read it once, serve slices from memory
-        cached = []
-
-        def read_plane(index: int) -> np.ndarray:
-            if not cached:
-                cached.append(read_all())
-            return np.take(cached[0], index, axis=slice_axis)
+    else:  # other slice axes are strided through the file
+        read_plane = planes_from_whole(read_all, slice_axis)
 
     return OpenScan(shape=shape, affine=affine, slice_axis=slice_axis, path=path,
                     source_format="nifti", read_plane=read_plane)
+
+
+def planes_from_whole(load: Callable[[], np.ndarray], axis: int) -> Callable[[int], np.ndarray]:
+    """A ``read_plane`` for slices that cut across the file: ``load()`` reads the whole volume
+    once, when the first slice is asked for, and every slice is taken from it."""
+    volume: list[np.ndarray] = []
+
+    def read_plane(index: int) -> np.ndarray:
+        if not volume:
+            volume.append(load())
+        return np.take(volume[0], index, axis=axis)
+
+    return read_plane
 
 
 # --------------------------------------------------------------------------------------- DICOM
