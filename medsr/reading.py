@@ -6,7 +6,18 @@ volume in original units (DICOM RescaleSlope/Intercept applied, so CT is in HU) 
 are ``(column, row, slice)``: ``I`` runs along the image rows (ImageOrientationPatient[:3]),
 ``J`` down the columns, ``K`` through the slices sorted along the slice normal. ``slice_axis`` is
 the axis of acquired slices (2 for DICOM). ``dicom_headers`` keeps one header per slice, in
-array order and without pixel data, so a writer can derive a new series from them.
+array order and without pixel data, so a writer can derive a new series from them. The reader
+never changes those headers: what it has to assume (the geometry of a lone image without
+patient coordinates) lives in the affine and in ``geometry_assumed`` only, so no writer copies
+an assumption into a clinical header.
+
+Stored values become original units through pydicom's ``apply_modality_lut`` (Rescale
+Slope/Intercept or a Modality LUT Sequence; per frame for multi-frame objects). Padding
+(PixelPaddingValue, PixelPaddingRangeLimit) is reported in original units in ``padding``.
+
+Several images at one slice position are one volume only when they are exact repeats; echoes,
+phases or b-values of one series are refused with a message that names the attribute telling
+them apart, and ``select=(keyword, value)`` picks one of them.
 
 MONAI's ``PydicomReader`` orders slices by InstanceNumber and does not cope with duplicate
 positions, so the DICOM path here sorts by ImagePositionPatient projected on the slice normal.
@@ -19,7 +30,9 @@ one at a time on demand, so a long series can be enhanced with memory bounded by
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
+import math
 import struct
 import warnings
 from collections import defaultdict
@@ -30,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.datadict import tag_for_keyword
+from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
 
 from medsr.errors import ScanReadError
@@ -40,6 +55,19 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Relative tolerance on slice gaps before the series counts as unevenly spaced.
 GAP_TOLERANCE = 0.01
+# Two voxel-to-world maps of one volume agree when they place every voxel within this fraction
+# of its smallest size of each other (real series with uneven gaps differ by 1/8 of an in-plane
+# voxel between their affine and its nearest qform; a gantry tilt by tens of mm).
+XFORM_TOLERANCE = 0.25
+# NIfTI (qform_code, sform_code) of DICOM patient coordinates: scanner-based anatomical.
+SCANNER_XFORM_CODES = (1, 1)
+UNKNOWN_XFORM_CODES = (0, 0)
+# Attributes that tell apart images taken at one slice position (echoes, phases, b-values,
+# repeated acquisitions, derived images); the per-frame ones are looked up in the functional
+# groups of multi-frame objects.
+SAME_POSITION_ATTRIBUTES = ("EchoTime", "EffectiveEchoTime", "EchoNumbers", "TemporalPositionIdentifier",
+                            "TemporalPositionIndex", "TriggerTime", "NominalCardiacTriggerDelayTime",
+                            "InversionTime", "DiffusionBValue", "AcquisitionNumber", "ImageType", "FrameType")
 
 
 class _ScanFacts:
@@ -53,6 +81,13 @@ class _ScanFacts:
         """DICOM Modality (``"CT"``, ``"MR"``...), or None for NIfTI and DICOM without one."""
         value = str(self.dicom_headers[0].get("Modality", "") or "") if self.dicom_headers else ""
         return value.upper() or None
+
+    @property
+    def photometric(self) -> str | None:
+        """DICOM PhotometricInterpretation (``"MONOCHROME1"``: low values display white), or
+        None for NIfTI. The values are never inverted: they stay in original units."""
+        value = str(self.dicom_headers[0].get("PhotometricInterpretation", "") or "") if self.dicom_headers else ""
+        return value.strip().upper() or None
 
     @property
     def spacing(self) -> np.ndarray:
@@ -74,6 +109,17 @@ class Scan(_ScanFacts):
             single header for a multi-frame object, none for NIfTI.
         multiframe: True when the DICOM input was one multi-frame object.
         frame_order: multi-frame only: the source frame index (0-based) of each array slice.
+        geometry_assumed: True when the affine rests on assumptions (a lone DICOM image
+            without ImageOrientationPatient, ImagePositionPatient or PixelSpacing: axial, at the
+            origin, ImagerPixelSpacing or 1 mm); the headers do not carry them.
+        xform_codes: NIfTI ``(qform_code, sform_code)`` an output of this scan should carry:
+            a NIfTI input's own (its qform code drops to 0 when its qform and sform disagree,
+            as only the sform, nibabel's affine, is kept), ``(1, 1)`` (scanner) for DICOM,
+            ``(0, 0)`` (unknown) when the geometry was assumed.
+        padding: the inclusive ``(low, high)`` range of padding values in original units
+            (PixelPaddingValue and PixelPaddingRangeLimit through the modality LUT of the first
+            slice), or None. Every pixel its own header marks as padding reads as a value in
+            this range (``low`` where its own rescale would put it elsewhere).
     """
 
     array: np.ndarray
@@ -84,6 +130,9 @@ class Scan(_ScanFacts):
     dicom_headers: tuple = field(default=(), repr=False)
     multiframe: bool = False
     frame_order: tuple[int, ...] = ()
+    geometry_assumed: bool = False
+    xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
+    padding: tuple[float, float] | None = None
 
     def to_metatensor(self):
         """The volume as a MONAI ``MetaTensor`` with ``affine`` and ``slice_axis`` in its meta."""
@@ -102,8 +151,8 @@ class OpenScan(_ScanFacts):
 
     Attributes:
         shape: ``(I, J, K)`` of the whole volume.
-        affine, slice_axis, path, source_format, dicom_headers, multiframe, frame_order: as
-            in :class:`Scan`.
+        affine, slice_axis, path, source_format, dicom_headers, multiframe, frame_order,
+            geometry_assumed, xform_codes, padding: as in :class:`Scan`.
         read_plane: index along ``slice_axis`` -> that slice, float32 in original units, the
             two remaining axes in array order. Raises :class:`ScanReadError` on damaged data.
     """
@@ -117,6 +166,9 @@ class OpenScan(_ScanFacts):
     dicom_headers: tuple = field(default=(), repr=False)
     multiframe: bool = False
     frame_order: tuple[int, ...] = ()
+    geometry_assumed: bool = False
+    xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
+    padding: tuple[float, float] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -138,7 +190,8 @@ class OpenScan(_ScanFacts):
         return Scan(array=np.ascontiguousarray(array, dtype=np.float32), affine=self.affine,
                     slice_axis=self.slice_axis, path=self.path, source_format=self.source_format,
                     dicom_headers=self.dicom_headers, multiframe=self.multiframe,
-                    frame_order=self.frame_order)
+                    frame_order=self.frame_order, geometry_assumed=self.geometry_assumed,
+                    xform_codes=self.xform_codes, padding=self.padding)
 
 
 def refuse_non_finite(path: Path, bad: int) -> None:
@@ -147,12 +200,17 @@ def refuse_non_finite(path: Path, bad: int) -> None:
         raise ScanReadError(f"{path}: {bad} voxels are NaN or infinite; medsr needs finite values")
 
 
-def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
+def read_scan(path: str | Path, series_uid: str | None = None,
+              select: tuple[str, str] | None = None) -> Scan:
     """Read a DICOM series folder, a DICOM file or a NIfTI file, every voxel at once.
 
     Args:
         path: a folder holding one DICOM series, a single DICOM file, or a ``.nii``/``.nii.gz``.
         series_uid: SeriesInstanceUID to pick when a folder holds several series.
+        select: ``(keyword, value)``: keep only the DICOM images (frames) whose attribute
+            ``keyword`` has that value, e.g. ``("EchoTime", "13.8")`` for one echo of a
+            multi-echo series. Numbers compare with a relative tolerance of 1e-4; several
+            values are written as DICOM writes them, ``"ORIGINAL\\PRIMARY\\M"``.
 
     Returns:
         The :class:`Scan`, in original units, with a RAS+ affine.
@@ -160,25 +218,52 @@ def read_scan(path: str | Path, series_uid: str | None = None) -> Scan:
     Raises:
         ScanReadError: the path is missing, not a readable scan, or holds no usable image.
     """
-    return open_scan(path, series_uid).load()
+    return open_scan(path, series_uid, select).load()
 
 
-def open_scan(path: str | Path, series_uid: str | None = None) -> OpenScan:
+def open_scan(path: str | Path, series_uid: str | None = None,
+              select: tuple[str, str] | None = None) -> OpenScan:
     """Read the headers of a scan (as :func:`read_scan` takes it) and check its geometry; the
     voxels are read later, slice by slice, through :attr:`OpenScan.read_plane`.
 
     Raises:
-        ScanReadError: the path is missing, not a readable scan, or holds no usable image.
+        ScanReadError: the path is missing, not a readable scan, holds no usable image, holds
+            several images per slice position that differ (echoes, phases: pick one with
+            ``select``), or ``select`` matches nothing.
     """
     path = Path(path)
     if not path.exists():
         raise ScanReadError(f"{path}: no such file or folder")
+    if select is not None:
+        _check_select(select)
     if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
+        if select is not None:
+            raise ScanReadError(f"{path}: selecting images by {select[0]} needs DICOM input, not NIfTI")
         return _open_nifti(path)
     try:
-        return _open_dicom_folder(path, series_uid) if path.is_dir() else _open_dicom_file(path)
+        if path.is_dir():
+            return _open_dicom_folder(path, series_uid, select)
+        return _open_dicom_file(path, select)
     except _READ_ERRORS as exc:
         raise _damaged(path, exc) from None
+
+
+def _check_select(select) -> None:
+    if not (isinstance(select, tuple) and len(select) == 2 and all(isinstance(v, str) for v in select)):
+        raise ScanReadError(f"select must be a (keyword, value) pair of strings, not {select!r}")
+    keyword = select[0]
+    if tag_for_keyword(keyword) is None:
+        raise ScanReadError(f"select: {keyword!r} is not a DICOM attribute keyword (such as EchoTime)")
+
+
+def affines_agree(first: np.ndarray, second: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether two voxel-to-world affines place every voxel of a volume of ``shape`` within
+    :data:`XFORM_TOLERANCE` of its smallest voxel size of each other. Their difference is
+    affine, so the corners of the volume decide."""
+    corners = np.array([[*corner, 1.0] for corner in itertools.product(*[(0, n - 1) for n in shape[:3]])]).T
+    apart = np.linalg.norm(((np.asarray(first) - np.asarray(second)) @ corners)[:3], axis=0).max()
+    smallest = min(voxel_sizes(first).min(), voxel_sizes(second).min())
+    return bool(apart <= XFORM_TOLERANCE * smallest)
 
 
 def _damaged(path: Path, exc: BaseException) -> ScanReadError:
@@ -220,6 +305,7 @@ def _open_nifti(path: Path) -> OpenScan:
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
     slice_axis = largest_spacing_axis(affine)
+    xform_codes = _nifti_xform_codes(image.header, shape, path)
 
     def read_all() -> np.ndarray:
         try:
@@ -238,7 +324,19 @@ def _open_nifti(path: Path) -> OpenScan:
         read_plane = planes_from_whole(read_all, slice_axis)
 
     return OpenScan(shape=shape, affine=affine, slice_axis=slice_axis, path=path,
-                    source_format="nifti", read_plane=read_plane)
+                    source_format="nifti", read_plane=read_plane, xform_codes=xform_codes)
+
+
+def _nifti_xform_codes(header, shape: tuple[int, int, int], path: Path) -> tuple[int, int]:
+    """The (qform_code, sform_code) an output of this NIfTI should carry. The output has one
+    affine, nibabel's (the sform when its code is set, else the qform), so a qform that places
+    the voxels elsewhere than the sform (another space) cannot be kept and its code drops to 0."""
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if qform_code and sform_code and not affines_agree(header.get_qform(), header.get_sform(), shape):
+        logger.info("%s: qform and sform place the voxels differently; the output keeps the sform "
+                    "(code %d) and marks its qform unknown", path, sform_code)
+        qform_code = 0
+    return qform_code, sform_code
 
 
 def planes_from_whole(load: Callable[[], np.ndarray], axis: int) -> Callable[[int], np.ndarray]:
@@ -281,13 +379,13 @@ def try_dcmread(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset
         return None
 
 
-def _open_dicom_file(path: Path) -> OpenScan:
+def _open_dicom_file(path: Path, select: tuple[str, str] | None) -> OpenScan:
     header = try_dcmread(path, stop_before_pixels=True)
     if header is None:
         raise ScanReadError(f"{path}: not a DICOM file (and not .nii/.nii.gz)")
     if int(header.get("NumberOfFrames", 1) or 1) > 1:
-        return _open_multiframe(header, path, path)
-    return _open_slices([(path, header)], path)
+        return _open_multiframe(header, path, path, select)
+    return _open_slices([(path, header)], path, select)
 
 
 def dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
@@ -308,7 +406,7 @@ def _headers_by_series(folder: Path) -> dict[str, list[tuple[Path, pydicom.Datas
     return dict(by_series)
 
 
-def _open_dicom_folder(folder: Path, series_uid: str | None) -> OpenScan:
+def _open_dicom_folder(folder: Path, series_uid: str | None, select: tuple[str, str] | None) -> OpenScan:
     by_series = _headers_by_series(folder)
     if not by_series:
         raise ScanReadError(f"{folder}: no DICOM files in this folder")
@@ -332,8 +430,8 @@ def _open_dicom_folder(folder: Path, series_uid: str | None) -> OpenScan:
     if not images:
         raise ScanReadError(f"{folder}: the DICOM series has no images (no pixel data)")
     if len(images) == 1 and int(images[0][1].get("NumberOfFrames", 1) or 1) > 1:
-        return _open_multiframe(images[0][1], images[0][0], folder)
-    return _open_slices(images, folder)
+        return _open_multiframe(images[0][1], images[0][0], folder, select)
+    return _open_slices(images, folder, select)
 
 
 def _is_image(header: pydicom.Dataset) -> bool:
@@ -414,10 +512,68 @@ class _FrameDecoder:
         return frames[frame]
 
 
-def _rescale(stored: np.ndarray, slope, intercept) -> np.ndarray:
-    slope = float(slope) if slope not in (None, "") else 1.0
-    intercept = float(intercept) if intercept not in (None, "") else 0.0
-    return (stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+def _value_mapping(holder: pydicom.Dataset) -> Callable[[np.ndarray], np.ndarray]:
+    """Stored values -> float32 original units, by pydicom's ``apply_modality_lut``: the
+    holder's Modality LUT Sequence, else its Rescale Slope/Intercept (a missing one counts as 1
+    or 0: pydicom would then apply nothing). ``holder`` is an image header or, for a frame of
+    a multi-frame object, its Pixel Value Transformation item."""
+    if holder.get("ModalityLUTSequence"):
+        module = holder
+    else:
+        module = pydicom.Dataset()
+        slope, intercept = holder.get("RescaleSlope"), holder.get("RescaleIntercept")
+        module.RescaleSlope = slope if slope not in (None, "") else "1"
+        module.RescaleIntercept = intercept if intercept not in (None, "") else "0"
+        float(module.RescaleSlope), float(module.RescaleIntercept)  # damaged values fail here, not per slice
+
+    def to_units(stored: np.ndarray) -> np.ndarray:
+        return np.asarray(apply_modality_lut(stored, module), dtype=np.float32)
+
+    return to_units
+
+
+def stored_padding(header: pydicom.Dataset) -> tuple[int, int | None] | None:
+    """``(PixelPaddingValue, PixelPaddingRangeLimit or None)`` of a header as stored values, or
+    None without padding. Both are US or SS after PixelRepresentation; a signed value some
+    writers store as US (63536 for -2000) is read back as signed."""
+    value = header.get("PixelPaddingValue")
+    if value in (None, ""):
+        return None
+    signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+
+    def stored(number) -> int:
+        number = int(number)
+        return number - 2**16 if signed and number >= 2**15 else number
+
+    limit = header.get("PixelPaddingRangeLimit")
+    return stored(value), (stored(limit) if limit not in (None, "") else None)
+
+
+def stored_padding_range(header: pydicom.Dataset) -> tuple[int, int] | None:
+    """The inclusive range of stored values a header marks as padding, or None."""
+    padding = stored_padding(header)
+    if padding is None:
+        return None
+    value, limit = padding
+    return (value, value) if limit is None else (min(value, limit), max(value, limit))
+
+
+def _padding_in_units(stored_range: tuple[int, int] | None, to_units) -> tuple[float, float] | None:
+    if stored_range is None:
+        return None
+    values = to_units(np.asarray(stored_range, dtype=np.int64))
+    return float(values.min()), float(values.max())  # float32 values, as the slices hold them
+
+
+def _to_units_keeping_padding(stored: np.ndarray, to_units, own_padding: tuple[int, int] | None,
+                              padding: tuple[float, float] | None) -> np.ndarray:
+    """Original units of one slice; its padding pixels (by its own header) that its own
+    mapping puts outside the scan's ``padding`` range read as ``padding[0]``."""
+    values = to_units(stored)
+    if own_padding is not None and padding is not None:
+        marked = (stored >= own_padding[0]) & (stored <= own_padding[1])
+        values[marked & ((values < padding[0]) | (values > padding[1]))] = padding[0]
+    return values
 
 
 def _orientation(value, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -465,13 +621,68 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, fallback: float, path
     return mean_step
 
 
-def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray, path: Path):
-    """Sort items along the slice normal; drop repeats of a position (first one wins)."""
+def _value_text(value) -> str:
+    """An attribute's value as DICOM writes it (several values joined by a backslash)."""
+    if value is None or value == "":
+        return "(none)"
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _value_matches(value, text: str) -> bool:
+    """Whether an attribute's value is ``text``; numbers compare with a relative tolerance."""
+    if value is None or value == "":
+        return False
+    ours, theirs = _value_text(value).split("\\"), text.split("\\")
+    if len(ours) != len(theirs):
+        return False
+    for mine, wanted in zip(ours, theirs):
+        try:
+            if not math.isclose(float(mine), float(wanted), rel_tol=1e-4, abs_tol=1e-6):
+                return False
+        except ValueError:
+            if mine.strip().upper() != wanted.strip().upper():
+                return False
+    return True
+
+
+def _attribute(keyword: str, header: pydicom.Dataset, *functional_groups) -> object:
+    """``keyword``'s value in an image header or, for a frame of a multi-frame object, in its
+    functional groups first (per-frame, then shared: one level down, in the macro items)."""
+    for groups in functional_groups:
+        if groups is None:
+            continue
+        for element in groups:
+            if element.VR == "SQ" and element.value and keyword in element.value[0]:
+                return element.value[0].get(keyword)
+    return header.get(keyword)
+
+
+def _selected(items: list, attribute_of: Callable, select: tuple[str, str] | None, path: Path) -> list:
+    """The items (images or frames) whose ``select[0]`` attribute has the value ``select[1]``."""
+    if select is None:
+        return items
+    keyword, wanted = select
+    chosen = [item for item in items if _value_matches(attribute_of(item, keyword), wanted)]
+    if not chosen:
+        found = sorted({_value_text(attribute_of(item, keyword)) for item in items})
+        raise ScanReadError(f"{path}: no image has {keyword} = {wanted}; its images have {keyword} "
+                            f"{', '.join(found)}")
+    return chosen
+
+
+def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray, path: Path,
+                          attribute_of: Callable):
+    """Sort items along the slice normal. Exact repeats of a position are dropped (first one
+    wins, with a warning); images at one position that differ in an attribute of
+    :data:`SAME_POSITION_ATTRIBUTES` (echoes, phases) are refused, naming the attribute."""
     order = np.argsort(positions @ normal, kind="stable")
     kept, kept_positions = [], []
     for index in order:
         position = positions[index]
         if kept_positions and np.allclose(position, kept_positions[-1], atol=1e-3):
+            _refuse_distinct_images(kept[-1], items[index], items, attribute_of, path)
             logger.warning("%s: two slices at the same position %s; keeping the first",
                            path, np.round(position, 3).tolist())
             continue
@@ -480,32 +691,72 @@ def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray
     return kept, np.asarray(kept_positions)
 
 
-def _single_slice_geometry(dataset: pydicom.Dataset, path: Path) -> None:
-    """A lone image without patient geometry (secondary capture, old exports) still enhances:
-    identity orientation at the origin, spacing from PixelSpacing/ImagerPixelSpacing or 1 mm."""
-    missing = [k for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-               if dataset.get(k) is None]
-    if not missing:
-        return
-    logger.warning("%s: no %s; assuming an axial image at the origin", path, ", ".join(missing))
-    if dataset.get("ImageOrientationPatient") is None:
-        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    if dataset.get("ImagePositionPatient") is None:
-        dataset.ImagePositionPatient = [0, 0, 0]
-    if dataset.get("PixelSpacing") is None:
-        dataset.PixelSpacing = dataset.get("ImagerPixelSpacing") or [1, 1]
+def _refuse_distinct_images(first, second, items: list, attribute_of: Callable, path: Path) -> None:
+    for keyword in SAME_POSITION_ATTRIBUTES:
+        if _value_text(attribute_of(first, keyword)) != _value_text(attribute_of(second, keyword)):
+            values = sorted({_value_text(attribute_of(item, keyword)) for item in items})
+            raise ScanReadError(
+                f"{path}: images at one slice position differ in {keyword} ({', '.join(values)}): "
+                f"the series holds several echoes or phases; pick one with "
+                f"--select {keyword}={values[0]}"
+            )
 
 
-def _open_slices(images: list[tuple[Path, pydicom.Dataset]], path: Path) -> OpenScan:
+def _lone_image_geometry(header: pydicom.Dataset, path: Path):
+    """(orientation, position, pixel spacing, assumed) of a single image.
+
+    A lone image without patient geometry (secondary capture, projection radiograph, old
+    export) still enhances: the affine assumes an axial image at the origin and takes its
+    spacing from ImagerPixelSpacing, else 1 mm, with a warning. The header is left as it is,
+    so a writer never copies the assumption.
+    """
+    orientation = header.get("ImageOrientationPatient")
+    position = header.get("ImagePositionPatient")
+    spacing = header.get("PixelSpacing")
+    missing, assumptions = [], []
+    if not orientation:
+        missing.append("ImageOrientationPatient")
+        assumptions.append("an axial image")
+        orientation = [1, 0, 0, 0, 1, 0]
+    if not position:
+        missing.append("ImagePositionPatient")
+        assumptions.append("at the origin")
+        position = [0, 0, 0]
+    if not spacing:
+        missing.append("PixelSpacing")
+        spacing = header.get("ImagerPixelSpacing")
+        assumptions.append("ImagerPixelSpacing as pixel spacing" if spacing else "1 mm pixels")
+        spacing = spacing or [1, 1]
+    if missing:
+        logger.warning("%s: no %s; the volume assumes %s", path, ", ".join(missing), ", ".join(assumptions))
+    return orientation, position, spacing, bool(missing)
+
+
+def _open_slices(images: list[tuple[Path, pydicom.Dataset]], path: Path,
+                 select: tuple[str, str] | None = None) -> OpenScan:
     """A series of single-frame images (file, header): checked, sorted along the normal."""
-    first = images[0][1]
     for _, header in images:
         _check_has_image(header, path)
+
+    def attribute_of(image, keyword):
+        return _attribute(keyword, image[1])
+
+    images = _selected(images, attribute_of, select, path)
+    first = images[0][1]
     if len(images) == 1:
-        _single_slice_geometry(first, path)
-    row_dir, col_dir = _orientation(first.get("ImageOrientationPatient"), path)
+        orientation, position, spacing, assumed = _lone_image_geometry(first, path)
+        positions = [[float(v) for v in position]]
+    else:
+        orientation, spacing, assumed = first.get("ImageOrientationPatient"), first.get("PixelSpacing"), False
+        positions = []
+        for _, header in images:
+            position = header.get("ImagePositionPatient")
+            if position is None or len(position) != 3:
+                raise ScanReadError(f"{path}: a slice has no ImagePositionPatient")
+            positions.append([float(v) for v in position])
+    row_dir, col_dir = _orientation(orientation, path)
     normal = np.cross(row_dir, col_dir)
-    row_spacing, col_spacing = _pixel_spacing(first.get("PixelSpacing"), path)
+    row_spacing, col_spacing = _pixel_spacing(spacing, path)
     rows, columns = int(first.Rows), int(first.Columns)
     for _, header in images[1:]:
         if (int(header.Rows), int(header.Columns)) != (rows, columns):
@@ -513,21 +764,18 @@ def _open_slices(images: list[tuple[Path, pydicom.Dataset]], path: Path) -> Open
         other_row, other_col = _orientation(header.get("ImageOrientationPatient"), path)
         if not (np.allclose(other_row, row_dir, atol=1e-4) and np.allclose(other_col, col_dir, atol=1e-4)):
             raise ScanReadError(f"{path}: slices differ in orientation; not one volume")
-    positions = []
-    for _, header in images:
-        position = header.get("ImagePositionPatient")
-        if position is None or len(position) != 3:
-            raise ScanReadError(f"{path}: a slice has no ImagePositionPatient")
-        positions.append([float(v) for v in position])
-    images, positions = _sort_and_deduplicate(images, np.asarray(positions), normal, path)
+    images, positions = _sort_and_deduplicate(images, np.asarray(positions), normal, path, attribute_of)
+    first = images[0][1]
     thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     step = _slice_step(positions, normal, thickness, path)
     decoders = [_FrameDecoder(file, rows, columns) for file, _ in images]
     headers = tuple(header for _, header in images)
+    mappings = [_value_mapping(header) for header in headers]
+    own_padding = [stored_padding_range(header) for header in headers]
+    padding = _padding_in_units(own_padding[0], mappings[0])
 
     def read_plane(index: int) -> np.ndarray:
-        header = headers[index]
-        return _rescale(decoders[index](), header.get("RescaleSlope"), header.get("RescaleIntercept")).T
+        return _to_units_keeping_padding(decoders[index](), mappings[index], own_padding[index], padding).T
 
     return OpenScan(
         shape=(columns, rows, len(images)),
@@ -537,6 +785,9 @@ def _open_slices(images: list[tuple[Path, pydicom.Dataset]], path: Path) -> Open
         source_format="dicom",
         read_plane=read_plane,
         dicom_headers=headers,
+        geometry_assumed=assumed,
+        xform_codes=UNKNOWN_XFORM_CODES if assumed else SCANNER_XFORM_CODES,
+        padding=padding,
     )
 
 
@@ -551,7 +802,8 @@ def functional_group(dataset: pydicom.Dataset, frame_group, sequence_name: str):
     return None
 
 
-def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path) -> OpenScan:
+def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path,
+                     select: tuple[str, str] | None = None) -> OpenScan:
     """Enhanced (multi-frame) MR/CT: geometry and rescale from the functional groups."""
     _check_has_image(dataset, path)
     n_frames = int(dataset.NumberOfFrames)
@@ -561,9 +813,17 @@ def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path) -> OpenSc
             f"{path}: multi-frame DICOM without per-frame functional groups; "
             "medsr needs the position of every frame"
         )
-    positions, rescales = [], []
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    shared_groups = shared[0] if shared else None
+
+    def attribute_of(frame: int, keyword: str):
+        return _attribute(keyword, dataset, per_frame[frame], shared_groups)
+
+    frames = _selected(list(range(n_frames)), attribute_of, select, path)
+    positions, mappings = [], {}
     orientation = spacing = None
-    for index, group in enumerate(per_frame):
+    for index in frames:
+        group = per_frame[index]
         plane_position = functional_group(dataset, group, "PlanePositionSequence")
         plane_orientation = functional_group(dataset, group, "PlaneOrientationSequence")
         measures = functional_group(dataset, group, "PixelMeasuresSequence")
@@ -579,18 +839,19 @@ def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path) -> OpenSc
             raise ScanReadError(f"{path}: frames differ in orientation; not one volume")
         positions.append([float(v) for v in plane_position.ImagePositionPatient])
         transform = functional_group(dataset, group, "PixelValueTransformationSequence")
-        holder = transform if transform is not None else dataset
-        rescales.append((holder.get("RescaleSlope"), holder.get("RescaleIntercept")))
+        mappings[index] = _value_mapping(transform if transform is not None else dataset)
     row_dir, col_dir = orientation
     normal = np.cross(row_dir, col_dir)
-    order, positions = _sort_and_deduplicate(list(range(n_frames)), np.asarray(positions), normal, path)
+    order, positions = _sort_and_deduplicate(frames, np.asarray(positions), normal, path, attribute_of)
     step = _slice_step(positions, normal, thickness, path)
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     decoder = _FrameDecoder(file, rows, columns, n_frames)
+    own_padding = stored_padding_range(dataset)
+    padding = _padding_in_units(own_padding, mappings[order[0]])
 
     def read_plane(index: int) -> np.ndarray:
         frame = order[index]
-        return _rescale(decoder(frame), *rescales[frame]).T
+        return _to_units_keeping_padding(decoder(frame), mappings[frame], own_padding, padding).T
 
     return OpenScan(
         shape=(columns, rows, len(order)),
@@ -602,4 +863,5 @@ def _open_multiframe(dataset: pydicom.Dataset, file: Path, path: Path) -> OpenSc
         dicom_headers=(dataset,),
         multiframe=True,
         frame_order=tuple(order),
+        padding=padding,
     )

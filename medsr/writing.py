@@ -1,11 +1,19 @@
 """Write enhanced volumes. Every file goes to a temporary name in the destination folder and is
-renamed only when complete, so an interruption never leaves half a file under the real name.
+renamed only when complete, so an interruption never leaves half a file under the real name,
+and the file and its folder are synced to disk before and after the rename, so a power cut
+leaves the old output or the new one, never an empty or partial file under the real name.
+
+Temporary files and folders are created with the usual permissions (0666 / 0777 less the
+umask, which the kernel applies): the umask is never read, because reading it means setting it
+for the whole process, a race with other threads creating files.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,39 +24,96 @@ import nibabel as nib
 import numpy as np
 
 from medsr.errors import OutputError
-from medsr.reading import NIFTI_SUFFIXES
+from medsr.reading import NIFTI_SUFFIXES, SCANNER_XFORM_CODES, affines_agree
 
-SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
+# what a MONOCHROME1 volume's NIfTI description says first: NIfTI has no photometric
+# interpretation and viewers show low values dark, while the DICOM showed them white
+MONOCHROME1_NOTE = "MONOCHROME1 values (low=white)"
 
 
 @contextmanager
 def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
-    On any failure or interruption the temporary file is removed and ``path`` is untouched.
-    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    On any failure or interruption the temporary file is removed and ``path`` is untouched. On
+    success the file is synced to disk before the rename and its folder after it. The file gets
+    the usual permissions (0666 less the umask), not mkstemp's private 0600.
     """
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary)
+    temporary = _new_name(path, suffix, lambda candidate: os.close(
+        os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~current_umask())
+        sync_file(temporary)
         os.replace(temporary, path)
+        sync_folder(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def staging_folder(destination: Path, suffix: str = ".tmp") -> Path:
+    """A new, empty folder beside ``destination`` under a hidden temporary name, with the usual
+    permissions (0777 less the umask), to be filled and renamed into place."""
+    return _new_name(destination, suffix, lambda candidate: os.mkdir(candidate, 0o777))
+
+
+def _new_name(destination: Path, suffix: str, create) -> Path:
+    """``create`` a hidden name beside ``destination`` that did not exist (retrying on a clash)."""
+    for _ in range(100):
+        candidate = destination.parent / f".{destination.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise OutputError(f"{destination}: no free temporary name beside it after 100 tries")
+
+
+def sync_file(path: Path) -> None:
+    """Flush a written file's data to disk (fsync)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (files created, renamed or removed in it) to disk. File systems
+    that cannot sync a folder (some network and FUSE mounts) are left as they are."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # platforms without folder descriptors
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is an existing folder with nothing in it."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except (NotADirectoryError, FileNotFoundError):
+        return False
+
+
+def output_taken(output: Path) -> bool:
+    """Whether writing ``output`` would replace something: it exists, unless it is an empty
+    folder given for a DICOM series (users often create the folder first)."""
+    if not output.exists():
+        return False
+    return output.name.lower().endswith(NIFTI_SUFFIXES) or not is_empty_folder(output)
 
 
 def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False) -> None:
     """Refuse outputs that would replace an input, land inside an input series folder, go to a
-    missing folder, or replace an existing file without ``overwrite``."""
+    missing folder, or replace an existing output without ``overwrite`` (an existing empty
+    folder is not an output yet: a DICOM series is written in its place)."""
     resolved = output.resolve()
     for source in inputs:
         source = source.resolve()
@@ -62,20 +127,51 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
         raise OutputError(f"{output}: folder {output.parent} does not exist; create it first")
     if not os.access(output.parent, os.W_OK):
         raise OutputError(f"{output}: folder {output.parent} is not writable")
-    if output.exists() and not overwrite:
+    if output_taken(output) and not overwrite:
         raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
 
 
-def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: str = "") -> nib.Nifti1Header:
-    """Header of a float32 NIfTI-1 whose qform and sform both equal ``affine`` (RAS, mm)."""
+def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: str = "",
+                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES) -> nib.Nifti1Header:
+    """Header of a float32 NIfTI-1 whose sform is ``affine`` (RAS, mm) and whose qform is the
+    nearest rotation + zooms.
+
+    Args:
+        shape: ``(I, J, K)`` of the volume.
+        affine: ``(4, 4)`` voxel index -> RAS+ mm.
+        description: the ``descrip`` text (79 characters kept).
+        xform_codes: ``(qform_code, sform_code)``, NIfTI's meaning of the coordinates: 0
+            unknown, 1 scanner, 2 aligned, 3 Talairach, 4 MNI, 5 template; usually the input
+            scan's :attr:`~medsr.reading.Scan.xform_codes`. A qform that cannot place the
+            voxels where ``affine`` does (a shear, as from a gantry tilt) gets code 0 instead,
+            so the two never claim a space while they disagree.
+
+    Raises:
+        ValueError: a code outside 0-5.
+    """
+    qform_code, sform_code = (int(code) for code in xform_codes)
+    for code in (qform_code, sform_code):
+        if code not in nib.nifti1.xform_codes.value_set():
+            raise ValueError(f"NIfTI xform codes must be 0 to 5, not {tuple(xform_codes)}")
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(np.float32)
-    header.set_qform(affine, code=SCANNER_XFORM)
-    header.set_sform(affine, code=SCANNER_XFORM)
+    header.set_sform(affine, code=sform_code)
+    header.set_qform(affine, code=qform_code)
+    if qform_code and not affines_agree(header.get_qform(), affine, shape):
+        header.set_qform(affine, code=0)
     header.set_xyzt_units(xyz="mm")
     header["descrip"] = description.encode("ascii", "replace")[:79]
     return header
+
+
+def nifti_description(description: str, photometric: str | None) -> str:
+    """The NIfTI ``descrip`` of an enhanced volume: for MONOCHROME1 input, whose values stay as
+    they are (original units, as dcm2niix converts them), :data:`MONOCHROME1_NOTE` comes first,
+    since NIfTI viewers show low values dark where DICOM viewers showed them white."""
+    if photometric == "MONOCHROME1":
+        return f"{MONOCHROME1_NOTE}; {description}"
+    return description
 
 
 class NiftiSliceWriter:
@@ -87,8 +183,10 @@ class NiftiSliceWriter:
     memory-mapped uncompressed scratch file (compressed at the end for ``.nii.gz``). Either way
     memory holds one slab, and ``path`` appears only when every slice arrived.
 
+    ``xform_codes`` are the ``(qform_code, sform_code)`` of :func:`nifti_header`.
+
     Example:
-        >>> with NiftiSliceWriter(out, (512, 512, 120), affine) as writer:
+        >>> with NiftiSliceWriter(out, (512, 512, 120), affine, xform_codes=scan.xform_codes) as writer:
         ...     for slab in slabs:  # (512, 512, n) float32, in order
         ...         writer.write(slab)
     """
@@ -96,14 +194,15 @@ class NiftiSliceWriter:
     VOX_OFFSET = 352  # 348-byte header + 4-byte extension flag (no extensions)
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int], affine: np.ndarray,
-                 description: str = "", overwrite: bool = False, slice_axis: int = 2) -> None:
+                 description: str = "", overwrite: bool = False, slice_axis: int = 2, *,
+                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES) -> None:
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
         self.slice_axis = slice_axis
         if not self.path.name.lower().endswith(NIFTI_SUFFIXES):
             raise OutputError(f"{self.path}: NIfTI output must end in .nii or .nii.gz")
-        if self.path.exists() and not overwrite:
+        if output_taken(self.path) and not overwrite:
             raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
-        self.header = nifti_header(self.shape, affine, description)
+        self.header = nifti_header(self.shape, affine, description, xform_codes)
         self.header["vox_offset"] = self.VOX_OFFSET
         self.written = 0
         self.compressed = self.path.name.lower().endswith(".nii.gz")

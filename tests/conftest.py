@@ -69,3 +69,20 @@ def tiny_checkpoint(tmp_path) -> Path:
     path = tmp_path / "tiny.pt"
     save_checkpoint(path, model, config, epoch=1, iteration=1)
     return path
+
+
+def write_tiny_checkpoint(path: Path) -> Path:
+    """The checkpoint of :func:`tiny_checkpoint`, written to ``path``."""
+    torch.manual_seed(0)
+    config = load_config(None, ["model.features=8", "model.num_res_blocks=2"])
+    model = build_model(config)
+    torch.nn.init.normal_(model.tail.conv.weight, std=1e-5)  # near the classical upsampler
+    save_checkpoint(path, model, config, epoch=1, iteration=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The small random SRResNet x2 checkpoint of :func:`tiny_checkpoint`, made once per run
+    for module-scoped fixtures."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt")
