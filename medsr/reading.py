@@ -535,18 +535,27 @@ def _value_mapping(holder: pydicom.Dataset) -> Callable[[np.ndarray], np.ndarray
 def stored_padding(header: pydicom.Dataset) -> tuple[int, int | None] | None:
     """``(PixelPaddingValue, PixelPaddingRangeLimit or None)`` of a header as stored values, or
     None without padding. Both are US or SS after PixelRepresentation; a signed value some
-    writers store as US (63536 for -2000) is read back as signed."""
+    writers store as US (63536 for -2000) is read back as signed. A padding value that no
+    stored pixel can take (outside the range of BitsAllocated and PixelRepresentation) marks
+    nothing, and counts as no padding."""
     value = header.get("PixelPaddingValue")
     if value in (None, ""):
         return None
     signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+    bits = int(header.get("BitsAllocated", 16) or 16)
+    lowest, highest = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
     def stored(number) -> int:
         number = int(number)
         return number - 2**16 if signed and number >= 2**15 else number
 
     limit = header.get("PixelPaddingRangeLimit")
-    return stored(value), (stored(limit) if limit not in (None, "") else None)
+    padding = stored(value), (stored(limit) if limit not in (None, "") else None)
+    if not all(lowest <= end <= highest for end in padding if end is not None):
+        logger.info("PixelPaddingValue %s is outside the stored values of %d-bit %s pixels; "
+                    "no pixel is padding", padding, bits, "signed" if signed else "unsigned")
+        return None
+    return padding
 
 
 def stored_padding_range(header: pydicom.Dataset) -> tuple[int, int] | None:
@@ -630,6 +639,16 @@ def _value_text(value) -> str:
     return str(value)
 
 
+def _sorted_values(values) -> list[str]:
+    """Value texts in order, numbers by their value."""
+    def key(text: str):
+        try:
+            return (0, float(text), text)
+        except ValueError:
+            return (1, 0.0, text)
+    return sorted(set(values), key=key)
+
+
 def _value_matches(value, text: str) -> bool:
     """Whether an attribute's value is ``text``; numbers compare with a relative tolerance."""
     if value is None or value == "":
@@ -666,7 +685,7 @@ def _selected(items: list, attribute_of: Callable, select: tuple[str, str] | Non
     keyword, wanted = select
     chosen = [item for item in items if _value_matches(attribute_of(item, keyword), wanted)]
     if not chosen:
-        found = sorted({_value_text(attribute_of(item, keyword)) for item in items})
+        found = _sorted_values(_value_text(attribute_of(item, keyword)) for item in items)
         raise ScanReadError(f"{path}: no image has {keyword} = {wanted}; its images have {keyword} "
                             f"{', '.join(found)}")
     return chosen
@@ -694,7 +713,7 @@ def _sort_and_deduplicate(items: list, positions: np.ndarray, normal: np.ndarray
 def _refuse_distinct_images(first, second, items: list, attribute_of: Callable, path: Path) -> None:
     for keyword in SAME_POSITION_ATTRIBUTES:
         if _value_text(attribute_of(first, keyword)) != _value_text(attribute_of(second, keyword)):
-            values = sorted({_value_text(attribute_of(item, keyword)) for item in items})
+            values = _sorted_values(_value_text(attribute_of(item, keyword)) for item in items)
             raise ScanReadError(
                 f"{path}: images at one slice position differ in {keyword} ({', '.join(values)}): "
                 f"the series holds several echoes or phases; pick one with "
