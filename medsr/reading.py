@@ -235,7 +235,7 @@ def open_scan(path: str | Path, series_uid: str | None = None,
     if not path.exists():
         raise ScanReadError(f"{path}: no such file or folder")
     if select is not None:
-        _check_select(select)
+        select = _checked_select(select)
     if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
         if select is not None:
             raise ScanReadError(f"{path}: selecting images by {select[0]} needs DICOM input, not NIfTI")
@@ -248,12 +248,13 @@ def open_scan(path: str | Path, series_uid: str | None = None,
         raise _damaged(path, exc) from None
 
 
-def _check_select(select) -> None:
-    if not (isinstance(select, tuple) and len(select) == 2 and all(isinstance(v, str) for v in select)):
+def _checked_select(select) -> tuple[str, str]:
+    if not (isinstance(select, (tuple, list)) and len(select) == 2 and all(isinstance(v, str) for v in select)):
         raise ScanReadError(f"select must be a (keyword, value) pair of strings, not {select!r}")
-    keyword = select[0]
+    keyword, value = select
     if tag_for_keyword(keyword) is None:
         raise ScanReadError(f"select: {keyword!r} is not a DICOM attribute keyword (such as EchoTime)")
+    return keyword, value
 
 
 def affines_agree(first: np.ndarray, second: np.ndarray, shape: tuple[int, ...]) -> bool:
