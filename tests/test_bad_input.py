@@ -82,7 +82,7 @@ def test_training_killed_hard_resumes_to_the_same_epoch_count(tmp_path):
                "--out", str(out), "--set", f"data_root={SAMPLES}", "--set", f"cache_dir={tmp_path / 'cache'}",
                "--set", "train_scans=[ct_chest_3slice_dicom]", "--set", "val_scans=[]",
                "--set", "model.features=4", "--set", "model.num_res_blocks=1", "--set", "batch_size=2",
-               "--set", "patch_size=16", "--set", "iterations_per_epoch=30", "--set", "epochs=6"]
+               "--set", "patch_size=16", "--set", "iterations_per_epoch=10", "--set", "epochs=4"]
     cwd = SAMPLES.parent
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -91,8 +91,8 @@ def test_training_killed_hard_resumes_to_the_same_epoch_count(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = load_checkpoint(out / "last.pt")["epoch"]
-    assert killed_at < 6, "the run finished before it could be killed; make it longer"
+    assert killed_at < 4, "the run finished before it could be killed; make it longer"
     finished = subprocess.run(command + ["--resume"], cwd=cwd, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     final = load_checkpoint(out / "last.pt")
-    assert final["epoch"] == 6 and final["iteration"] == 6 * 30
+    assert final["epoch"] == 4 and final["iteration"] == 4 * 10

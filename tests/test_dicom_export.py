@@ -105,6 +105,29 @@ def test_round_trip_geometry_and_units(exported, name):
         assert slope == 1.0 and written.array.min() < -900  # whole HU, air kept
 
 
+@pytest.mark.slow
+def test_shipped_model_output_is_stored_without_clipping(tmp_path):
+    """The shipped weights on the real CT, written as DICOM: every enhanced value (HU) reads
+    back within half a stored step, and the padding outside the field of view stays padding."""
+    from medsr.checkpoint import default_weights, load_model
+    from medsr.dicom_writing import DicomSeriesWriter
+    from medsr.enhance import enhance_scan
+    from medsr.reading import open_scan
+
+    scan = open_scan(CT_SERIES)
+    model, _ = load_model(default_weights(2))
+    enhanced = enhance_scan(scan, model, "bicubic")
+    with DicomSeriesWriter(tmp_path / "out", scan, enhanced.affine, 2, "test", enhanced.window) as writer:
+        writer.write(np.moveaxis(enhanced.array, 2, 0))
+    written = read_scan(tmp_path / "out")
+    padding = np.float32(scan.padding[0])
+    beside_padding = (np.abs(enhanced.array - padding) <= 0.5) & (enhanced.array != padding)
+    error = np.abs(written.array - enhanced.array)
+    assert error[~beside_padding].max() <= 0.5 + 1e-3 and error.max() < 1.0 + 1e-3
+    np.testing.assert_array_equal(written.array == padding, enhanced.array == padding)
+    assert written.array.min() < -900
+
+
 def test_each_slice_keeps_its_own_position_in_an_unevenly_spaced_series(shared_scans, tmp_path, tiny_checkpoint):
     source = shared_scans / "dicom" / "dicom_numpy_ct_irregular"
     result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
@@ -194,8 +217,11 @@ def test_batch_writes_one_output_per_series_and_reports_failures(tmp_path, tiny_
         shutil.copy(path, inputs / "ct" / path.name)
     (inputs / "structures").mkdir()
     shutil.copy(pydicom_test_file("rtstruct.dcm"), inputs / "structures" / "rs.dcm")
+    (tmp_path / "nifti").mkdir()
+    nifti = tmp_path / "nifti" / MR_NIFTI.name  # a block of the real MR: the batch, not the model, is tested
+    nib.save(nib.load(MR_NIFTI).slicer[60:66, 40:104, 40:104], nifti)
     out = tmp_path / "out"
-    arguments = ["enhance", str(inputs), str(MR_NIFTI), "-o", str(out), "--weights", str(tiny_checkpoint)]
+    arguments = ["enhance", str(inputs), str(nifti), "-o", str(out), "--weights", str(tiny_checkpoint)]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 1  # one scan failed, the others were written
     assert "2 done, 0 skipped, 1 failed" in result.stdout
