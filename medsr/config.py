@@ -18,11 +18,14 @@ import yaml
 from medsr.errors import ConfigError
 
 LOSS_NAMES = ("l1", "mse")
+TASKS = ("in_plane", "through_plane")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """SRResNet size. ``scale`` lives on :class:`TrainConfig` because data depends on it too."""
+    """Network size (SRResNet in-plane, ThroughPlaneNet through-plane). ``scale`` lives on
+    :class:`TrainConfig` because data depends on it too."""
 
     features: int = 32
     num_res_blocks: int = 8
@@ -34,35 +37,49 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """How training pairs are made; probabilities of each degradation sum to 1."""
+    """How training pairs are made (:class:`medsr.transforms.RandomDegradePair`): the
+    probability of each degradation (summing to 1) and the ranges of the random ones."""
 
     bicubic: float = 0.45
     kspace: float = 0.45
     blur_noise: float = 0.10
+    area: float = 0.0
+    lanczos: float = 0.0
+    gaussian: float = 0.0
+    rician: float = 0.0
     blur_sigma_min: float = 0.3
     blur_sigma_max: float = 1.0
     noise_std_max: float = 0.02
 
     def __post_init__(self) -> None:
-        total = self.bicubic + self.kspace + self.blur_noise
-        _require(min(self.bicubic, self.kspace, self.blur_noise) >= 0, "degradation",
-                 "probabilities must be >= 0", (self.bicubic, self.kspace, self.blur_noise))
-        _require(abs(total - 1.0) < 1e-6, "degradation", "probabilities must sum to 1", total)
+        weights = self.probabilities
+        _require(min(weights.values()) >= 0, "degradation", "probabilities must be >= 0", weights)
+        _require(abs(sum(weights.values()) - 1.0) < 1e-6, "degradation",
+                 "probabilities must sum to 1", sum(weights.values()))
         _require(0 < self.blur_sigma_min <= self.blur_sigma_max, "degradation.blur_sigma_min",
                  "must be positive and <= blur_sigma_max", self.blur_sigma_min)
         _require(self.noise_std_max >= 0, "degradation.noise_std_max", "must be >= 0", self.noise_std_max)
 
     @property
     def probabilities(self) -> dict[str, float]:
-        return {"bicubic": self.bicubic, "kspace": self.kspace, "blur_noise": self.blur_noise}
+        return {"bicubic": self.bicubic, "kspace": self.kspace, "blur_noise": self.blur_noise,
+                "area": self.area, "lanczos": self.lanczos, "gaussian": self.gaussian,
+                "rician": self.rician}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``medsr train`` needs. Paths in ``train_scans``/``val_scans`` are relative to
-    ``data_root`` (itself relative to the working directory) unless absolute."""
+    ``data_root`` (itself relative to the working directory) unless absolute.
 
+    ``task`` is ``in_plane`` (SRResNet, ``scale`` 2 or 4 in-plane) or ``through_plane``
+    (ThroughPlaneNet: trained on every factor in ``through_plane_factors``; ``scale`` is the
+    factor validation uses, 4 in protocol v1-z).
+    """
+
+    task: str = "in_plane"
     scale: int = 2
+    through_plane_factors: tuple[int, ...] = (2, 3, 4, 5, 6)
     loss: str = "l1"
     learning_rate: float = 5e-4
     min_learning_rate: float = 1e-5
@@ -80,11 +97,19 @@ class TrainConfig:
     early_stop_patience: int = 10
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    precision: str = "auto"  # training autocast: auto (bf16 where the hardware has it), fp32, bf16
     model: ModelConfig = field(default_factory=ModelConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
     def __post_init__(self) -> None:
-        _require(self.scale in (2, 4), "scale", "must be 2 or 4", self.scale)
+        _require(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
+        if self.task == "in_plane":
+            _require(self.scale in (2, 4), "scale", "must be 2 or 4", self.scale)
+        else:
+            _require(2 <= self.scale <= 8, "scale", "must be 2 to 8 for through_plane", self.scale)
+            _require(bool(self.through_plane_factors)
+                     and all(2 <= int(f) <= 8 for f in self.through_plane_factors),
+                     "through_plane_factors", "must list factors from 2 to 8", self.through_plane_factors)
         _require(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}", self.loss)
         _require(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
         _require(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
@@ -100,6 +125,8 @@ class TrainConfig:
                  self.iterations_per_epoch)
         _require(self.early_stop_patience >= 1, "early_stop_patience", "must be >= 1",
                  self.early_stop_patience)
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}",
+                 self.precision)
         _require(self.ct_sampling_weight > 0, "ct_sampling_weight", "must be positive",
                  self.ct_sampling_weight)
 
@@ -150,11 +177,14 @@ def _coerce(hint, value, name: str):
         return from_dict(hint, value if value is not None else {}, name)
     origin = typing.get_origin(hint)
     if origin is tuple:
-        if isinstance(value, str):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {name!r} must be a list, not {value!r}")
-        return tuple(str(v) for v in value)
+        item = typing.get_args(hint)[0]
+        if item is str:
+            return tuple(str(v) for v in value)
+        return tuple(_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value))
     if hint is bool or hint is int or hint is float or hint is str:
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)

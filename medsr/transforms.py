@@ -1,8 +1,14 @@
 """Intensity normalisation and resolution degradation, as MONAI transforms.
 
 Degradations follow the evaluation protocol exactly (``bicubic`` and ``kspace``), slice by slice
-in the plane given by ``slice_axis``; ``blur_noise`` adds a randomised Gaussian blur before the
-bicubic step and Gaussian noise after it, so the model does not overfit one kernel.
+in the plane given by ``slice_axis``. The stress degradations (``area``, ``gaussian``,
+``lanczos``, ``rician``) are other common ways a scan loses resolution; they measure how the
+default path copes with what the protocol does not name. Every degradation puts the low-res
+pixels on one of two grids (:data:`GRID_OF`): resampling centres each low-res pixel on the
+block of high-res pixels it covers (the ``bicubic`` grid); k-space truncation and plain
+decimation sample every ``scale``-th high-res pixel (the ``kspace`` grid). The model is told the
+grid (see :mod:`medsr.model`). Training draws randomised variants of all of them
+(:class:`RandomDegradePair`), so the model does not overfit one kernel.
 """
 
 from __future__ import annotations
@@ -11,13 +17,20 @@ from dataclasses import dataclass
 
 import numpy as np
 from monai.transforms import RandomizableTransform, Transform
-from scipy.ndimage import gaussian_filter
-from skimage.transform import rescale
+from PIL import Image
+from scipy.ndimage import gaussian_filter, zoom
+from skimage.transform import downscale_local_mean, rescale
 
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine
 
-DEGRADATIONS = ("bicubic", "kspace")
+DEGRADATIONS = ("bicubic", "kspace")  # protocol v1, and the two grids the model knows
+STRESS_DEGRADATIONS = ("area", "gaussian", "lanczos", "rician")
+# which grid each degradation puts the low-res pixels on (the model mode that fits it)
+GRID_OF = {"bicubic": "bicubic", "kspace": "kspace", "area": "bicubic", "lanczos": "bicubic",
+           "gaussian": "kspace", "rician": "kspace"}
+FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+RICIAN_NOISE_FRACTION = 0.02  # evaluation noise: 2% of the volume's robust intensity range
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -248,7 +261,41 @@ def degrade_blur_noise(high_res: np.ndarray, scale: int, blur_sigma: float, nois
     return (low_res + rng.normal(0.0, noise_std, low_res.shape)).astype(np.float32)
 
 
-DEGRADE_SLICE = {"bicubic": degrade_bicubic, "kspace": degrade_kspace}
+def degrade_area(high_res: np.ndarray, scale: int) -> np.ndarray:
+    """Area averaging: each low-res pixel is the mean of its ``scale x scale`` block (binning)."""
+    return downscale_local_mean(high_res.astype(np.float64), (scale, scale)).astype(np.float32)
+
+
+def degrade_gaussian(high_res: np.ndarray, scale: int, fwhm: float | None = None) -> np.ndarray:
+    """Gaussian blur of full width at half maximum ``fwhm`` high-res pixels (default
+    ``scale``), then decimation: every ``scale``-th pixel from the first (the k-space grid)."""
+    sigma = (scale if fwhm is None else fwhm) * FWHM_TO_SIGMA
+    blurred = gaussian_filter(high_res.astype(np.float64), sigma, mode="reflect")
+    return blurred[::scale, ::scale].astype(np.float32)
+
+
+def degrade_lanczos(high_res: np.ndarray, scale: int) -> np.ndarray:
+    """Anti-aliased Lanczos-3 resampling, as Pillow's ``resize(..., LANCZOS)`` does it (the
+    kernel widened by ``scale``, low-res pixels centred on their blocks)."""
+    height, width = high_res.shape
+    image = Image.fromarray(high_res.astype(np.float32), mode="F")
+    return np.asarray(image.resize((width // scale, height // scale), Image.Resampling.LANCZOS),
+                      dtype=np.float32)
+
+
+def degrade_rician(high_res: np.ndarray, scale: int, noise_std: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``kspace`` truncation, then Rician noise: the magnitude of the image plus complex
+    Gaussian noise of standard deviation ``noise_std`` (same units), as in a magnitude MR image."""
+    low_res = degrade_kspace(high_res, scale).astype(np.float64)
+    real = low_res + rng.normal(0.0, noise_std, low_res.shape)
+    imaginary = rng.normal(0.0, noise_std, low_res.shape)
+    return np.hypot(real, imaginary).astype(np.float32)
+
+
+DEGRADE_SLICE = {"bicubic": degrade_bicubic, "kspace": degrade_kspace, "area": degrade_area,
+                 "gaussian": degrade_gaussian, "lanczos": degrade_lanczos}
+ALL_DEGRADATIONS = (*DEGRADATIONS, *STRESS_DEGRADATIONS)
 
 
 def degrade_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, scale: int,
@@ -260,21 +307,28 @@ def degrade_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, scal
         affine: its ``(4, 4)`` RAS affine (mm).
         slice_axis: the axis that is not degraded.
         scale: integer factor.
-        degradation: ``"bicubic"`` or ``"kspace"``.
+        degradation: ``"bicubic"`` or ``"kspace"`` (protocol v1), or a stress degradation
+            (``"area"``, ``"gaussian"``, ``"lanczos"``, ``"rician"``; see the module docstring).
 
     Returns:
         ``(low_res, high_res, low_res_affine)``: the degraded volume, the cropped reference
         and the affine of the low-res grid (voxel size x ``scale`` in-plane, same extent).
     """
-    if degradation not in DEGRADE_SLICE:
-        raise MedsrError(f"degradation must be one of {', '.join(DEGRADATIONS)}, not {degradation!r}")
+    if degradation not in ALL_DEGRADATIONS:
+        raise MedsrError(f"degradation must be one of {', '.join(ALL_DEGRADATIONS)}, not {degradation!r}")
     in_plane = tuple(a for a in range(3) if a != slice_axis)
     high_res = crop_to_multiple(volume, scale, axes=in_plane)
     slices = np.moveaxis(high_res, slice_axis, 0)
     if min(slices.shape[1:]) < 2 * scale:
         raise MedsrError(f"slices of {slices.shape[1:]} voxels are too small to degrade by {scale}")
-    degrade = DEGRADE_SLICE[degradation]
-    low_res = np.stack([degrade(s, scale) for s in slices], axis=0)
+    if degradation == "rician":  # a fixed noise level and seed, so scores are reproducible
+        window = robust_window(high_res)
+        noise_std = RICIAN_NOISE_FRACTION * (window.high - window.low)
+        low_res = np.stack([degrade_rician(s, scale, noise_std, np.random.default_rng(index))
+                            for index, s in enumerate(slices)], axis=0)
+    else:
+        degrade = DEGRADE_SLICE[degradation]
+        low_res = np.stack([degrade(s, scale) for s in slices], axis=0)
     low_res = np.moveaxis(low_res, 0, slice_axis)
     factors = in_plane_factors(slice_axis, 1.0 / scale)
     return low_res, high_res, rescaled_affine(affine, factors)
@@ -307,17 +361,23 @@ class DegradeResolution(Transform):
 class RandomDegradePair(RandomizableTransform):
     """Training pairs: degrade a 2-D high-res patch by a randomly chosen degradation.
 
-    Picks ``bicubic``, ``kspace`` or ``blur_noise`` with the given probabilities. Input and
-    output are in the network's normalised range; the high-res patch is returned unchanged.
+    Picks one of :attr:`NAMES` with the given probabilities. ``bicubic`` and ``kspace`` are the
+    protocol's; the others are randomised so no single kernel is learnt by heart:
+    ``blur_noise`` (Gaussian blur, bicubic, Gaussian noise), ``area`` (binning), ``lanczos``,
+    ``gaussian`` (blur of FWHM 0.7-1.3 x scale, then decimation) and ``rician`` (k-space
+    truncation plus Rician noise). Input and output are in the network's normalised range;
+    the high-res patch is returned unchanged.
 
     Args:
         scale: integer factor.
         probabilities: mapping of degradation name -> probability (summing to 1).
         blur_sigma_range: (min, max) Gaussian sigma in high-res pixels for ``blur_noise``.
-        noise_std_range: (min, max) noise standard deviation in normalised units.
+        noise_std_range: (min, max) noise standard deviation in normalised units, for
+            ``blur_noise`` and ``rician``.
     """
 
-    NAMES = ("bicubic", "kspace", "blur_noise")
+    NAMES = ("bicubic", "kspace", "blur_noise", "area", "lanczos", "gaussian", "rician")
+    GAUSSIAN_FWHM_RANGE = (0.7, 1.3)  # x scale
 
     def __init__(self, scale: int, probabilities: dict[str, float],
                  blur_sigma_range: tuple[float, float] = (0.3, 1.0),
@@ -333,11 +393,121 @@ class RandomDegradePair(RandomizableTransform):
         self.blur_sigma_range, self.noise_std_range = blur_sigma_range, noise_std_range
 
     def __call__(self, high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-        """Returns ``(low_res, high_res, family)``; ``family`` is the protocol degradation the
-        pair belongs to (``blur_noise`` is a resampling, so it counts as ``bicubic``)."""
+        """Returns ``(low_res, high_res, grid)``; ``grid`` is the model mode the pair trains
+        (:data:`GRID_OF`; ``blur_noise`` is a resampling, so it is on the ``bicubic`` grid)."""
         name = self.NAMES[self.R.choice(len(self.NAMES), p=self.weights)]
         if name == "blur_noise":
             sigma = self.R.uniform(*self.blur_sigma_range)
             noise = self.R.uniform(*self.noise_std_range)
             return degrade_blur_noise(high_res, self.scale, sigma, noise, self.R), high_res, "bicubic"
-        return DEGRADE_SLICE[name](high_res, self.scale), high_res, name
+        if name == "gaussian":
+            fwhm = self.scale * self.R.uniform(*self.GAUSSIAN_FWHM_RANGE)
+            return degrade_gaussian(high_res, self.scale, fwhm), high_res, "kspace"
+        if name == "rician":
+            noise = self.R.uniform(*self.noise_std_range)
+            return degrade_rician(high_res, self.scale, noise, self.R), high_res, "kspace"
+        return DEGRADE_SLICE[name](high_res, self.scale), high_res, GRID_OF[name]
+
+
+# ---------------------------------------------------------------------------- through-plane
+
+SLICE_PROFILES = ("gaussian", "box")  # protocol v1-z
+
+
+def slice_profile_weights(n_thin: int, factor: int, profile: str, width: float | None = None) -> np.ndarray:
+    """How each thick slice mixes the thin slices it is made of, protocol v1-z step 2.
+
+    Thick slice ``k`` is centred on thin position ``c_k = factor * k + (factor - 1) / 2``.
+    ``gaussian``: weights proportional to ``exp(-(j - c_k)^2 / (2 sigma^2))`` with FWHM =
+    ``width`` thin slices (default ``factor``), ``j`` within 4 sigma, indices clamped at the
+    ends. ``box``: the thin slices inside ``[c_k - width/2, c_k + width/2]`` (default width
+    ``factor``: exactly slices ``factor*k .. factor*k + factor - 1``), partly covered slices
+    weighted by their covered fraction; a width below ``factor`` leaves gaps between slices.
+
+    Args:
+        n_thin: thin slices, a multiple of ``factor``.
+        factor: thin slices per thick slice.
+        profile: ``"gaussian"`` or ``"box"``.
+        width: FWHM (gaussian) or width (box) in thin slices.
+
+    Returns:
+        ``(n_thin // factor, n_thin)`` float64 matrix whose rows sum to 1.
+    """
+    if profile not in SLICE_PROFILES:
+        raise MedsrError(f"slice profile must be one of {', '.join(SLICE_PROFILES)}, not {profile!r}")
+    width = float(factor if width is None else width)
+    n_thick = n_thin // factor
+    weights = np.zeros((n_thick, n_thin))
+    for k in range(n_thick):
+        centre = factor * k + (factor - 1) / 2.0
+        if profile == "gaussian":
+            sigma = width * FWHM_TO_SIGMA
+            reach = np.arange(int(np.ceil(centre - 4 * sigma)), int(np.floor(centre + 4 * sigma)) + 1)
+            np.add.at(weights[k], np.clip(reach, 0, n_thin - 1),
+                      np.exp(-((reach - centre) ** 2) / (2 * sigma**2)))
+        else:
+            thin = np.arange(n_thin)
+            weights[k] = np.clip(np.minimum(thin + 0.5, centre + width / 2)
+                                 - np.maximum(thin - 0.5, centre - width / 2), 0.0, None)
+        weights[k] /= weights[k].sum()
+    return weights
+
+
+def thick_slices(volume: np.ndarray, axis: int, factor: int, profile: str,
+                 width: float | None = None) -> np.ndarray:
+    """Simulate a thick-slice acquisition along ``axis`` (protocol v1-z): the axis is cropped to
+    a multiple of ``factor`` and every ``factor`` thin slices become one (float32, same units)."""
+    volume = np.asarray(volume)
+    n_thin = volume.shape[axis] - volume.shape[axis] % factor
+    if n_thin < factor:
+        raise MedsrError(f"{volume.shape[axis]} slices are too few to thicken by {factor}")
+    thin = np.take(volume, np.arange(n_thin), axis=axis).astype(np.float64)
+    weights = slice_profile_weights(n_thin, factor, profile, width)
+    thick = np.tensordot(weights, np.moveaxis(thin, axis, 0), axes=1)
+    return np.moveaxis(thick, 0, axis).astype(np.float32)
+
+
+def bspline_upsample(low_res: np.ndarray, axis: int, factor: int) -> np.ndarray:
+    """Cubic B-spline interpolation along ``axis`` onto the grid that tiles the thick slices
+    (protocol v1-z's baseline: ``zoom(order=3, grid_mode=True, mode="nearest")``)."""
+    factors = [1] * low_res.ndim
+    factors[axis] = factor
+    return zoom(np.asarray(low_res, dtype=np.float64), factors, order=3, grid_mode=True,
+                mode="nearest").astype(np.float32)
+
+
+class RandomThickSlices(RandomizableTransform):
+    """Through-plane training pairs from a 2-D high-res patch: thicken it along its last axis
+    with a random factor and slice profile, then B-spline it back to the patch's grid.
+
+    This is the self-similarity idea of SMORE/ECLARE without per-scan training: in-plane detail
+    of real scans stands in for the detail thick slices lose. Profiles: ``gaussian`` (FWHM
+    0.8-1.2 x factor), ``box`` (the protocol's) and ``gap`` (a box 0.5-0.9 x factor wide:
+    slices thinner than their spacing).
+
+    Args:
+        factors: the factors to draw from (thin slices per thick slice).
+
+    Returns (from a call on a ``(H, W)`` patch whose W is a multiple of every factor):
+        ``(upsampled, high_res, factor)``: the B-spline estimate and the patch, both ``(H, W)``.
+    """
+
+    PROFILE_PROBABILITIES = {"gaussian": 0.4, "box": 0.4, "gap": 0.2}
+
+    def __init__(self, factors: tuple[int, ...]) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        if not factors or min(factors) < 2:
+            raise ValueError(f"factors must be integers >= 2, not {factors}")
+        self.factors = tuple(int(f) for f in factors)
+
+    def __call__(self, high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        factor = int(self.R.choice(self.factors))
+        names = list(self.PROFILE_PROBABILITIES)
+        name = names[self.R.choice(len(names), p=list(self.PROFILE_PROBABILITIES.values()))]
+        if name == "gaussian":
+            low_res = thick_slices(high_res, 1, factor, "gaussian", factor * self.R.uniform(0.8, 1.2))
+        elif name == "gap":
+            low_res = thick_slices(high_res, 1, factor, "box", factor * self.R.uniform(0.5, 0.9))
+        else:
+            low_res = thick_slices(high_res, 1, factor, "box")
+        return bspline_upsample(low_res, 1, factor), high_res, factor
