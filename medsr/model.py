@@ -27,6 +27,7 @@ from torch import nn
 
 SCALES = (2, 4)
 DEGRADATION_CODES = {"bicubic": 0, "kspace": 1}
+THROUGH_PLANE_FACTORS = range(2, 9)  # thin slices per thick slice the through-plane model takes
 
 
 def zero_fill_upsample(low_res: torch.Tensor, scale: int) -> torch.Tensor:
@@ -107,8 +108,67 @@ class SRResNet(nn.Module):
         features = self.head(torch.cat([low_res, flag], dim=1))
         features = features + self.body_out(self.body(features))
         detail = self.tail(self.upsample(features))
-        base = F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
-        # both upsamplers, then a per-slice choice: no data-dependent branch, so no device sync
-        # and one graph for torch.compile (the FFT costs little next to the convolutions)
-        base = torch.where(is_kspace, zero_fill_upsample(low_res, self.scale).to(base.dtype), base)
-        return base + detail
+        return self.classical_upsample(low_res, is_kspace) + detail
+
+    def classical_upsample(self, low_res: torch.Tensor, is_kspace: torch.Tensor) -> torch.Tensor:
+        """The upsampler each slice's grid calls for, in float32 whatever the autocast dtype
+        (bf16 would round the image itself, not just the detail added to it).
+
+        Both are computed and one is picked per slice: no data-dependent branch, so no device
+        sync and one graph for torch.compile (the FFT costs little next to the convolutions).
+        """
+        with torch.autocast(low_res.device.type, enabled=False):
+            low_res = low_res.float()
+            cubic = F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            return torch.where(is_kspace, zero_fill_upsample(low_res, self.scale), cubic)
+
+
+class ThroughPlaneNet(nn.Module):
+    """Through-plane refinement for planes that contain the slice axis, from MONAI blocks.
+
+    Thick slices are first made thin by cubic B-spline interpolation along the slice axis (the
+    protocol v1-z baseline, :func:`medsr.transforms.bspline_upsample`, which handles any integer
+    factor); this network adds the detail the thick slices lost. Head (3x3 convolution + PReLU)
+    -> ``num_res_blocks`` residual blocks -> 3x3 output convolution, started at zero, so an
+    untrained network is exactly the B-spline baseline. It is told the factor as an extra input
+    plane (``factor / 8``), since a 2 mm and a 5 mm slice hide detail at different scales.
+
+    Args:
+        features: feature maps in every convolution of the body.
+        num_res_blocks: residual blocks in the body.
+
+    Shapes:
+        ``upsampled`` ``(B, 1, H, Z)`` normalised planes, the slice axis last, already on the
+        thin grid; ``factor`` ``(B,)`` thin slices per thick slice; output ``(B, 1, H, Z)``.
+
+    Example:
+        >>> model = ThroughPlaneNet()
+        >>> coronal = torch.rand(2, 1, 256, 192)  # 48 slices of 4 mm, B-splined to 1 mm
+        >>> model(coronal, torch.full((2,), 4.0)).shape
+        torch.Size([2, 1, 256, 192])
+    """
+
+    spatial_dims = 2
+    FACTOR_SCALE = 8.0
+
+    def __init__(self, features: int = 32, num_res_blocks: int = 6) -> None:
+        super().__init__()
+        if features < 1 or num_res_blocks < 1:
+            raise ValueError(f"features and num_res_blocks must be positive, not {features}, {num_res_blocks}")
+        dims = self.spatial_dims
+        self.head = Convolution(dims, 2, features, kernel_size=3, act="PRELU", norm=None)
+        self.body = nn.Sequential(*[
+            ResidualUnit(dims, features, features, kernel_size=3, subunits=2, act="PRELU",
+                         norm=None, last_conv_only=True)
+            for _ in range(num_res_blocks)
+        ])
+        self.tail = Convolution(dims, features, 1, kernel_size=3, conv_only=True)
+        nn.init.zeros_(self.tail.conv.weight)
+        nn.init.zeros_(self.tail.conv.bias)
+
+    def forward(self, upsampled: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = upsampled.shape
+        plane = (factor.to(upsampled.dtype) / self.FACTOR_SCALE).view(batch, 1, 1, 1)
+        features = self.head(torch.cat([upsampled, plane.expand(batch, 1, height, width)], dim=1))
+        detail = self.tail(self.body(features))
+        return upsampled.float() + detail
