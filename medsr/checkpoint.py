@@ -23,7 +23,7 @@ import torch
 
 from medsr.config import TrainConfig, from_dict
 from medsr.errors import CheckpointError, ConfigError
-from medsr.model import SRResNet
+from medsr.model import SRResNet, ThroughPlaneNet
 from medsr.writing import atomic_output
 
 FORMAT = "medsr-checkpoint"
@@ -31,8 +31,10 @@ VERSION = 1
 DEFAULT_WEIGHTS = {2: "srresnet_x2.pt", 4: "srresnet_x4.pt"}
 
 
-def build_model(config: TrainConfig) -> SRResNet:
-    """The SRResNet a config describes."""
+def build_model(config: TrainConfig) -> SRResNet | ThroughPlaneNet:
+    """The network a config describes: an SRResNet (in-plane) or a ThroughPlaneNet."""
+    if config.task == "through_plane":
+        return ThroughPlaneNet(features=config.model.features, num_res_blocks=config.model.num_res_blocks)
     return SRResNet(scale=config.scale, features=config.model.features,
                     num_res_blocks=config.model.num_res_blocks)
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, dicom_series_in_folder, read_scan
-from medsr.transforms import RandomDegradePair, robust_window
+from medsr.transforms import RandomDegradePair, RandomThickSlices, robust_window
 from medsr.writing import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,46 @@ def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: f
     return CachedScan(str(source), slices, ct, volume_range)
 
 
-class PatchPairDataset(Dataset):
+class _SlicePatches(Dataset):
+    """Random square crops of cached slices: CT slices weighted by ``ct_weight``, mostly empty
+    crops redrawn a few times, random flips and quarter turns; reproducible per epoch."""
+
+    RETRIES = 5
+
+    def __init__(self, scans: list[CachedScan], length: int, ct_weight: float = 1.0, seed: int = 0) -> None:
+        if not scans or not any(len(s.slices) for s in scans):
+            raise MedsrError("no informative slices to train on")
+        self.slices = [s for scan in scans for s in scan.slices]
+        weights = np.array([ct_weight if scan.is_ct else 1.0
+                            for scan in scans for _ in scan.slices], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Different, reproducible patches every epoch."""
+        self.epoch = epoch
+
+    def _draw(self, rng: np.random.Generator, region: int, margin: int) -> np.ndarray:
+        """A ``region`` x ``region`` crop whose centre (``margin`` in from each side) has
+        foreground, flipped and turned at random."""
+        seen = region - 2 * margin
+        for _ in range(self.RETRIES):
+            image = self.slices[rng.choice(len(self.slices), p=self.probabilities)]
+            crop = _random_crop(image.astype(np.float32), region, rng)
+            core = crop[margin:margin + seen, margin:margin + seen]
+            if (core > FOREGROUND_LEVEL).mean() >= FOREGROUND_FRACTION:
+                break
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        if rng.random() < 0.5:
+            crop = crop[::-1, :]
+        return np.ascontiguousarray(np.rot90(crop, k=int(rng.integers(4))))
+
+
+class PatchPairDataset(_SlicePatches):
     """Random (low_res, high_res) patch pairs from cached slices, as MONAI engine batches.
 
     Each item is ``{"image": (1, (P + 2c)/s, (P + 2c)/s), "label": (1, P + 2c, P + 2c),
@@ -149,55 +188,72 @@ class PatchPairDataset(Dataset):
 
     MARGIN_LOW_RES = 8  # low-res pixels degraded around each patch, then cropped away
     CONTEXT_LOW_RES = 4  # low-res pixels the model sees around the loss region
-    RETRIES = 5
 
     def __init__(self, scans: list[CachedScan], patch_size: int, scale: int, length: int,
                  degrade: RandomDegradePair, ct_weight: float = 1.0, seed: int = 0) -> None:
-        if not scans or not any(len(s.slices) for s in scans):
-            raise MedsrError("no informative slices to train on")
-        self.slices = [s for scan in scans for s in scan.slices]
-        weights = np.array([ct_weight if scan.is_ct else 1.0
-                            for scan in scans for _ in scan.slices], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
-        self.patch_size, self.scale, self.length = patch_size, scale, length
-        self.degrade, self.seed, self.epoch = degrade, seed, 0
+        super().__init__(scans, length, ct_weight, seed)
+        self.patch_size, self.scale, self.degrade = patch_size, scale, degrade
 
     @property
     def context(self) -> int:
         """High-res pixels around the loss region on each side."""
         return self.CONTEXT_LOW_RES * self.scale
 
-    def __len__(self) -> int:
-        return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        """Different, reproducible patches every epoch."""
-        self.epoch = epoch
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         self.degrade.set_random_state(seed=int(rng.integers(2**31)))
         margin = self.MARGIN_LOW_RES * self.scale
         seen = self.patch_size + 2 * self.context  # high-res side the model reconstructs
-        region = seen + 2 * margin
-        for _ in range(self.RETRIES):
-            image = self.slices[rng.choice(len(self.slices), p=self.probabilities)]
-            crop = _random_crop(image.astype(np.float32), region, rng)
-            core = crop[margin:margin + seen, margin:margin + seen]
-            if (core > FOREGROUND_LEVEL).mean() >= FOREGROUND_FRACTION:
-                break
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        if rng.random() < 0.5:
-            crop = crop[::-1, :]
-        crop = np.ascontiguousarray(np.rot90(crop, k=int(rng.integers(4))))
-        low_res, high_res, family = self.degrade(crop)
+        crop = self._draw(rng, seen + 2 * margin, margin)
+        low_res, high_res, grid = self.degrade(crop)
         m, n = self.MARGIN_LOW_RES, seen // self.scale
         return {
             "image": torch.from_numpy(np.ascontiguousarray(low_res[m:m + n, m:m + n]))[None],
             "label": torch.from_numpy(np.ascontiguousarray(
                 high_res[margin:margin + seen, margin:margin + seen]))[None],
-            "degradation": torch.tensor(DEGRADATION_CODES[family]),
+            "degradation": torch.tensor(DEGRADATION_CODES[grid]),
+        }
+
+
+class ThroughPlanePatches(_SlicePatches):
+    """Through-plane training pairs: in-plane patches thickened along one axis (the last, after
+    the random turn) and B-splined back, as MONAI engine batches.
+
+    Each item is ``{"image": (1, P + 2c, P + 2c), "label": (1, P + 2c, P + 2c), "factor": ()}``:
+    the B-spline estimate, the real patch and the factor (float). ``c`` = :attr:`context`
+    pixels on each side are seen but not scored; a margin around them absorbs the ends of the
+    simulated thick slices.
+
+    Args:
+        scans: cached scans to draw from.
+        patch_size: side P of the region the loss sees.
+        length: items per epoch.
+        thicken: the random thick-slice simulation (:class:`RandomThickSlices`).
+        ct_weight, seed: as in :class:`PatchPairDataset`.
+    """
+
+    CONTEXT = 8
+    MARGIN = 16  # beyond 4 sigma of the widest profile the factors allow
+
+    def __init__(self, scans: list[CachedScan], patch_size: int, length: int,
+                 thicken: RandomThickSlices, ct_weight: float = 1.0, seed: int = 0) -> None:
+        super().__init__(scans, length, ct_weight, seed)
+        self.patch_size, self.thicken = patch_size, thicken
+
+    @property
+    def context(self) -> int:
+        return self.CONTEXT
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        self.thicken.set_random_state(seed=int(rng.integers(2**31)))
+        seen, m = self.patch_size + 2 * self.CONTEXT, self.MARGIN
+        crop = self._draw(rng, seen + 2 * m, m)
+        upsampled, high_res, factor = self.thicken(crop)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(upsampled[m:m + seen, m:m + seen]))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(high_res[m:m + seen, m:m + seen]))[None],
+            "factor": torch.tensor(float(factor)),
         }
 
 
