@@ -16,11 +16,25 @@ PixelPaddingValue, which the header keeps, and no other pixel is stored in the p
 Input in any transfer syntax, big-endian included, is written as Explicit VR Little Endian.
 
 Single-frame input gives one file per slice; multi-frame (Enhanced / Legacy Converted) input
-gives one multi-frame object. :class:`DicomSeriesWriter` takes the slices as the enhancer
-produces them, so memory holds one batch: single-frame files are written at once, multi-frame
-pixel data goes to a scratch file and is joined to its header at the end. The series is
-written into a temporary folder beside the destination and renamed into place only when
-every file is complete; files and folders are synced to disk before and after the rename.
+gives one multi-frame object. The writers take the slices as the enhancer produces them, so
+memory holds one batch: single-frame files are written at once, multi-frame pixel data goes to
+a scratch file and is joined to its header at the end. The series is written into a temporary
+folder beside the destination and renamed into place only when every file is complete; files
+and folders are synced to disk before and after the rename.
+
+Two grids, one derivation: :class:`DicomSeriesWriter` writes in-plane super-resolution
+(``scale`` times the rows and columns, one image per source slice), :class:`ThinSliceSeriesWriter`
+writes through-plane output (``factor`` thin images per source slice, rows and columns as they
+were). Thin slice ``j`` of source slice ``k`` sits at slice index ``k + (j - (factor - 1) / 2) /
+factor``, the grid of :func:`medsr.geometry.rescaled_affine`. Its position is placed between the
+real positions of the two source slices it lies between (linear in the slice index; beyond the
+first and last slice, the first and last step): evenly spaced series land exactly on the
+affine's grid, and unevenly spaced ones keep every source position, with thin slices that stay
+in order and never overlap however uneven the gaps (the real CT with gaps of 7.5 then 115 mm
+would overlap if both halves of a slice used the step to the next one). SliceLocation follows
+the same rule; SliceThickness and SpacingBetweenSlices are divided by the factor; slice numbers
+(InstanceNumber, InStackPositionNumber, a Dimension Index that counts the slices) run 1..N in
+the source's direction.
 """
 
 from __future__ import annotations
@@ -42,7 +56,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medsr import __version__
 from medsr.errors import OutputError
-from medsr.geometry import LPS_TO_RAS
+from medsr.geometry import LPS_TO_RAS, rescaled_affine
 from medsr.reading import OpenScan, functional_group, stored_padding
 from medsr.transforms import IntensityWindow
 from medsr.writing import is_empty_folder, output_taken, staging_folder, sync_folder
@@ -55,6 +69,12 @@ PIXEL_DATA = 0x7FE00010  # (7FE0,0010), the last element of an image
 # pixel spacings of the image plane: whichever the source has is scaled to the finer matrix
 # (DetectorElementSpacing describes the detector, not the image, and stays)
 IMAGE_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+# distances along the slice axis: divided by the factor for thin slices
+SLICE_MEASURES = ("SliceThickness", "SpacingBetweenSlices")
+# a slice's number in its stack: thin slices are numbered again, in the source's direction
+SLICE_NUMBERS = ("InstanceNumber", "InStackPositionNumber")
+# how far the affine given to a writer may be from the grid the writer derives (mm)
+AFFINE_TOLERANCE = 1e-3
 
 
 def stored_dtype(header: pydicom.Dataset) -> np.dtype:
@@ -152,12 +172,82 @@ def _pixel_spacing(affine: np.ndarray) -> list[str]:
     return [_ds(row_spacing), _ds(col_spacing)]
 
 
-def _shifted(position, shift: np.ndarray) -> list[str]:
-    """A source ImagePositionPatient moved in-plane onto the enhanced grid (LPS mm).
+def _position_text(position: np.ndarray) -> list[str]:
+    """An ImagePositionPatient value (LPS mm)."""
+    return [f"{v:.6f}" for v in position]
 
-    Each slice keeps its own real position, so unevenly spaced or tilted series stay exact.
+
+def _set_position(item: pydicom.Dataset, position: np.ndarray) -> None:
+    """ImagePositionPatient of an image (LPS mm), and the retired ACR-NEMA ImagePosition copy
+    that some vendors still write beside it, where the source had one."""
+    item.ImagePositionPatient = _position_text(position)
+    if "ImagePosition" in item:
+        item.ImagePosition = _position_text(position)
+
+
+def _along_thin_slices(per_slice: np.ndarray, factor: int) -> np.ndarray:
+    """Values given per source slice, at the ``factor`` thin slices of each.
+
+    Thin slice ``j`` of source slice ``k`` sits at slice index ``k + (j - (factor - 1) / 2) /
+    factor``; a value there is interpolated linearly between the two source slices around it
+    (beyond the first and last slice, extrapolated with the first and last step). With
+    ``factor`` 1 the values come back unchanged.
+
+    Args:
+        per_slice: ``(K, ...)`` one value per source slice in slice order, e.g. the
+            ImagePositionPatient of each, ``(K, 3)`` LPS mm, or SliceLocation, ``(K,)`` mm.
+        factor: thin slices per source slice.
+
+    Returns:
+        ``(K * factor, ...)`` float64, in thin slice order.
     """
-    return [f"{v:.6f}" for v in np.asarray([float(x) for x in position]) + shift]
+    per_slice = np.asarray(per_slice, dtype=np.float64)
+    if factor == 1:
+        return per_slice.copy()
+    if len(per_slice) < 2:
+        raise ValueError(f"thin slices are placed between source slices; got {len(per_slice)} slice")
+    index = (np.arange(len(per_slice) * factor) + 0.5) / factor - 0.5
+    below = np.clip(np.floor(index).astype(int), 0, len(per_slice) - 2)
+    weight = (index - below).reshape(-1, *[1] * (per_slice.ndim - 1))
+    return per_slice[below] * (1 - weight) + per_slice[below + 1] * weight
+
+
+def _thin_numbers(numbers: list[int], factor: int) -> list[int] | None:
+    """Numbers that count the source slices (all different: InstanceNumber, InStackPositionNumber,
+    a Dimension Index along the stack), given again to the ``factor`` times as many thin slices:
+    1..N, rising where the source's rise along the slices and falling where they fall. None for
+    numbers that do not tell the slices apart (a StackID, a repeated number): those stay."""
+    if len(numbers) < 2 or len(set(numbers)) != len(numbers):
+        return None
+    count = len(numbers) * factor
+    return list(range(1, count + 1)) if numbers[0] < numbers[-1] else list(range(count, 0, -1))
+
+
+def _macro_items(groups: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The functional-group macros of a multi-frame object's shared or per-frame ``groups``
+    item: the first item of each of its sequences."""
+    return [element.value[0] for element in groups if element.VR == "SQ" and element.value]
+
+
+def _per_slice_values(scan: OpenScan, keyword: str) -> list | None:
+    """``keyword`` of every source slice in array order (of every frame, from its per-frame
+    functional groups, for a multi-frame object); None when some slice lacks it."""
+    if scan.multiframe:
+        per_frame = scan.dicom_headers[0].PerFrameFunctionalGroupsSequence
+        values = []
+        for frame in scan.frame_order:
+            holders = [item for item in _macro_items(per_frame[frame]) if keyword in item]
+            values.append(holders[0].get(keyword) if holders else None)
+    else:
+        values = [header.get(keyword) for header in scan.dicom_headers]
+    return None if any(value is None or value == "" for value in values) else values
+
+
+def _divide_slice_measures(item: pydicom.Dataset, factor: int) -> None:
+    """SliceThickness and SpacingBetweenSlices of ``item`` (where present) for thin slices."""
+    for keyword in SLICE_MEASURES:
+        if item.get(keyword) not in (None, ""):
+            item[keyword].value = _ds(float(item.get(keyword)) / factor)
 
 
 def _ds(value: float) -> str:
@@ -166,8 +256,10 @@ def _ds(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.6e}"
 
 
-def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, scale: int,
+def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, series_suffix: str,
                    now: datetime.datetime) -> pydicom.Dataset:
+    """A copy of a source header as an image of the new series (its pixel module, geometry and
+    rescale are the writer's to set); ``series_suffix`` ends the SeriesDescription."""
     dataset = copy.deepcopy(header)
     dataset.remove_private_tags()  # vendor data no longer describes these pixels
     for tag in [t for t in dataset.keys() if t.group in (0x0000, 0x0002)]:
@@ -175,8 +267,7 @@ def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, s
     dataset.SeriesInstanceUID = series_uid
     dataset.SeriesNumber = min(int(header.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET, IS_MAX)
     original = str(header.get("SeriesDescription", "") or "")
-    suffix = f" medsr SR x{scale}"
-    dataset.SeriesDescription = (original[:64 - len(suffix)] + suffix).strip()
+    dataset.SeriesDescription = (original[:64 - len(series_suffix)] + series_suffix).strip()
     image_type = list(header.get("ImageType", []) or [])
     dataset.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
     dataset.DerivationDescription = description[:1024]
@@ -247,35 +338,30 @@ def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydi
     return item
 
 
-class DicomSeriesWriter:
-    """Write an enhanced volume as a new DICOM series, slice by slice, into ``folder``.
-
-    Args:
-        folder: the series folder to create (files ``IM0001.dcm``...).
-        scan: the opened source DICOM scan (headers in slice order, or one multi-frame header).
-        affine: RAS affine of the enhanced grid (slice axis 2).
-        scale: in-plane factor, for the descriptions.
-        description: DerivationDescription text.
-        window: the intensity window the enhancer used (display window when the source's is
-            missing or invalid).
-        overwrite: replace an existing ``folder`` (an empty one is replaced without it).
-
-    Example:
-        >>> with DicomSeriesWriter(out, scan, enhanced_affine, 2, text, window) as writer:
-        ...     for slab in slabs:  # (n, I', J') in original units, in slice order
-        ...         writer.write(slab)
-
-    Raises:
-        OutputError: ``folder`` exists and is not empty (without ``overwrite``), or its parent
-            is missing.
+class _DerivedSeriesWriter:
+    """Write a new series derived image by image from an opened DICOM scan, on a grid ``scale``
+    times finer in-plane with ``factor`` thin slices per source slice (one of the two is 1:
+    see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the contract).
     """
 
-    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
-                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
+                 window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
+                 series_suffix: str) -> None:
         if scan.source_format != "dicom" or scan.slice_axis != 2:
             raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
-        self.folder, self.scan, self.scale = Path(folder), scan, scale
-        self.description, self.window = description, window
+        grid = rescaled_affine(scan.affine, (scale, scale, factor))
+        if not np.allclose(affine, grid, atol=AFFINE_TOLERANCE):
+            raise ValueError(f"affine must be the source grid divided by ({scale}, {scale}, {factor}) "
+                             f"(medsr.geometry.rescaled_affine), not {np.round(affine, 4).tolist()}")
+        positions = _per_slice_values(scan, "ImagePositionPatient")
+        if factor > 1 and scan.n_slices < 2:
+            raise OutputError(f"{scan.path}: thin slices are placed between neighbouring source slices; "
+                              "this scan has one slice")
+        if factor > 1 and positions is None:
+            raise OutputError(f"{scan.path}: thin slices are placed between the ImagePositionPatient of "
+                              "neighbouring source slices; not every slice has one")
+        self.folder, self.scan, self.scale, self.factor = Path(folder), scan, scale, factor
+        self.description, self.window, self.series_suffix = description, window, series_suffix
         _check_destination(self.folder, overwrite)
         self.now = datetime.datetime.now()
         self.series_uid = generate_uid()
@@ -299,18 +385,35 @@ class DicomSeriesWriter:
             ends = [v for v in self.padding if v is not None]
             self.reserved = (min(ends), max(ends))
         self.spacing = _pixel_spacing(affine)
-        # only the in-plane axes changed, so every slice origin moves by the same vector
-        self.shift = (LPS_TO_RAS @ (affine[:, 3] - scan.affine[:, 3]))[:3]
+        self.n_images = scan.n_slices * factor
+        # the in-plane part of the grid's move is the same for every slice (the origin's move
+        # less the half step the slice axis adds); along the slice axis each image is placed from
+        # the real positions of its source slices, so uneven or tilted series stay exact
+        shift = LPS_TO_RAS[:3, :3] @ ((affine[:3, 3] - scan.affine[:3, 3]) - (affine[:3, 2] - scan.affine[:3, 2]) / 2)
+        self.positions = None
+        if positions is not None:
+            source_positions = np.array([[float(v) for v in position] for position in positions])
+            self.positions = _along_thin_slices(source_positions, factor) + shift
+        locations = _per_slice_values(scan, "SliceLocation") if factor > 1 else None
+        self.slice_locations = None if locations is None else _along_thin_slices([float(v) for v in locations], factor)
+        # thin slices are numbered again: {keyword: number of every image}, where the source's
+        # numbers count its slices
+        self.slice_numbers = {}
+        for keyword in SLICE_NUMBERS if factor > 1 else ():
+            numbers = _per_slice_values(scan, keyword)
+            numbers = None if numbers is None else _thin_numbers([int(n) for n in numbers], factor)
+            if numbers is not None:
+                self.slice_numbers[keyword] = numbers
         self.written, self.mappings = 0, []
 
-    def __enter__(self) -> DicomSeriesWriter:
+    def __enter__(self) -> _DerivedSeriesWriter:
         self.staging = staging_folder(self.folder)
         if self.scan.multiframe:
             self._frames = open(self.staging / "frames.raw", "wb")
         return self
 
     def write(self, slab: np.ndarray) -> None:
-        """Store the next ``n`` enhanced slices, ``(n, I', J')`` in original units."""
+        """Store the next ``n`` enhanced images, ``(n, I, J)`` float32 in original units."""
         for plane in slab:
             padded = plane == self.padding_value if self.padding is not None else None
             values = plane if padded is None else plane[~padded]
@@ -325,33 +428,46 @@ class DicomSeriesWriter:
             self.mappings.append(mapping)
             self.written += 1
 
-    def _write_image(self, k: int, stored: np.ndarray, mapping: tuple[float, float]) -> None:
-        header = self.scan.dicom_headers[k]
-        dataset = _derive_common(header, self.series_uid, self.description, self.scale, self.now)
+    def _source_slices(self, index: int) -> list[int]:
+        """The source slices (array order) output image ``index`` comes from: its own, then, for
+        a thin slice off its source slice's centre, the neighbour on its side (if any)."""
+        own, offset = divmod(index, self.factor)
+        side = int(np.sign(2 * offset - (self.factor - 1)))  # -1 below the centre, +1 above
+        neighbour = own + side
+        return [own, neighbour] if side and 0 <= neighbour < self.scan.n_slices else [own]
+
+    def _write_image(self, index: int, stored: np.ndarray, mapping: tuple[float, float]) -> None:
+        sources = self._source_slices(index)
+        header = self.scan.dicom_headers[sources[0]]
+        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now)
         dataset.SOPInstanceUID = generate_uid()
         # only the geometry the source had: an absent position or orientation stays absent
-        for keyword in IMAGE_SPACINGS:
-            if header.get(keyword):
-                dataset[keyword].value = _scaled_spacing(header.get(keyword), self.scale)
+        if self.scale > 1:
+            for keyword in IMAGE_SPACINGS:
+                if header.get(keyword):
+                    dataset[keyword].value = _scaled_spacing(header.get(keyword), self.scale)
         if header.get("ImagePositionPatient"):
-            dataset.ImagePositionPatient = _shifted(header.ImagePositionPatient, self.shift)
+            _set_position(dataset, self.positions[index])
+        if self.factor > 1:
+            self._thin_image(dataset, index)
+            dataset.InstanceNumber = self.slice_numbers.get("InstanceNumber", range(1, self.n_images + 1))[index]
         dataset.RescaleSlope, dataset.RescaleIntercept = _ds(mapping[0]), _ds(mapping[1])
         if "RescaleType" not in dataset and self.scan.modality != "CT":
             dataset.RescaleType = "US"  # unspecified units: MR signal
-        dataset.SourceImageSequence = Sequence([_source_reference(header)])
+        dataset.SourceImageSequence = Sequence([_source_reference(self.scan.dicom_headers[k]) for k in sources])
         _window(dataset, self.window)
         _file_meta(dataset)
         dataset.set_pixel_data(stored, self.photometric, 8 * self.dtype.itemsize, generate_instance_uid=False)
         _set_padding(dataset, self.padding, self.dtype)
-        _save(dataset, self.staging / f"IM{k + 1:04d}.dcm")
+        _save(dataset, self.staging / f"IM{index + 1:04d}.dcm")
 
     def __exit__(self, kind, error, traceback) -> bool:
         try:
             if self.scan.multiframe:
                 self._frames.close()
             if kind is None:
-                if self.written != self.scan.n_slices:
-                    raise OutputError(f"{self.folder}: only {self.written} of {self.scan.n_slices} slices were written")
+                if self.written != self.n_images:
+                    raise OutputError(f"{self.folder}: only {self.written} of {self.n_images} slices were written")
                 if self.scan.multiframe:
                     self._write_multiframe()
                 sync_folder(self.staging)
@@ -363,9 +479,7 @@ class DicomSeriesWriter:
 
     def _write_multiframe(self) -> None:
         raw = self.staging / "frames.raw"
-        dataset = _derive_multiframe(self.scan, self.written, self.shift, self.series_uid,
-                                     self.description, self.scale, self.now, self.dtype,
-                                     self.mappings, self.spacing, self.window)
+        dataset = self._multiframe_header()
         _set_padding(dataset, self.padding, self.dtype)
         _file_meta(dataset)
         target = self.staging / "IM0001.dcm"
@@ -381,6 +495,181 @@ class DicomSeriesWriter:
             out.flush()
             os.fsync(out.fileno())
         raw.unlink()
+
+    def _multiframe_header(self) -> pydicom.Dataset:
+        """The multi-frame header (everything but the pixel data) for the frames written, stored
+        with the per-frame rescale of :attr:`mappings`."""
+        scan, header = self.scan, self.scan.dicom_headers[0]
+        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now)
+        for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
+            del dataset[tag]  # the pixel data goes last, appended by the writer
+        dataset.SOPInstanceUID = generate_uid()
+        columns, rows = (n * self.scale for n in scan.shape[:2])
+        _set_pixel_module(dataset, rows, columns, self.dtype, self.photometric)
+        dataset.NumberOfFrames = self.written
+        shared = dataset.get("SharedFunctionalGroupsSequence")
+        per_frame_source = header.PerFrameFunctionalGroupsSequence
+        one_mapping = len(set(self.mappings)) == 1
+        frames = []
+        for index in range(self.written):
+            sources = [scan.frame_order[k] for k in self._source_slices(index)]
+            group = copy.deepcopy(per_frame_source[sources[0]])
+            position = pydicom.Dataset()
+            position.ImagePositionPatient = _position_text(self.positions[index])
+            group.PlanePositionSequence = Sequence([position])
+            for item in _macro_items(group):
+                if "ImagePosition" in item:  # the retired copy, in converted legacy attributes
+                    item.ImagePosition = position.ImagePositionPatient
+            derivation = pydicom.Dataset()
+            derivation.DerivationDescription = self.description[:1024]
+            derivation.SourceImageSequence = Sequence([_source_reference(header, frame) for frame in sources])
+            group.DerivationImageSequence = Sequence([derivation])
+            if not one_mapping:  # some frames needed a wider rescale: every frame says its own
+                transform = pydicom.Dataset()
+                transform.RescaleSlope = _ds(self.mappings[index][0])
+                transform.RescaleIntercept = _ds(self.mappings[index][1])
+                transform.RescaleType = "HU" if scan.modality == "CT" else "US"
+                group.PixelValueTransformationSequence = Sequence([transform])
+            frames.append(group)
+        if self.factor > 1:
+            self._thin_frames(dataset, frames)
+        if not one_mapping:
+            for groups in shared or []:
+                if "PixelValueTransformationSequence" in groups:
+                    del groups.PixelValueTransformationSequence  # a macro is shared or per-frame
+            for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+                if keyword in dataset:
+                    delattr(dataset, keyword)
+        dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
+        # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
+        # frame types say DERIVED, and derived objects list their sources as evidence
+        dataset.ImageType = ["DERIVED", "PRIMARY", *list(header.ImageType)[2:]]
+        dataset.SourceImageEvidenceSequence = Sequence([_evidence(header)])
+        slope, intercept = self.mappings[0]
+        for groups in [*(shared or []), *frames]:
+            for name in [k for k in groups.dir() if k.endswith("FrameTypeSequence")]:
+                frame_type = list(groups.get(name)[0].FrameType)
+                groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
+            if groups.get("FrameVOILUTSequence"):
+                _window(groups.FrameVOILUTSequence[0], self.window)
+            if self.scale > 1 and groups.get("PixelMeasuresSequence"):
+                groups.PixelMeasuresSequence[0].PixelSpacing = self.spacing
+            if one_mapping and groups.get("PixelValueTransformationSequence"):
+                groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(slope)
+                groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
+        if one_mapping and not functional_group(dataset, None, "PixelValueTransformationSequence"):
+            dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
+        return dataset
+
+    def _thin_image(self, item: pydicom.Dataset, index: int) -> None:
+        """The attributes that make ``item`` (an image's header, or a macro of a frame's
+        functional groups) describe thin image ``index``, where it has them: slice measures
+        divided, SliceLocation placed, slice numbers counted again."""
+        _divide_slice_measures(item, self.factor)
+        if "SliceLocation" in item:
+            if self.slice_locations is not None:
+                item.SliceLocation = _ds(self.slice_locations[index])
+            else:  # some source slice has none: no thin slice gets a location it cannot vouch for
+                del item.SliceLocation
+        for keyword, numbers in self.slice_numbers.items():
+            if keyword in item:
+                item[keyword].value = numbers[index]
+
+    def _thin_frames(self, dataset: pydicom.Dataset, frames: list[pydicom.Dataset]) -> None:
+        """What makes the copied per-frame groups of ``frames`` thin slices: slice measures
+        divided (shared and per-frame), SliceLocation placed, slice numbers and the Dimension
+        Index that counts the slices numbered again."""
+        shared = dataset.get("SharedFunctionalGroupsSequence")
+        for item in [dataset, *(_macro_items(shared[0]) if shared else [])]:
+            _divide_slice_measures(item, self.factor)
+        for index, group in enumerate(frames):
+            for item in _macro_items(group):
+                self._thin_image(item, index)
+        per_frame_source = self.scan.dicom_headers[0].PerFrameFunctionalGroupsSequence
+        source = [_dimension_index(per_frame_source[frame]) for frame in self.scan.frame_order]
+        if any(values is None for values in source):
+            return
+        renumbered = [_thin_numbers(list(column), self.factor) for column in zip(*source)]
+        for index, group in enumerate(frames):
+            values = [own if numbers is None else numbers[index]
+                      for own, numbers in zip(source[index // self.factor], renumbered)]
+            group.FrameContentSequence[0].DimensionIndexValues = values if len(values) > 1 else values[0]
+
+
+class DicomSeriesWriter(_DerivedSeriesWriter):
+    """Write an in-plane enhanced volume as a new DICOM series, slice by slice, into ``folder``.
+
+    One image per source slice (one multi-frame object for multi-frame input) with ``scale``
+    times the rows and columns; each keeps its source slice's own position, moved onto the
+    finer grid.
+
+    Args:
+        folder: the series folder to create (files ``IM0001.dcm``...).
+        scan: the opened source DICOM scan (headers in slice order, or one multi-frame header).
+        affine: RAS affine of the enhanced grid (slice axis 2):
+            ``rescaled_affine(scan.affine, (scale, scale, 1))``.
+        scale: in-plane factor.
+        description: DerivationDescription text.
+        window: the intensity window the enhancer used (display window when the source's is
+            missing or invalid).
+        overwrite: replace an existing ``folder`` (an empty one is replaced without it).
+
+    Example:
+        >>> with DicomSeriesWriter(out, scan, enhanced_affine, 2, text, window) as writer:
+        ...     for slab in slabs:  # (n, I', J') in original units, in slice order
+        ...         writer.write(slab)
+
+    Raises:
+        OutputError: ``folder`` exists and is not empty (without ``overwrite``), or its parent
+            is missing; the scan is not DICOM; on leaving the block, fewer slices were written
+            than the scan has.
+        ValueError: ``affine`` is not the grid above.
+    """
+
+    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
+                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+        super().__init__(folder, scan, affine, description, window, overwrite, scale=scale, factor=1,
+                         series_suffix=f" medsr SR x{scale}")
+
+
+class ThinSliceSeriesWriter(_DerivedSeriesWriter):
+    """Write a through-plane enhanced volume (thick slices made thin) as a new DICOM series.
+
+    ``factor`` images per source slice, in slice order: thin image ``k * factor + j`` is thin
+    slice ``j`` of source slice ``k``, derived from that slice's header (one multi-frame object
+    with ``factor`` times the frames for multi-frame input). Rows, columns and pixel spacing stay;
+    each thin image is placed between the real positions of its source slice and the neighbour on
+    its side (see the module docstring), with SliceThickness and SpacingBetweenSlices divided by
+    ``factor``, SliceLocation placed alike, InstanceNumber 1..N in the source's direction, and
+    references to the source slices it lies between.
+
+    Args:
+        folder: the series folder to create (files ``IM0001.dcm``...).
+        scan: the opened source DICOM scan, at least two slices with ImagePositionPatient.
+        affine: RAS affine of the thin grid (slice axis 2):
+            ``rescaled_affine(scan.affine, (1, 1, factor))``.
+        factor: thin slices per source slice (2-8 for the through-plane model).
+        description: DerivationDescription text, e.g. ``"medsr through-plane x4"``.
+        window: the intensity window the enhancer used (display window when the source's is
+            missing or invalid).
+        overwrite: replace an existing ``folder`` (an empty one is replaced without it).
+
+    Example:
+        >>> with ThinSliceSeriesWriter(out, scan, enhanced.affine, 4, text, window) as writer:
+        ...     writer.write(np.moveaxis(enhanced.array, 2, 0))  # (4 K, I, J) in original units
+
+    Raises:
+        OutputError: as :class:`DicomSeriesWriter`, and a scan of one slice (nothing to place
+            thin slices between).
+        ValueError: ``affine`` is not the grid above.
+    """
+
+    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, factor: int,
+                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 2:
+            raise ValueError(f"factor must be a whole number of thin slices per slice, 2 or more, not {factor!r}")
+        super().__init__(folder, scan, affine, description, window, overwrite, scale=1, factor=int(factor),
+                         series_suffix=f" medsr thin x{factor}")
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:
@@ -419,62 +708,10 @@ def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:
     return study
 
 
-def _derive_multiframe(scan, n_frames, shift, series_uid, description, scale, now, dtype,
-                       mappings, spacing, window) -> pydicom.Dataset:
-    """The multi-frame header (everything but the pixel data) for ``n_frames`` enhanced frames
-    stored with the per-frame rescale ``mappings``."""
-    header = scan.dicom_headers[0]
-    dataset = _derive_common(header, series_uid, description, scale, now)
-    for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
-        del dataset[tag]  # the pixel data goes last, appended by the writer
-    dataset.SOPInstanceUID = generate_uid()
-    columns, rows = (int(round(n * scale)) for n in scan.shape[:2])
-    _set_pixel_module(dataset, rows, columns, dtype, _photometric(scan))
-    dataset.NumberOfFrames = n_frames
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    per_frame_source = header.PerFrameFunctionalGroupsSequence
-    one_mapping = len(set(mappings)) == 1
-    frames = []
-    for k, source_index in enumerate(scan.frame_order):
-        group = copy.deepcopy(per_frame_source[source_index])
-        source_position = functional_group(header, per_frame_source[source_index], "PlanePositionSequence")
-        position = pydicom.Dataset()
-        position.ImagePositionPatient = _shifted(source_position.ImagePositionPatient, shift)
-        group.PlanePositionSequence = Sequence([position])
-        derivation = pydicom.Dataset()
-        derivation.DerivationDescription = description[:1024]
-        derivation.SourceImageSequence = Sequence([_source_reference(header, source_index)])
-        group.DerivationImageSequence = Sequence([derivation])
-        if not one_mapping:  # some frames needed a wider rescale: every frame says its own
-            transform = pydicom.Dataset()
-            transform.RescaleSlope, transform.RescaleIntercept = _ds(mappings[k][0]), _ds(mappings[k][1])
-            transform.RescaleType = "HU" if scan.modality == "CT" else "US"
-            group.PixelValueTransformationSequence = Sequence([transform])
-        frames.append(group)
-    if not one_mapping:
-        for groups in shared or []:
-            if "PixelValueTransformationSequence" in groups:
-                del groups.PixelValueTransformationSequence  # a macro is shared or per-frame
-        for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
-            if keyword in dataset:
-                delattr(dataset, keyword)
-    dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
-    # frame types say DERIVED, and derived objects list their sources as evidence
-    dataset.ImageType = ["DERIVED", "PRIMARY", *list(header.ImageType)[2:]]
-    dataset.SourceImageEvidenceSequence = Sequence([_evidence(header)])
-    slope, intercept = mappings[0]
-    for groups in [*(shared or []), *frames]:
-        for name in [k for k in groups.dir() if k.endswith("FrameTypeSequence")]:
-            frame_type = list(groups.get(name)[0].FrameType)
-            groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
-        if groups.get("FrameVOILUTSequence"):
-            _window(groups.FrameVOILUTSequence[0], window)
-        if groups.get("PixelMeasuresSequence"):
-            groups.PixelMeasuresSequence[0].PixelSpacing = spacing
-        if one_mapping and groups.get("PixelValueTransformationSequence"):
-            groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(slope)
-            groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
-    if one_mapping and not functional_group(dataset, None, "PixelValueTransformationSequence"):
-        dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-    return dataset
+def _dimension_index(group: pydicom.Dataset) -> list[int] | None:
+    """A frame's DimensionIndexValues (one per dimension), or None without them."""
+    content = group.get("FrameContentSequence")
+    value = content[0].get("DimensionIndexValues") if content else None
+    if value is None:
+        return None
+    return [int(v) for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value])]
