@@ -58,6 +58,26 @@ def in_plane_factors(slice_axis: int, scale: float) -> tuple[float, float, float
     return tuple(factors)  # type: ignore[return-value]
 
 
+def slice_axis_of(affine: np.ndarray) -> int:
+    """The slice axis of a volume known only by its voxel sizes (NIfTI).
+
+    The odd one out: when two axes share a voxel size and the third differs, the two are the
+    image plane and the third is the slice axis, whether it is larger (0.7 x 0.7 x 3 mm, thick
+    slices) or smaller (2 x 2 x 1 mm, a 1 mm volume whose planes were made coarser: exactly
+    what in-plane super-resolution should undo). All three equal: the last axis. All three
+    different: the largest. On the protocol's reference volumes (about equal voxels, or thick
+    slices) this is the protocol's rule, the axis with the largest voxels.
+    """
+    sizes = voxel_sizes(affine)
+    same = [[b for b in range(3) if np.isclose(sizes[a], sizes[b], rtol=1e-3)] for a in range(3)]
+    if all(len(group) == 3 for group in same):
+        return 2
+    lonely = [a for a in range(3) if len(same[a]) == 1]
+    if len(lonely) == 1:
+        return lonely[0]
+    return largest_spacing_axis(affine)
+
+
 def largest_spacing_axis(affine: np.ndarray) -> int:
     """The axis with the largest voxel size; ties go to the last such axis."""
     sizes = voxel_sizes(affine)

@@ -48,7 +48,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
 
 from medsr.errors import ScanReadError
-from medsr.geometry import LPS_TO_RAS, largest_spacing_axis, voxel_sizes
+from medsr.geometry import LPS_TO_RAS, slice_axis_of, voxel_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _open_nifti(path: Path) -> OpenScan:
         raise ScanReadError(f"{path}: the NIfTI volume has no voxels (shape {shape})")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
-    slice_axis = largest_spacing_axis(affine)
+    slice_axis = slice_axis_of(affine)
     xform_codes = _nifti_xform_codes(image.header, shape, path)
 
     def read_all() -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsr.geometry import in_plane_factors, largest_spacing_axis, rescaled_affine, voxel_sizes
+from medsr.geometry import in_plane_factors, largest_spacing_axis, rescaled_affine, slice_axis_of, voxel_sizes
 
 
 def oblique_affine(spacing=(0.8, 0.6, 3.0), angle=0.3, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
@@ -61,3 +61,15 @@ def test_in_plane_factors():
     assert in_plane_factors(0, 2) == (1.0, 2.0, 2.0)
     with pytest.raises(ValueError, match="slice_axis"):
         in_plane_factors(3, 2)
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    ((0.7, 0.7, 3.0), 2),   # thick slices
+    ((1, 1, 1), 2),         # equal voxels: the last axis, as the protocol says
+    ((2, 2, 1), 2),         # a 1 mm volume whose planes were made coarser: those planes
+    ((1.0, 1.8, 1.8), 0),   # the same with the slices along the first axis
+    ((3, 1, 1), 0),
+    ((1, 2, 3), 2),         # all different: the largest
+])
+def test_slice_axis_is_the_odd_one_out(spacing, expected):
+    assert slice_axis_of(oblique_affine(spacing=spacing)) == expected
