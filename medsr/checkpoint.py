@@ -29,6 +29,7 @@ from medsr.writing import atomic_output
 FORMAT = "medsr-checkpoint"
 VERSION = 1
 DEFAULT_WEIGHTS = {2: "srresnet_x2.pt", 4: "srresnet_x4.pt"}
+THROUGH_PLANE_WEIGHTS = "through_plane.pt"
 
 
 def build_model(config: TrainConfig) -> SRResNet | ThroughPlaneNet:
@@ -53,13 +54,13 @@ def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, epo
         torch.save(payload, temporary)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint without executing any code it may carry.
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, its failures as one clear error.
 
     Raises:
-        CheckpointError: missing file, not a medsr checkpoint, or unsafe content.
+        CheckpointError: missing file, corrupt file, or content that is not plain data
+            (pickled code is refused without running it).
     """
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
@@ -75,6 +76,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint without executing any code it may carry.
+
+    Raises:
+        CheckpointError: missing file, not a medsr checkpoint, or unsafe content.
+    """
+    payload = safe_torch_load(Path(path))
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a medsr checkpoint (no 'format: {FORMAT}' entry)")
     if payload.get("version") != VERSION:
@@ -102,14 +113,16 @@ def load_model(path: str | Path) -> tuple[SRResNet, TrainConfig]:
     return model.eval(), config
 
 
-def default_weights(scale: int) -> Path:
-    """Path of the weights shipped inside the package for ``scale``."""
-    if scale not in DEFAULT_WEIGHTS:
+def default_weights(scale: int, through_plane: bool = False) -> Path:
+    """Path of the weights shipped inside the package for in-plane ``scale``, or of the
+    through-plane model (one model for every factor)."""
+    name = THROUGH_PLANE_WEIGHTS if through_plane else DEFAULT_WEIGHTS.get(scale)
+    if name is None:
         raise CheckpointError(
             f"no shipped weights for scale {scale} (shipped: {sorted(DEFAULT_WEIGHTS)}); "
             "pass --weights with a checkpoint from medsr train"
         )
-    return Path(str(resources.files("medsr") / "weights" / DEFAULT_WEIGHTS[scale]))
+    return Path(str(resources.files("medsr") / "weights" / name))
 
 
 def export_weights(source: str | Path, destination: str | Path) -> Path:

@@ -265,3 +265,42 @@ def _random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     top = int(rng.integers(image.shape[0] - size + 1))
     left = int(rng.integers(image.shape[1] - size + 1))
     return image[top:top + size, left:left + size]
+
+
+def degradation_examples(scans: list[CachedScan], scale: int, per_scan: int, seed: int,
+                         randomise: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Examples for the degradation classifier: slices of each scan degraded all six ways.
+
+    Up to ``per_scan`` evenly spaced slices of every scan are cut to a multiple of ``scale``
+    and degraded by each of :data:`medsr.degradation.CLASSES`, as the protocol defines them;
+    with ``randomise`` the Gaussian FWHM (0.7-1.3 x scale) and the Rician noise (0.5-5% of
+    the window) vary, so the classifier learns the family rather than one kernel.
+
+    Returns:
+        ``(features (N, 68), class index (N,), scan index (N,))``.
+    """
+    from medsr.degradation import CLASSES, slice_features
+    from medsr.transforms import (DEGRADE_SLICE, RICIAN_NOISE_FRACTION, crop_to_multiple,
+                                  degrade_gaussian, degrade_rician)
+
+    rng = np.random.default_rng(seed)
+    features, labels, owners = [], [], []
+    for owner, scan in enumerate(scans):
+        count = min(per_scan, len(scan.slices))
+        for index in np.linspace(0, len(scan.slices) - 1, count).round().astype(int):
+            high_res = crop_to_multiple(scan.slices[index].astype(np.float32), scale)
+            if min(high_res.shape) < 8 * scale:
+                continue
+            for label, name in enumerate(CLASSES):
+                if name == "gaussian":
+                    fwhm = scale * (rng.uniform(0.7, 1.3) if randomise else 1.0)
+                    low_res = degrade_gaussian(high_res, scale, fwhm)
+                elif name == "rician":
+                    noise = rng.uniform(0.005, 0.05) if randomise else RICIAN_NOISE_FRACTION
+                    low_res = degrade_rician(high_res, scale, noise, rng)
+                else:
+                    low_res = DEGRADE_SLICE[name](high_res, scale)
+                features.append(slice_features(low_res))
+                labels.append(label)
+                owners.append(owner)
+    return np.asarray(features), np.asarray(labels), np.asarray(owners)

@@ -425,3 +425,84 @@ def _append_history(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+# ------------------------------------------------------------------ the degradation classifier
+
+
+class _FeatureExamples(Dataset):
+    """``{"image": (68,) features, "label": class index}`` items for the classifier."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.features = torch.as_tensor(features, dtype=torch.float32)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"image": self.features[index], "label": self.labels[index]}
+
+
+def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
+                                 epochs: int = 300) -> dict:
+    """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
+    with MONAI's ``SupervisedTrainer``, score it on the validation scans, save it to
+    ``out_path`` with that report inside, and return the report.
+
+    The validation report gives, per degradation, how many volumes got the right grid (the
+    decision :func:`medsr.degradation.estimate_degradation` makes, from up to 64 slices) and
+    the per-slice accuracy.
+
+    Raises:
+        MedsrError: no training scans.
+    """
+    from medsr.data import degradation_examples
+    from medsr.degradation import CLASSES, DegradationClassifier, MAX_SLICES, choose_grid, save_classifier
+    from medsr.transforms import GRID_OF
+
+    if not config.train_scans:
+        raise MedsrError("the config lists no train_scans")
+    check_patient_split(config)
+    set_determinism(seed=config.seed)
+    features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
+                                               slices_per_scan, config.seed)
+    mean = torch.as_tensor(features.mean(axis=0), dtype=torch.float32)
+    std = torch.as_tensor(features.std(axis=0) + 1e-6, dtype=torch.float32)
+    classifier = DegradationClassifier(mean, std)
+    loader = DataLoader(_FeatureExamples(features, labels), batch_size=256, shuffle=True)
+
+    def noisy_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs):
+        # a little noise on the standardised features, so no single bin is trusted too much
+        image = batch["image"] + 0.05 * std * torch.randn_like(batch["image"])
+        return image, batch["label"]
+
+    SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=classifier,
+        optimizer=torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=1e-3),
+        loss_function=torch.nn.CrossEntropyLoss(), prepare_batch=noisy_batch,
+    ).run()
+    classifier.eval()
+    report = {"train_examples": int(len(labels)), "scale": config.scale, "validation": {}}
+    val_scans = _cached(config, "val_scans") if config.val_scans else []
+    if val_scans:
+        features, labels, owners = degradation_examples(val_scans, config.scale, MAX_SLICES,
+                                                        config.seed, randomise=False)
+        probabilities = classifier.probabilities(features)
+        on_kspace = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
+        for label, name in enumerate(CLASSES):
+            truth = GRID_OF[name]
+            slice_right = (probabilities[labels == label][:, on_kspace].sum(axis=1) > 0.5) == (truth == "kspace")
+            decisions = []
+            for owner in np.unique(owners[labels == label]):
+                mine = probabilities[(labels == label) & (owners == owner)].mean(axis=0)
+                decisions.append(choose_grid(float(mine[on_kspace].sum())))
+            report["validation"][name] = {
+                "grid": truth, "volumes": len(decisions),
+                "volumes_right": int(sum(d == truth for d in decisions)),
+                "slice_accuracy": float(slice_right.mean()),
+                "volume_names": [val_scans[o].name for o in np.unique(owners[labels == label])],
+                "decisions": decisions,
+            }
+    save_classifier(Path(out_path), classifier, config.scale, report)
+    return report
