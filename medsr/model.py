@@ -99,7 +99,11 @@ class SRResNet(nn.Module):
         nn.init.zeros_(self.tail.conv.weight)
         nn.init.zeros_(self.tail.conv.bias)
 
-    def forward(self, low_res: torch.Tensor, degradation: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, low_res: torch.Tensor, degradation: torch.Tensor | None = None,
+                grid: str | None = None) -> torch.Tensor:
+        """``grid`` (``"bicubic"`` or ``"kspace"``), when every slice of the batch is on the same
+        one, computes only that classical upsampler (enhancing a scan); without it each slice
+        gets the upsampler of its own ``degradation`` code (training batches mix them)."""
         batch, _, height, width = low_res.shape
         if degradation is None:
             degradation = torch.zeros(batch, dtype=torch.long, device=low_res.device)
@@ -108,18 +112,23 @@ class SRResNet(nn.Module):
         features = self.head(torch.cat([low_res, flag], dim=1))
         features = features + self.body_out(self.body(features))
         detail = self.tail(self.upsample(features))
-        return self.classical_upsample(low_res, is_kspace) + detail
+        return self.classical_upsample(low_res, is_kspace, grid) + detail
 
-    def classical_upsample(self, low_res: torch.Tensor, is_kspace: torch.Tensor) -> torch.Tensor:
+    def classical_upsample(self, low_res: torch.Tensor, is_kspace: torch.Tensor,
+                           grid: str | None = None) -> torch.Tensor:
         """The upsampler each slice's grid calls for, in float32 whatever the autocast dtype
         (bf16 would round the image itself, not just the detail added to it).
 
-        Both are computed and one is picked per slice: no data-dependent branch, so no device
-        sync and one graph for torch.compile (the FFT costs little next to the convolutions).
+        For a mixed batch both are computed and one is picked per slice: no data-dependent
+        branch, so no device sync and one graph for torch.compile.
         """
         with torch.autocast(low_res.device.type, enabled=False):
             low_res = low_res.float()
+            if grid == "kspace":
+                return zero_fill_upsample(low_res, self.scale)
             cubic = F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            if grid == "bicubic":
+                return cubic
             return torch.where(is_kspace, zero_fill_upsample(low_res, self.scale), cubic)
 
 

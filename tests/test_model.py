@@ -63,3 +63,14 @@ def test_uses_monai_blocks():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SRResNet(**kwargs)
+
+
+@pytest.mark.parametrize("grid", ["bicubic", "kspace"])
+def test_one_grid_for_the_batch_computes_the_same_as_per_slice_codes(grid):
+    torch.manual_seed(0)
+    model = SRResNet(scale=2, features=8, num_res_blocks=1).eval()
+    torch.nn.init.normal_(model.tail.conv.weight, std=1e-3)
+    low_res = torch.rand(3, 1, 24, 20)
+    codes = torch.full((3,), DEGRADATION_CODES[grid])
+    with torch.no_grad():
+        torch.testing.assert_close(model(low_res, codes, grid=grid), model(low_res, codes), rtol=0, atol=0)
