@@ -31,8 +31,17 @@ class _ShortFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test runner may have
+    swapped, and since closed, the one there was when logging was set up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_ShortFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -96,36 +105,75 @@ def train(
                    f"best model: {result.out_dir / 'best.pt'}")
 
 
+@app.command("fit-degradation")
+def fit_degradation(
+    config: Annotated[Path, typer.Option(help="Training config whose split and scale to use, e.g. configs/srresnet_l1_x2.yaml.")],
+    out: Annotated[Path, typer.Option(help="Where to write the classifier (.pt).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set data_root=/data/scans.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Fit the classifier that tells from the pixels how a scan lost its resolution."""
+    _setup_logging(verbose=True)
+    with _user_errors():
+        from medsr.config import load_config
+        from medsr.errors import OutputError
+        from medsr.training import train_degradation_classifier
+
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+        report = train_degradation_classifier(load_config(config, set_ or []), out)
+    typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
+    for name, result in report["validation"].items():
+        typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "
+                   f"validation volumes right, {result['slice_accuracy']:.3f} of slices")
+
+
+def _select(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    keyword, equals, wanted = value.partition("=")
+    if not equals or not keyword.strip() or not wanted.strip():
+        raise typer.BadParameter(f"must be KEYWORD=VALUE (e.g. EchoTime=13.8), not {value!r}")
+    return keyword.strip(), wanted.strip()
+
+
 @app.command()
 def enhance(
     inputs: Annotated[list[Path], typer.Argument(
         metavar="INPUT...", help="DICOM series folder, DICOM file or NIfTI file; several, or a folder of series, for a batch.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii/.nii.gz, or a new folder for a DICOM series; for a batch, the folder for all outputs.")],
-    scale: Annotated[int, typer.Option(help="In-plane factor (must match --weights).")] = 2,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii/.nii.gz, or a new (or empty) folder for a DICOM series; for a batch, the folder for all outputs.")],
+    scale: Annotated[Optional[int], typer.Option(
+        help="In-plane factor, 2 (default) or 4; with --through-plane, thin slices per thick slice (default: slice spacing / in-plane spacing, rounded).")] = None,
+    through_plane: Annotated[bool, typer.Option(
+        "--through-plane", help="Make the slices thinner (along the slice axis) instead of the in-plane voxels smaller.")] = False,
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
     degradation: Annotated[str, typer.Option(
-        help="How the scan lost resolution: kspace (MR acquisition), bicubic (resampled, CT) or auto (by modality).")] = "auto",
+        help="How the scan lost resolution: auto (found from the pixels, the default), kspace (fewer k-space lines) or bicubic (resampled).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Slices per forward pass.")] = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="KEYWORD=VALUE: one echo or phase of a series that holds several, e.g. EchoTime=13.8.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     output_format: Annotated[str, typer.Option("--format", help="auto (by the output name), nifti or dicom.")] = "auto",
     compile_model: Annotated[str, typer.Option(
-        "--compile", help="torch.compile the model: auto (series of 256 slices or more), on or off.")] = "auto",
+        "--compile", help="torch.compile the model: auto, on or off.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.")] = "auto",
 ) -> None:
-    """Upscale every slice of a scan in-plane and write the enhanced volume."""
+    """Enhance every slice of a scan and write the enhanced volume."""
     _setup_logging(verbose=False)
     axis = _slice_axis(slice_axis)
+    picked = _select(select)
+    options = dict(slice_axis=axis, degradation=degradation, device=device, batch_size=batch_size,
+                   compile_model=compile_model, precision=precision, select=picked)
     with _user_errors():
         from medsr.enhance import enhance_file, is_single_scan
 
         if len(inputs) > 1 or not is_single_scan(inputs[0]):
-            _enhance_batch(inputs, output, scale, axis, weights, degradation, device, batch_size,
-                           overwrite, output_format, compile_model, precision)
+            _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
             return
-        input_path = inputs[0]
         with _progress() as progress:
             task = progress.add_task("reading slices", total=None)
 
@@ -133,29 +181,25 @@ def enhance(
                 return lambda done, total: progress.update(task, completed=done, total=total,
                                                            description=f"{name} slices")
 
-            result = enhance_file(
-                input_path, output, scale=scale, slice_axis=axis, weights=weights,
-                degradation=degradation, device=device,
-                batch_size=batch_size, series_uid=series, overwrite=overwrite, output_format=output_format,
-                compile_model=compile_model, precision=precision,
-                reading=stage("reading"), progress=stage("enhancing"),
-            )
-    shape = "x".join(str(n) for n in result.shape)
-    spacing = "x".join(f"{v:.3g}" for v in result.spacing)
+            result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
+                                  series_uid=series, overwrite=overwrite, output_format=output_format,
+                                  reading=stage("reading"), progress=stage("enhancing"), **options)
+    if result.estimate is not None:
+        typer.echo(f"degradation: {result.estimate.describe()}", err=True)
+    shape = "x".join(str(n) for n in result.volume.shape)
+    spacing = "x".join(f"{v:.3g}" for v in result.volume.spacing)
     typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
 
 
-def _enhance_batch(inputs, out_dir, scale, axis, weights, degradation, device, batch_size,
-                   overwrite, output_format, compile_model, precision) -> None:
+def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, output_format, options) -> None:
     from medsr.enhance import enhance_many
 
     with _progress() as progress:
         task = progress.add_task("enhancing", total=None)
         outcomes = enhance_many(
-            inputs, out_dir, scale=scale, weights=weights, output_format=output_format,
-            overwrite=overwrite, slice_axis=axis, degradation=degradation, device=device,
-            batch_size=batch_size, compile_model=compile_model, precision=precision,
-            on_scan=lambda name: progress.update(task, description=name),
+            inputs, out_dir, scale=scale, weights=weights, through_plane=through_plane,
+            output_format=output_format, overwrite=overwrite,
+            on_scan=lambda name: progress.update(task, description=name), **options,
         )
     for outcome in outcomes:
         where = f" -> {outcome.output}" if outcome.output and outcome.status == "done" else ""
@@ -168,66 +212,115 @@ def _enhance_batch(inputs, out_dir, scale, axis, weights, degradation, device, b
         raise typer.Exit(1)
 
 
+def _degradations(value: str) -> tuple[list[str], bool]:
+    """``--degradation`` of evaluate: names, groups and ``auto`` -> (degradations, auto runs)."""
+    from medsr.transforms import ALL_DEGRADATIONS, DEGRADATIONS, STRESS_DEGRADATIONS
+
+    groups = {"both": list(DEGRADATIONS), "stress": list(STRESS_DEGRADATIONS), "all": list(ALL_DEGRADATIONS)}
+    chosen, auto = [], False
+    for token in (t.strip() for t in value.split(",")):
+        if token == "auto":
+            auto = True
+        elif token in groups or token in ALL_DEGRADATIONS:
+            chosen += [d for d in groups.get(token, [token]) if d not in chosen]
+        else:
+            raise typer.BadParameter(
+                f"--degradation takes {', '.join(ALL_DEGRADATIONS)}, both, stress, all or auto "
+                f"(comma-separated), not {token!r}")
+    chosen = chosen or list(DEGRADATIONS)
+    # the stress degradations have no flag a user would give: what matters is the default path
+    return chosen, auto or any(d in STRESS_DEGRADATIONS for d in chosen)
+
+
 @app.command()
 def evaluate(
     scans: Annotated[list[Path], typer.Argument(help="Held-out scans: DICOM series folders, DICOM or NIfTI files.")],
     weights: Annotated[Optional[list[Path]], typer.Option(help="Checkpoint(s) to compare; default: shipped weights.")] = None,
-    degradation: Annotated[str, typer.Option(help="bicubic, kspace or both.")] = "both",
-    scale: Annotated[int, typer.Option(help="Degradation factor (must match the weights).")] = 2,
+    degradation: Annotated[str, typer.Option(
+        help="bicubic, kspace, both (default), the stress degradations area, gaussian, lanczos, rician "
+             "(or stress, all), comma-separated; auto adds each model as the default path runs it "
+             "(degradation found from the pixels).")] = "both",
+    scale: Annotated[Optional[int], typer.Option(
+        help="Degradation factor (must match the weights; default 2, through-plane 4).")] = None,
+    through_plane: Annotated[bool, typer.Option(
+        "--through-plane", help="Protocol v1-z: thick slices simulated from ~1 mm volumes, B-spline baseline.")] = False,
+    profile: Annotated[str, typer.Option(help="Through-plane slice profile: gaussian, box or both.")] = "both",
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2 (NIfTI).")] = "auto",
-    report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json and metrics.csv.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json, metrics.csv and figures.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Score models against bicubic and zero-filled k-space baselines (protocol v1)."""
+    """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
     _setup_logging(verbose=False)
     axis = _slice_axis(slice_axis)
-    if degradation not in ("bicubic", "kspace", "both"):
-        raise typer.BadParameter(f"--degradation must be bicubic, kspace or both, not {degradation!r}")
-    degradations = ["bicubic", "kspace"] if degradation == "both" else [degradation]
+    if through_plane:
+        if profile not in ("gaussian", "box", "both"):
+            raise typer.BadParameter(f"--profile must be gaussian, box or both, not {profile!r}")
+        runs, auto = (["gaussian", "box"] if profile == "both" else [profile]), False
+    else:
+        runs, auto = _degradations(degradation)
     with _user_errors():
         from medsr.checkpoint import default_weights, load_model
-        from medsr.enhance import pick_device
-        from medsr.evaluation import evaluate_scan, summarise
+        from medsr.degradation import load_classifier
+        from medsr.engine import pick_device
+        from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, summarise
+        from medsr.model import ThroughPlaneNet
         from medsr.reading import read_scan
         from medsr.reports import write_comparison, write_metrics
 
+        scale = scale or (4 if through_plane else 2)
         torch_device = pick_device(device)
-        paths = weights or [default_weights(scale)]
+        paths = weights or [default_weights(scale, through_plane)]
         models = {}
         for path in paths:
             model, _ = load_model(path)
+            if isinstance(model, ThroughPlaneNet) != through_plane:
+                raise typer.BadParameter(f"--weights {path} are {'through' if isinstance(model, ThroughPlaneNet) else 'in'}-plane weights"
+                                         + ("" if through_plane else "; add --through-plane"))
             # runs/l1_x2/best.pt and runs/mse_x2/best.pt are told apart by their run folder
             stems = [p.stem for p in paths]
             name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
             if name in models:
                 raise typer.BadParameter(f"--weights {path} is given twice")
             models[name] = model
+        classifier = load_classifier(None, scale) if auto else None
         results = []
         with _progress() as progress:
-            task = progress.add_task("evaluating", total=len(scans) * len(degradations))
+            task = progress.add_task("evaluating", total=len(scans) * len(runs))
             for scan_path in scans:
                 scan = read_scan(scan_path)
-                for name in degradations:
-                    result = evaluate_scan(scan, models, name, scale, axis, torch_device,
-                                           keep_images=report is not None)
+                for name in runs:
+                    if through_plane:
+                        z = 2 if axis is None else axis
+                        result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
+                                                             keep_images=report is not None)
+                    else:
+                        z = scan.slice_axis if axis is None else axis
+                        result = evaluate_scan(scan, models, name, scale, axis, torch_device,
+                                               keep_images=report is not None, classifier=classifier)
                     if report is not None:
-                        write_comparison(report, result, scan.slice_axis if axis is None else axis)
+                        write_comparison(report, result, z)
                     results.append(result)
                     progress.advance(task)
         summary = summarise(results)
-        _print_table(results, summary, list(models))
+        names = list(models) + ([m + " auto" for m in models] if auto else [])
+        _print_table(results, summary, names)
         if report is not None:
             write_metrics(report, results, summary)
             typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
 
 
 def _print_table(results, summary, model_names: list[str]) -> None:
-    from medsr.evaluation import BASELINES, best_baseline
+    from medsr.evaluation import best_baseline
 
-    methods = list(BASELINES) + model_names
+    baselines = [m for m in results[0].scores if m not in model_names]
+    methods = baselines + model_names
     header = ["scan", "degradation"] + [f"{m} PSNR/SSIM" for m in methods]
-    rows = [[Path(r.scan).name, r.degradation] +
-            [f"{r.scores[m]['psnr']:.2f}/{r.scores[m]['ssim']:.4f}" for m in methods] for r in results]
+    rows = []
+    for r in results:
+        cells = [f"{r.scores[m]['psnr']:.2f}/{r.scores[m]['ssim']:.4f}" for m in methods]
+        found = {d.grid for d in r.decisions.values()}
+        label = r.degradation + (f" (auto: {'/'.join(sorted(found))})" if found else "")
+        rows.append([Path(r.scan).name, label] + cells)
     for name, means in summary.items():
         rows.append(["MEAN", name] + [f"{means[m]['psnr']:.2f}/{means[m]['ssim']:.4f}" for m in methods])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -241,12 +334,21 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             typer.echo(f"{name}: {model} {verdict} the best baseline "
                        f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
                        f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
-        if len(model_names) > 1:
+        told = [m for m in model_names if not m.endswith(" auto")]
+        if len(told) > 1:
             for metric, unit in (("psnr", " dB"), ("ssim", "")):
-                ranked = sorted(model_names, key=lambda m: means[m][metric], reverse=True)
+                ranked = sorted(told, key=lambda m: means[m][metric], reverse=True)
                 margin = means[ranked[0]][metric] - means[ranked[1]][metric]
                 typer.echo(f"{name}: {ranked[0]} wins {metric.upper()} "
                            f"(by {margin:.4f}{unit} over {ranked[1]})")
+    decided = [(r, d) for r in results for d in list(r.decisions.values())[:1]]
+    if decided:
+        from medsr.transforms import GRID_OF
+
+        for name in summary:
+            mine = [d for r, d in decided if r.degradation == name]
+            right = sum(d.grid == GRID_OF[name] for d in mine)
+            typer.echo(f"{name}: auto found the {GRID_OF[name]} grid on {right} of {len(mine)} scans")
 
 
 def main() -> None:

@@ -1,11 +1,20 @@
-"""Evaluation protocol v1: degrade a real volume, restore it with models and classical
-baselines, and score every answer against the original in original units.
+"""Evaluation protocol v1 (in-plane) and v1-z (through-plane): degrade a real volume, restore
+it with models and classical baselines, and score every answer against the original in original
+units.
 
-Baselines (same low-res input as the models):
+v1 baselines (same low-res input as the models):
 - ``bicubic``: scipy ``zoom(order=3, grid_mode=True, mode="reflect")`` in-plane;
 - ``zero_fill``: zero-filled k-space (sinc) interpolation, the strongest classical answer for
   the ``kspace`` degradation (computed for both degradations, counted only for ``kspace``).
-A model only counts as better when it beats the best baseline in both PSNR and SSIM.
+A model only counts as better when it beats the best baseline in both PSNR and SSIM. The stress
+degradations (:data:`medsr.transforms.STRESS_DEGRADATIONS`) count both baselines.
+
+Each model runs told the degradation's grid, and with ``auto`` also as the default path does:
+finding the grid from the low-res pixels (:mod:`medsr.degradation`), scored as ``<model> auto``.
+
+v1-z: thick slices simulated along the slice axis (``gaussian`` or ``box`` profile), cubic
+B-spline along that axis as the baseline, PSNR over the volume with ``factor`` slices trimmed at
+each end, SSIM on the planes that contain the slice axis.
 """
 
 from __future__ import annotations
@@ -16,13 +25,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import zoom
 
-from medsr.enhance import enhance_volume
-from medsr.metrics import score
-from medsr.model import SRResNet
+from medsr.degradation import DegradationClassifier, DegradationEstimate, estimate_degradation, informative_planes
+from medsr.engine import enhance_volume
+from medsr.errors import MedsrError
+from medsr.metrics import score, score_through_plane
+from medsr.model import SRResNet, ThroughPlaneNet
 from medsr.reading import Scan
-from medsr.transforms import central_block_origin, degrade_volume
+from medsr.through_plane import enhance_through_plane
+from medsr.transforms import (GRID_OF, STRESS_DEGRADATIONS, bspline_upsample, central_block_origin, degrade_volume,
+                              robust_window, thick_slices)
 
-BASELINES_FOR = {"bicubic": ("bicubic",), "kspace": ("bicubic", "zero_fill")}
+BASELINES_FOR = {"bicubic": ("bicubic",), "kspace": ("bicubic", "zero_fill"),
+                 **{name: ("bicubic", "zero_fill") for name in STRESS_DEGRADATIONS}}
+AUTO_SUFFIX = " auto"
 
 
 def upscale_bicubic(low_res: np.ndarray, slice_axis: int, scale: int) -> np.ndarray:
@@ -55,19 +70,22 @@ BASELINES: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
 
 def best_baseline(scores: dict[str, dict[str, float]], degradation: str) -> dict[str, float]:
     """Best PSNR and best SSIM among the baselines that count for ``degradation``
-    (``scores[method] = {"psnr", "ssim"}``, per scan or averaged)."""
-    counted = [scores[b] for b in BASELINES_FOR[degradation]]
+    (``scores[method] = {"psnr", "ssim"}``, per scan or averaged); through-plane
+    degradations (``"gaussian x4"``) have the B-spline alone."""
+    counted = [scores[b] for b in BASELINES_FOR.get(degradation, ("bspline",))]
     return {metric: max(s[metric] for s in counted) for metric in ("psnr", "ssim")}
 
 
 @dataclass
 class ScanResult:
-    """Scores for one scan and one degradation: ``scores[method] = {"psnr": dB, "ssim": x}``."""
+    """Scores for one scan and one degradation: ``scores[method] = {"psnr": dB, "ssim": x}``;
+    ``decisions[method]`` holds what the auto runs found from the pixels."""
 
     scan: str
     degradation: str
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    decisions: dict[str, DegradationEstimate] = field(default_factory=dict)
 
     def best_baseline(self) -> dict[str, float]:
         """Best PSNR and best SSIM among the baselines that count for this degradation."""
@@ -80,21 +98,74 @@ class ScanResult:
 
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
-                  keep_images: bool = False, precision: str = "auto") -> ScanResult:
-    """Run protocol v1 on one scan for one degradation with every model and baseline."""
+                  keep_images: bool = False, precision: str = "auto",
+                  classifier: DegradationClassifier | None = None) -> ScanResult:
+    """Run protocol v1 on one scan for one degradation with every model and baseline.
+
+    Each model is told the degradation's grid; with a ``classifier`` it also runs as the
+    default path does (grid found from the low-res pixels), scored as ``<name> auto``.
+
+    Raises:
+        MedsrError: a model upscales by another factor than ``scale``.
+    """
     axis = scan.slice_axis if slice_axis is None else slice_axis
+    for name, model in models.items():
+        if model.scale != scale:
+            raise MedsrError(f"--weights {name} upscale by {model.scale}, but --scale is {scale}; "
+                             "pass --scale to match")
     low_res, high_res, low_res_affine = degrade_volume(scan.array, scan.affine, axis, scale, degradation)
     result = ScanResult(scan=str(scan.path), degradation=degradation)
     estimates = {name: baseline(low_res, axis, scale) for name, baseline in BASELINES.items()}
+    told = GRID_OF[degradation]
+    decision = None
+    if classifier is not None:
+        window = robust_window(low_res)
+        planes = informative_planes(lambda k: np.take(low_res, k, axis=axis), low_res.shape[axis],
+                                    window.low, window.high)
+        decision = estimate_degradation(planes, classifier)
     for name, model in models.items():
-        if model.scale != scale:
-            raise ValueError(f"model {name!r} upscales by {model.scale}, the evaluation by {scale}")
-        estimates[name] = enhance_volume(low_res, low_res_affine, axis, model, degradation,
-                                         device=device, batch_size=batch_size, precision=precision).array
+        run = lambda grid: enhance_volume(low_res, low_res_affine, axis, model, grid, device=device,  # noqa: E731
+                                          batch_size=batch_size, precision=precision).array
+        estimates[name] = run(told)
+        if decision is not None:
+            estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)
+            result.decisions[name + AUTO_SUFFIX] = decision
     for name, estimate in estimates.items():
         result.scores[name] = score(high_res, estimate, axis, scale)
     if keep_images:
         result.images = {"low_res": low_res, "high_res": high_res, **estimates}
+    return result
+
+
+def thick_slices_affine(affine: np.ndarray, slice_axis: int, factor: int) -> np.ndarray:
+    """Protocol v1-z step 3: the affine of the thick slices: the slice axis column times
+    ``factor``, the origin moved by ``(factor - 1) / 2`` thin slices along it."""
+    thick = np.array(affine, dtype=np.float64)
+    thick[:3, 3] += thick[:3, slice_axis] * (factor - 1) / 2.0
+    thick[:3, slice_axis] *= factor
+    return thick
+
+
+def evaluate_through_plane_scan(scan: Scan, models: dict[str, ThroughPlaneNet], profile: str, factor: int,
+                                slice_axis: int = 2, device="cpu", batch_size: int | None = None,
+                                keep_images: bool = False, lower_percentile: float = 0.5,
+                                upper_percentile: float = 99.5) -> ScanResult:
+    """Protocol v1-z on one ~1 mm volume: thicken along ``slice_axis`` with ``profile`` at
+    ``factor``, restore with the B-spline baseline and every model, score."""
+    n_thin = scan.array.shape[slice_axis] - scan.array.shape[slice_axis] % factor
+    high_res = np.take(scan.array, np.arange(n_thin), axis=slice_axis)
+    low_res = thick_slices(high_res, slice_axis, factor, profile)
+    thick_affine = thick_slices_affine(scan.affine, slice_axis, factor)
+    window = robust_window(low_res, lower_percentile, upper_percentile)
+    estimates = {"bspline": bspline_upsample(low_res, slice_axis, factor)}
+    for name, model in models.items():
+        estimates[name] = enhance_through_plane(low_res, thick_affine, slice_axis, model, factor, window,
+                                                device, batch_size).array
+    result = ScanResult(scan=str(scan.path), degradation=f"{profile} x{factor}")
+    for name, estimate in estimates.items():
+        result.scores[name] = score_through_plane(high_res, estimate, slice_axis, factor)
+    if keep_images:
+        result.images = {"low_res": np.repeat(low_res, factor, axis=slice_axis), "high_res": high_res, **estimates}
     return result
 
 

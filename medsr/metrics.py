@@ -71,3 +71,23 @@ def score(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: in
         "psnr": psnr(reference, test, data_range),
         "ssim": ssim(reference, test, slice_axis, data_range, volume_min),
     }
+
+
+def score_through_plane(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, factor: int) -> dict[str, float]:
+    """Protocol v1-z step 4: PSNR over the volume and SSIM on the planes that contain the slice
+    axis (each index of the first other axis), ``factor`` slices trimmed at each end of it.
+
+    The data range and the foreground threshold come from the whole reference volume.
+    """
+    if high_res.shape != estimate.shape:
+        raise ValueError(f"shapes differ: reference {high_res.shape}, estimate {estimate.shape}")
+    volume_min = float(high_res.min())
+    data_range = float(high_res.max()) - volume_min
+    keep = np.arange(factor, high_res.shape[slice_axis] - factor)
+    reference = np.take(high_res, keep, axis=slice_axis)
+    test = np.take(estimate, keep, axis=slice_axis)
+    planes_axis = next(a for a in range(3) if a != slice_axis)
+    return {
+        "psnr": psnr(reference, test, data_range),
+        "ssim": ssim(reference, test, planes_axis, data_range, volume_min),
+    }

@@ -29,7 +29,7 @@ STRESS_DEGRADATIONS = ("area", "gaussian", "lanczos", "rician")
 # which grid each degradation puts the low-res pixels on (the model mode that fits it)
 GRID_OF = {"bicubic": "bicubic", "kspace": "kspace", "area": "bicubic", "lanczos": "bicubic",
            "gaussian": "kspace", "rician": "kspace"}
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+FWHM_TO_SIGMA = 1.0 / 2.3548  # 2 sqrt(2 ln 2), rounded as PROTOCOL.md (v1-z) writes it
 RICIAN_NOISE_FRACTION = 0.02  # evaluation noise: 2% of the volume's robust intensity range
 
 

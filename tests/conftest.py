@@ -62,17 +62,11 @@ def shared_scans() -> Path:
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     """A small random SRResNet x2 checkpoint (fast on CPU)."""
-    torch.manual_seed(0)
-    config = load_config(None, ["model.features=8", "model.num_res_blocks=2"])
-    model = build_model(config)
-    torch.nn.init.normal_(model.tail.conv.weight, std=1e-5)  # near the classical upsampler
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(path, model, config, epoch=1, iteration=1)
-    return path
+    return write_tiny_checkpoint(tmp_path / "tiny.pt")
 
 
 def write_tiny_checkpoint(path: Path) -> Path:
-    """The checkpoint of :func:`tiny_checkpoint`, written to ``path``."""
+    """A small random SRResNet x2 checkpoint, near the classical upsampler, at ``path``."""
     torch.manual_seed(0)
     config = load_config(None, ["model.features=8", "model.num_res_blocks=2"])
     model = build_model(config)

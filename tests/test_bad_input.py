@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -96,3 +97,40 @@ def test_training_killed_hard_resumes_to_the_same_epoch_count(tmp_path):
     assert finished.returncode == 0, finished.stderr
     final = load_checkpoint(out / "last.pt")
     assert final["epoch"] == 4 and final["iteration"] == 4 * 10
+
+
+def test_a_bug_on_one_scan_of_a_batch_does_not_stop_the_others(tmp_path, session_tiny_checkpoint, monkeypatch):
+    """Any exception on one scan (here a library error outside medsr's own) fails that scan
+    alone, as one line; the rest are written."""
+    import nibabel as nib
+
+    from conftest import MR_NIFTI
+    from medsr import enhance
+
+    block = nib.load(MR_NIFTI).slicer[60:63, 40:72, 40:72]
+    for name in ("a", "b", "c"):
+        nib.save(block, tmp_path / f"{name}.nii.gz")
+    real = enhance.enhance_file
+
+    def broken_on_b(source, *args, **kwargs):
+        if source.name == "b.nii.gz":
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(enhance, "enhance_file", broken_on_b)
+    result = CliRunner().invoke(app, ["enhance", *(str(tmp_path / f"{n}.nii.gz") for n in "abc"),
+                                      "-o", str(tmp_path / "out"), "--weights", str(session_tiny_checkpoint)])
+    assert result.exit_code == 1
+    assert "2 done, 0 skipped, 1 failed" in result.stdout
+    assert "internal error (error: unpack requires a buffer of 4 bytes)" in result.stdout
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x2.nii.gz", "c_x2.nii.gz"]
+
+
+def test_evaluate_with_weights_of_another_scale_is_one_error_line(tiny_checkpoint):
+    from conftest import CT_SERIES
+
+    result = CliRunner().invoke(app, ["evaluate", str(CT_SERIES), "--weights", str(tiny_checkpoint), "--scale", "4"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: --weights tiny upscale by 2, but --scale is 4; pass --scale to match")

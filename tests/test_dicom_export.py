@@ -111,7 +111,7 @@ def test_shipped_model_output_is_stored_without_clipping(tmp_path):
     back within half a stored step, and the padding outside the field of view stays padding."""
     from medsr.checkpoint import default_weights, load_model
     from medsr.dicom_writing import DicomSeriesWriter
-    from medsr.enhance import enhance_scan
+    from medsr.engine import enhance_scan
     from medsr.reading import open_scan
 
     scan = open_scan(CT_SERIES)
@@ -226,8 +226,9 @@ def test_batch_writes_one_output_per_series_and_reports_failures(tmp_path, tiny_
     assert result.exit_code == 1  # one scan failed, the others were written
     assert "2 done, 0 skipped, 1 failed" in result.stdout
     assert "no pixel data" in result.stdout and "error: 1 of 3 scans failed" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["MR_x2.nii.gz", "ct_x2"]
-    assert len(list((out / "ct_x2").glob("*.dcm"))) == 3
+    # several inputs: each output sits where its scan sits below their common folder
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/*")) == ["inputs/ct_x2", "nifti/MR_x2.nii.gz"]
+    assert len(list((out / "inputs" / "ct_x2").glob("*.dcm"))) == 3
     again = runner.invoke(app, arguments)
     assert "0 done, 2 skipped, 1 failed" in again.stdout
 
@@ -253,3 +254,20 @@ def test_eight_bit_input_stays_eight_bit_without_clipping(tmp_path, tiny_checkpo
     slope = float(written[0].RescaleSlope)
     enhanced = nib.load(tmp_path / "e.nii.gz").get_fdata(dtype=np.float32)
     assert np.abs(read_scan(tmp_path / "out").array - enhanced).max() <= slope / 2 + 1e-3
+
+
+def test_batch_names_never_collide(tmp_path, session_tiny_checkpoint):
+    """Scans of the same name in different folders (a/x/scan, b/x/scan, c/x/scan) get outputs
+    that mirror those folders: none is skipped as if done, none overwrites another."""
+    from conftest import MR_NIFTI
+
+    block = nib.load(MR_NIFTI).slicer[60:63, 40:72, 40:72]
+    for patient in "abc":
+        (tmp_path / "in" / patient / "x").mkdir(parents=True)
+        nib.save(block, tmp_path / "in" / patient / "x" / "scan.nii.gz")
+    result = runner.invoke(app, ["enhance", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                                 "--weights", str(session_tiny_checkpoint), "--degradation", "kspace"])
+    assert result.exit_code == 0, result.output
+    assert "3 done, 0 skipped, 0 failed" in result.stdout
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.nii.gz")) == [
+        "a/x/scan_x2.nii.gz", "b/x/scan_x2.nii.gz", "c/x/scan_x2.nii.gz"]

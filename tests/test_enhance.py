@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 from medsr.checkpoint import load_model
 from medsr.cli import app
-from medsr.enhance import enhance_volume
+from medsr.engine import enhance_scan, enhance_volume
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
-from medsr.reading import read_scan
+from medsr.reading import open_scan, read_scan
 
 runner = CliRunner()
 
@@ -60,9 +60,9 @@ def test_tiny_slices_are_refused(tiny_checkpoint):
 
 @pytest.mark.parametrize("source", [MR_SERIES, MR_MULTIFRAME, CT_SERIES, MR_NIFTI],
                          ids=["dicom-series", "dicom-multiframe", "ct-series", "nifti"])
-def test_cli_enhances_every_sample_scan_with_the_shipped_weights(tmp_path, source):
+def test_cli_enhances_every_sample_scan(tmp_path, source, session_tiny_checkpoint):
     output = tmp_path / "enhanced.nii.gz"
-    result = runner.invoke(app, ["enhance", str(source), "-o", str(output)])
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(output), "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     scan = read_scan(source)
     image = nib.load(output)
@@ -73,7 +73,8 @@ def test_cli_enhances_every_sample_scan_with_the_shipped_weights(tmp_path, sourc
     assert list(image.shape) == expected_shape
     expected_affine = rescaled_affine(scan.affine, in_plane_factors(scan.slice_axis, 2))
     np.testing.assert_allclose(image.get_sform(), expected_affine, atol=1e-4)
-    assert int(image.header["sform_code"]) == int(image.header["qform_code"]) == 1
+    # the input's NIfTI codes (scanner for DICOM), never relabelled
+    assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == scan.xform_codes
     # the qform is the nearest rotation + zooms: exact unless real slice gaps add a shear
     np.testing.assert_allclose(image.get_qform(), expected_affine, atol=5e-3)
     assert image.header.get_data_dtype() == np.float32
@@ -189,10 +190,10 @@ def test_streamed_nifti_equals_the_in_memory_result(tmp_path, tiny_checkpoint):
     from medsr.writing import NiftiSliceWriter
 
     model, _ = load_model(tiny_checkpoint)
-    scan = read_scan(MR_SERIES)
-    expected = enhance_volume(scan.array, scan.affine, 2, model, "kspace", batch_size=3)
+    expected = enhance_scan(open_scan(MR_SERIES), model, "kspace", batch_size=3)
     result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "s.nii.gz"),
-                                 "--weights", str(tiny_checkpoint), "--batch-size", "3"])
+                                 "--weights", str(tiny_checkpoint), "--batch-size", "3",
+                                 "--degradation", "kspace"])
     assert result.exit_code == 0, result.output
     image = nib.load(tmp_path / "s.nii.gz")
     np.testing.assert_array_equal(image.get_fdata(dtype=np.float32), expected.array)

@@ -14,11 +14,12 @@ import torch
 from pydicom.uid import generate_uid
 
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, new_dciodvfy_errors, pydicom_test_file
-from medsr import enhance
+from medsr import engine
 from medsr.checkpoint import load_model
 from medsr.dicom_writing import DicomSeriesWriter
-from medsr.enhance import (_Prefetch, batch_size_for_memory, enhance_file, enhance_scan,
-                           enhance_volume, survey_scan)
+from medsr.engine import _Prefetch, batch_size_for_memory, enhance_scan, enhance_volume, survey_scan
+from medsr.enhance import enhance_file, load_enhancer
+from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.errors import ScanReadError
 from medsr.reading import open_scan, read_scan
 from medsr.transforms import IntensityCounts, robust_window
@@ -88,11 +89,12 @@ def test_open_scan_reads_slices_lazily_and_load_matches(tmp_path):
 @pytest.mark.parametrize("keep_bytes", [0, 3 * 256 * 256 * 4])
 def test_slices_beyond_the_read_cache_are_decoded_again_to_the_same_result(tmp_path, tiny_checkpoint,
                                                                            monkeypatch, keep_bytes):
-    """A long series keeps only READ_CACHE_BYTES of the survey pass; the rest is read again."""
+    """A long series keeps only READ_CACHE_BYTES of the survey pass; the rest is read again.
+    (The sample's PixelPaddingValue is 0, its masked background: the array path, which knows
+    no padding, differs there, so the reference is the stream with every slice kept.)"""
     model, _ = load_model(tiny_checkpoint)
-    expected = enhance_volume(read_scan(MR_SERIES).array, open_scan(MR_SERIES).affine, 2, model,
-                              "kspace", batch_size=4).array
-    monkeypatch.setattr(enhance, "READ_CACHE_BYTES", keep_bytes)
+    expected = enhance_scan(open_scan(MR_SERIES), model, "kspace", batch_size=4).array
+    monkeypatch.setattr(engine, "READ_CACHE_BYTES", keep_bytes)
     streamed = enhance_scan(open_scan(MR_SERIES), model, "kspace", batch_size=4).array
     np.testing.assert_array_equal(streamed, expected)
 
@@ -151,8 +153,8 @@ def test_memory_follows_the_batch_not_the_series(tmp_path, tiny_checkpoint, monk
     """Beyond the headers (kept per slice for the DICOM output, tens of KB each), peak host
     memory (NumPy and Python allocations, traced) is the same for a 40- and a 120-slice series,
     written as NIfTI or as a DICOM series, once the read cache is full."""
-    monkeypatch.setattr(enhance, "READ_CACHE_BYTES", 0)
-    loaded = load_model(tiny_checkpoint)
+    monkeypatch.setattr(engine, "READ_CACHE_BYTES", 0)
+    loaded = load_enhancer(tiny_checkpoint, 2)
     beyond_headers = {}
     for n in (40, 120):
         series = _long_series(tmp_path / f"in{n}", n)
@@ -161,7 +163,7 @@ def test_memory_follows_the_batch_not_the_series(tmp_path, tiny_checkpoint, monk
         headers = tracemalloc.get_traced_memory()[0]
         del opened
         tracemalloc.reset_peak()
-        enhance_file(series, tmp_path / f"out{n}{suffix}", batch_size=4, loaded=loaded)
+        enhance_file(series, tmp_path / f"out{n}{suffix}", batch_size=4, model=loaded)
         beyond_headers[n] = tracemalloc.get_traced_memory()[1] - headers
         tracemalloc.stop()
     extra_output = (120 - 40) * 128 * 128 * 4  # what an in-memory result would add
@@ -179,7 +181,7 @@ def test_multiframe_frames_that_need_a_wider_rescale_get_their_own(tmp_path, tin
     enhanced[:, :, 5] *= 100.0  # beyond int16 with slope 1
     window = IntensityCounts()
     window.add(volume)
-    affine = enhance.rescaled_affine(scan.affine, enhance.in_plane_factors(2, 2))
+    affine = rescaled_affine(scan.affine, in_plane_factors(2, 2))
     with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", window.window()) as writer:
         for start in range(0, enhanced.shape[2], 3):
             writer.write(np.moveaxis(enhanced[:, :, start:start + 3], 2, 0))
@@ -200,7 +202,7 @@ def test_multiframe_frames_that_need_a_wider_rescale_get_their_own(tmp_path, tin
 
 def test_an_unfinished_dicom_stream_leaves_nothing(tmp_path):
     scan = open_scan(MR_SERIES)
-    affine = enhance.rescaled_affine(scan.affine, enhance.in_plane_factors(2, 2))
+    affine = rescaled_affine(scan.affine, in_plane_factors(2, 2))
     window = survey_scan(scan).counts.window()
     with pytest.raises(Exception, match="only 1 of 20 slices"):
         with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", window) as writer:
@@ -220,7 +222,7 @@ def test_compiled_model_gives_the_same_slices_and_pads_the_last_batch(tiny_check
 
 
 def test_compile_choice_and_its_fallback(tiny_checkpoint, monkeypatch, caplog):
-    from medsr.enhance import COMPILE_MIN_SLICES, _Forward
+    from medsr.engine import COMPILE_MIN_SLICES, _Forward
     from medsr.errors import MedsrError
 
     model, _ = load_model(tiny_checkpoint)
@@ -258,7 +260,7 @@ def test_bad_speed_options_are_one_error_line_before_any_work(tmp_path, option, 
 
 def test_both_passes_report_progress(tmp_path, tiny_checkpoint):
     reads, enhanced = [], []
-    enhance_file(MR_SERIES, tmp_path / "o.nii.gz", batch_size=8, loaded=load_model(tiny_checkpoint),
+    enhance_file(MR_SERIES, tmp_path / "o.nii.gz", batch_size=8, model=load_enhancer(tiny_checkpoint, 2),
                  reading=lambda done, total: reads.append((done, total)),
                  progress=lambda done, total: enhanced.append((done, total)))
     assert reads == [(k, 20) for k in range(1, 21)]
@@ -272,7 +274,7 @@ def test_slices_across_the_file_stream_through_a_mapped_scratch(tmp_path, tiny_c
     nothing else is left in the folder."""
     import nibabel as nib
 
-    model, config = load_model(tiny_checkpoint)
+    model, _ = load_model(tiny_checkpoint)
     scan = read_scan(MR_NIFTI)
     volume = scan.array[:, 40:72, 40:72]  # a block of the real T1, kept small
     source = tmp_path / "block.nii.gz"
@@ -280,7 +282,7 @@ def test_slices_across_the_file_stream_through_a_mapped_scratch(tmp_path, tiny_c
     expected = enhance_volume(volume, scan.affine, 0, model, "kspace", batch_size=16)
     output = tmp_path / f"out{suffix}"
     enhance_file(source, output, slice_axis=0, degradation="kspace", batch_size=16,
-                 loaded=(model, config))
+                 model=load_enhancer(tiny_checkpoint, 2))
     image = nib.load(output)
     np.testing.assert_array_equal(image.get_fdata(dtype=np.float32), expected.array)
     np.testing.assert_allclose(image.affine, expected.affine, atol=1e-5)
@@ -298,3 +300,46 @@ def test_an_unfinished_mapped_nifti_leaves_nothing(tmp_path):
             writer.write(np.zeros((3, 2, 5), np.float32))
             raise RuntimeError("model failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_padding_stays_out_of_the_window_and_stays_padding(tmp_path, session_tiny_checkpoint):
+    """The real CT series pads outside its field of view (PixelPaddingValue -2000, -3024 HU):
+    the intensity window ignores those pixels, the model sees air-like values there instead of
+    a cliff, and every output pixel over a padded input pixel is padding again."""
+    from medsr.engine import is_padding
+
+    scan = open_scan(CT_SERIES)
+    assert scan.padding == (-3024.0, -3024.0)
+    survey = survey_scan(scan)
+    volume = scan.load().array
+    real = volume[~is_padding(volume, scan.padding)]
+    window = survey.counts.window()
+    assert (window.low, window.high) == pytest.approx(tuple(np.percentile(real, [0.5, 99.5])), rel=1e-6)
+    model, _ = load_model(session_tiny_checkpoint)
+    enhanced = enhance_scan(scan, model, "bicubic", batch_size=2, survey=survey).array
+    padded = np.repeat(np.repeat(volume == -3024, 2, axis=0), 2, axis=1)
+    assert padded.any() and (enhanced[padded] == np.float32(-3024)).all()
+    assert (enhanced[~padded] > -1500).mean() > 0.999  # no cliff rings into the image
+
+
+def test_select_picks_one_echo_from_the_command_line(tmp_path, session_tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from medsr.cli import app
+
+    folder = tmp_path / "echoes"
+    folder.mkdir()
+    for path in sorted(MR_SERIES.glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        del dataset[0x00000000:0x00010000]  # command-set elements these files carry
+        dataset.save_as(folder / f"e1_{path.name}")
+        dataset.EchoTime, dataset.SOPInstanceUID = "80.0", generate_uid()
+        dataset.save_as(folder / f"e2_{path.name}")
+    runner = CliRunner()
+    arguments = ["enhance", str(folder), "-o", str(tmp_path / "o.nii.gz"), "--weights", str(session_tiny_checkpoint)]
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 1 and "--select EchoTime=" in refused.output
+    picked = runner.invoke(app, [*arguments, "--select", "EchoTime=80"])
+    assert picked.exit_code == 0, picked.output
+    bad = runner.invoke(app, [*arguments, "--select", "EchoTime"])
+    assert bad.exit_code == 2 and "KEYWORD=VALUE" in bad.output

@@ -1,0 +1,146 @@
+"""The default path finds out from the pixels how a scan lost its resolution (issue #10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import medsr
+from conftest import CT_SERIES, MR_NIFTI, MR_SERIES
+from medsr.cli import app
+from medsr.degradation import (CLASSES, N_FEATURES, WRONG_GRID_COST_DB, DegradationEstimate, choose_grid,
+                               estimate_degradation, load_classifier, slice_features)
+from medsr.errors import CheckpointError
+from medsr.geometry import in_plane_factors, rescaled_affine
+from medsr.reading import read_scan
+from medsr.transforms import degrade_volume
+
+runner = CliRunner()
+
+
+def _low_res(source, degradation, scale=2):
+    scan = read_scan(source)
+    low_res, high_res, affine = degrade_volume(scan.array, scan.affine, scan.slice_axis, scale, degradation)
+    return scan, low_res, affine
+
+
+@pytest.mark.parametrize("source", [MR_NIFTI, MR_SERIES, CT_SERIES], ids=["mr-nifti", "mr-dicom", "ct-dicom"])
+@pytest.mark.parametrize("degradation", ["bicubic", "kspace"])
+def test_the_grid_is_found_on_real_slices_degraded_each_way(source, degradation):
+    scan, low_res, _ = _low_res(source, degradation)
+    planes = list(np.moveaxis(low_res, scan.slice_axis, 0))
+    estimate = estimate_degradation(planes, load_classifier(None, 2))
+    assert estimate.grid == degradation
+    assert estimate.confidence >= 0.6
+
+
+def test_x4_classifier_finds_the_protocol_grids():
+    for degradation in ("bicubic", "kspace"):
+        scan, low_res, _ = _low_res(MR_NIFTI, degradation, scale=4)
+        estimate = estimate_degradation(list(np.moveaxis(low_res, scan.slice_axis, 0)), load_classifier(None, 4))
+        assert estimate.grid == degradation
+
+
+def test_features_ignore_a_linear_change_of_units():
+    plane = read_scan(MR_NIFTI).array[:, :, 80]
+    np.testing.assert_allclose(slice_features(plane), slice_features(3.5 * plane - 1000.0), atol=1e-6)
+    assert slice_features(plane).shape == (N_FEATURES,)
+
+
+def test_when_unsure_it_takes_the_cheaper_mistake_and_says_so():
+    # a wrong bicubic costs more than a wrong kspace, so an even chance goes to kspace
+    assert WRONG_GRID_COST_DB["bicubic"] > WRONG_GRID_COST_DB["kspace"]
+    assert choose_grid(0.5) == "kspace"
+    assert choose_grid(0.40) == "bicubic" and choose_grid(0.95) == "kspace"
+    unsure = DegradationEstimate("kspace", 0.55, "kspace", 10)
+    assert not unsure.sure and "could not tell" in unsure.describe()
+    sure = DegradationEstimate("bicubic", 0.97, "bicubic", 10)
+    assert sure.describe() == "bicubic (resampled image), confidence 0.97"
+
+
+def test_a_resampled_mr_nifti_gets_bicubic_with_no_flag(tmp_path, session_tiny_checkpoint):
+    """The case that was 3 dB worse than cubic interpolation: an MR image that was resampled."""
+    scan, low_res, affine = _low_res(MR_NIFTI, "bicubic")
+    source, output = tmp_path / "resampled.nii.gz", tmp_path / "enhanced.nii.gz"
+    nib.save(nib.Nifti1Image(low_res, affine), source)
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(output), "--weights", str(session_tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("degradation:"))
+    assert line.startswith("degradation: bicubic (resampled image), confidence ")
+    description = nib.load(output).header["descrip"].tobytes().decode().rstrip("\0")
+    assert "x2 bicubic auto p=" in description
+    assert nib.load(output).shape == scan.array[:low_res.shape[0] * 2, :low_res.shape[1] * 2].shape
+
+
+def _degraded_series(source, folder, degradation):
+    """A real DICOM series made coarser in-plane, written as a new series: the pixels as a
+    scanner (kspace) or a resampling export (bicubic) would have left them."""
+    folder.mkdir()
+    scan = read_scan(source)
+    low_res, _, _ = degrade_volume(scan.array, scan.affine, 2, 2, degradation)
+    series_uid = pydicom.uid.generate_uid()
+    for k, header in enumerate(scan.dicom_headers):
+        dataset = pydicom.dcmread(source / sorted(p.name for p in source.glob("*.dcm"))[k])
+        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(np.uint16 if dataset.PixelRepresentation == 0 else np.int16)
+        for tag in [t for t in dataset.keys() if t.group == 0x0000]:
+            del dataset[tag]  # the sample carries a stray command set
+        dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        dataset.PixelSpacing = [float(v) * 2 for v in dataset.PixelSpacing]
+        dataset.set_pixel_data(plane, dataset.PhotometricInterpretation, int(dataset.BitsStored))
+        dataset.save_as(folder / f"{k:03d}.dcm")
+    return folder
+
+
+def test_dicom_output_records_the_decision(tmp_path, session_tiny_checkpoint):
+    source = _degraded_series(MR_SERIES, tmp_path / "resampled", "bicubic")
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
+                                 "--weights", str(session_tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "degradation: bicubic" in result.output
+    written = pydicom.dcmread(sorted((tmp_path / "out").glob("*.dcm"))[0])
+    assert "degradation bicubic (found from the pixels" in written.DerivationDescription
+
+
+def test_a_told_degradation_is_recorded_as_given(tmp_path, session_tiny_checkpoint):
+    output = tmp_path / "o.nii.gz"
+    result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(output), "--degradation", "kspace",
+                                 "--weights", str(session_tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "degradation:" not in result.output  # nothing was estimated
+    assert nib.load(output).header["descrip"].tobytes().decode().rstrip("\0") == "medsr x2 kspace"
+
+
+def test_evaluate_auto_scores_the_default_path_next_to_the_told_runs(tmp_path, session_tiny_checkpoint):
+    result = runner.invoke(app, ["evaluate", str(MR_SERIES), "--weights", str(session_tiny_checkpoint),
+                                 "--degradation", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "tiny PSNR/SSIM" in result.output and "tiny auto PSNR/SSIM" in result.output
+    assert "bicubic: auto found the bicubic grid on 1 of 1 scans" in result.output
+    assert "kspace: auto found the kspace grid on 1 of 1 scans" in result.output
+
+
+def test_evaluate_takes_the_stress_degradations(session_tiny_checkpoint):
+    result = runner.invoke(app, ["evaluate", str(CT_SERIES), "--weights", str(session_tiny_checkpoint),
+                                 "--degradation", "lanczos,gaussian"])
+    assert result.exit_code == 0, result.output
+    assert "lanczos: tiny auto" in result.output and "gaussian: tiny auto" in result.output
+    bad = runner.invoke(app, ["evaluate", str(CT_SERIES), "--degradation", "blurry"])
+    assert bad.exit_code == 2 and "blurry" in bad.output
+
+
+def test_classifier_files_are_checked(tmp_path):
+    classifier = load_classifier(None, 2)
+    assert classifier.probabilities(np.zeros((1, N_FEATURES))).shape == (1, len(CLASSES))
+    shipped_x2 = Path(medsr.__file__).parent / "weights" / "degradation_x2.pt"
+    with pytest.raises(CheckpointError, match="for scale 2, not 4"):
+        load_classifier(shipped_x2, 4)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "medsr-degradation-classifier", "scale": 2, "code": print}, hostile)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_classifier(hostile, 2)

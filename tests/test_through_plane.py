@@ -1,0 +1,121 @@
+"""Through-plane super-resolution (issue #13): protocol v1-z, the B-spline start, the CLI."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import zoom
+from typer.testing import CliRunner
+
+from conftest import MR_NIFTI, MR_SERIES
+from medsr.checkpoint import build_model, save_checkpoint
+from medsr.cli import app
+from medsr.config import load_config
+from medsr.errors import MedsrError
+from medsr.evaluation import thick_slices_affine
+from medsr.geometry import rescaled_affine
+from medsr.model import ThroughPlaneNet
+from medsr.reading import read_scan
+from medsr.through_plane import default_factor, enhance_through_plane
+from medsr.transforms import bspline_upsample, robust_window, slice_profile_weights, thick_slices
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def through_plane_checkpoint(tmp_path_factory):
+    """A small random ThroughPlaneNet, its output near the B-spline start."""
+    torch.manual_seed(0)
+    config = load_config(None, ["task=through_plane", "scale=4", "model.features=8", "model.num_res_blocks=1"])
+    model = build_model(config)
+    torch.nn.init.normal_(model.tail.conv.weight, std=1e-4)
+    path = tmp_path_factory.mktemp("weights") / "thin.pt"
+    save_checkpoint(path, model, config, epoch=1, iteration=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mr_block():
+    """A ~1 mm block of the real T1 (slices along its last axis)."""
+    scan = read_scan(MR_NIFTI)
+    return scan.array[40:100, 60:140, 30:90], scan.affine
+
+
+def test_thick_slices_follow_protocol_v1z(mr_block):
+    volume, _ = mr_block
+    box = thick_slices(volume, 2, 4, "box")
+    np.testing.assert_allclose(box[..., 3], volume[..., 12:16].mean(axis=-1), rtol=1e-5, atol=1e-4)
+    weights = slice_profile_weights(60, 4, "gaussian")
+    sigma = 4 / 2.3548
+    centre = 4 * 5 + 1.5
+    reach = np.arange(int(np.ceil(centre - 4 * sigma)), int(np.floor(centre + 4 * sigma)) + 1)
+    expected = np.exp(-((reach - centre) ** 2) / (2 * sigma**2))
+    np.testing.assert_allclose(weights[5, reach], expected / expected.sum(), rtol=1e-12)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+    # the ends clamp: the first thick slice's weight that falls before slice 0 lands on slice 0
+    assert weights[0, 0] > weights[0, 1]
+    np.testing.assert_allclose(bspline_upsample(box, 2, 4),
+                               zoom(box.astype(np.float64), (1, 1, 4), order=3, grid_mode=True, mode="nearest"),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_an_untrained_network_is_exactly_the_bspline_baseline(mr_block):
+    volume, affine = mr_block
+    thick = thick_slices(volume, 2, 4, "gaussian")
+    window = robust_window(thick)
+    model = ThroughPlaneNet(features=4, num_res_blocks=1)  # output convolution starts at zero
+    enhanced = enhance_through_plane(thick, thick_slices_affine(affine, 2, 4), 2, model, 4, window)
+    np.testing.assert_allclose(enhanced.array, bspline_upsample(thick, 2, 4), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(enhanced.affine, affine, atol=1e-6)  # back on the thin grid
+
+
+def test_default_factor_rounds_to_whole_thin_slices():
+    assert default_factor(np.diag([0.9, 0.9, 3.0, 1.0]), 2) == 3  # 3.0 / 0.9 = 3.33: 1.0 mm slices
+    assert default_factor(np.diag([0.72, 0.72, 4.0, 1.0]), 2) == 6
+    with pytest.raises(MedsrError, match="nothing to make thinner"):
+        default_factor(np.diag([1.0, 1.0, 1.2, 1.0]), 2)
+    with pytest.raises(MedsrError, match="beyond the 8"):
+        default_factor(np.diag([0.5, 0.5, 6.0, 1.0]), 2)
+
+
+def test_cli_makes_a_real_thick_series_thin(tmp_path, through_plane_checkpoint):
+    """The real MR series: 0.86 mm pixels, 7 mm slices -> 8 thin slices per thick one."""
+    output = tmp_path / "thin.nii.gz"
+    result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(output), "--through-plane",
+                                 "--weights", str(through_plane_checkpoint)])
+    assert result.exit_code == 0, result.output
+    source = read_scan(MR_SERIES)
+    image = nib.load(output)
+    assert image.shape == (256, 256, 160)
+    np.testing.assert_allclose(image.affine, rescaled_affine(source.affine, (1, 1, 8)), atol=1e-4)
+    assert b"through-plane x8" in image.header["descrip"].tobytes()
+    # every thin slice stays within the range of the thick slices around it
+    data = image.get_fdata(dtype=np.float32)
+    assert data.min() > source.array.min() - 0.2 * np.ptp(source.array)
+
+
+def test_cli_through_plane_with_a_chosen_factor_and_wrong_weights(tmp_path, through_plane_checkpoint,
+                                                                    session_tiny_checkpoint):
+    output = tmp_path / "thin.nii.gz"
+    result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(output), "--through-plane", "--scale", "2",
+                                 "--weights", str(through_plane_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert nib.load(output).shape == (256, 256, 40)
+    wrong = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "w.nii.gz"), "--through-plane",
+                                "--weights", str(session_tiny_checkpoint)])
+    assert wrong.exit_code == 1 and "in-plane weights; drop --through-plane" in wrong.output
+    too_much = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "z.nii.gz"), "--through-plane",
+                                   "--scale", "12", "--weights", str(through_plane_checkpoint)])
+    assert too_much.exit_code == 1 and "must be 2 to 8, not 12" in too_much.output
+
+
+def test_evaluate_through_plane_scores_protocol_v1z(tmp_path, mr_block, through_plane_checkpoint):
+    volume, affine = mr_block
+    source = tmp_path / "iso.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), source)
+    result = runner.invoke(app, ["evaluate", str(source), "--through-plane", "--weights", str(through_plane_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "bspline PSNR/SSIM" in result.output and "thin PSNR/SSIM" in result.output
+    assert "gaussian x4: thin" in result.output and "box x4: thin" in result.output
