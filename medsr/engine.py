@@ -13,6 +13,7 @@ the scale, same physical extent, slice axis untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -27,7 +28,7 @@ import torch
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
-from medsr.reading import OpenScan, refuse_non_finite
+from medsr.reading import OpenScan, plane_of, refuse_non_finite
 from medsr.transforms import IntensityCounts, IntensityWindow
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
         raise MedsrError(f"expected a 3-D volume, got shape {volume.shape}")
     scan = OpenScan(shape=tuple(volume.shape), affine=np.asarray(affine, dtype=np.float64),
                     slice_axis=slice_axis, path=Path("<volume>"), source_format="array",
-                    read_plane=lambda index: np.take(volume, index, axis=slice_axis))
+                    read_plane=functools.partial(plane_of, volume, slice_axis))
     return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
                         upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0),
                         precision=precision)
@@ -407,8 +408,6 @@ class _Prefetch:
     def __exit__(self, kind, error, traceback) -> bool:
         self.stopped.set()  # the consumer stopped early (an error): let the reader finish
         while self.thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
         return False

@@ -19,6 +19,7 @@ each end, SSIM on the planes that contain the slice axis.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,10 +31,17 @@ from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
 from medsr.metrics import score, score_through_plane
 from medsr.model import SRResNet, ThroughPlaneNet
-from medsr.reading import Scan
+from medsr.reading import Scan, plane_of
 from medsr.through_plane import enhance_through_plane
-from medsr.transforms import (GRID_OF, STRESS_DEGRADATIONS, bspline_upsample, central_block_origin, degrade_volume,
-                              robust_window, thick_slices)
+from medsr.transforms import (
+    GRID_OF,
+    STRESS_DEGRADATIONS,
+    bspline_upsample,
+    central_block_origin,
+    degrade_volume,
+    robust_window,
+    thick_slices,
+)
 
 BASELINES_FOR = {"bicubic": ("bicubic",), "kspace": ("bicubic", "zero_fill"),
                  **{name: ("bicubic", "zero_fill") for name in STRESS_DEGRADATIONS}}
@@ -120,12 +128,12 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     decision = None
     if classifier is not None:
         window = robust_window(low_res)
-        planes = informative_planes(lambda k: np.take(low_res, k, axis=axis), low_res.shape[axis],
+        planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
                                     window.low, window.high)
         decision = estimate_degradation(planes, classifier)
     for name, model in models.items():
-        run = lambda grid: enhance_volume(low_res, low_res_affine, axis, model, grid, device=device,  # noqa: E731
-                                          batch_size=batch_size, precision=precision).array
+        run = functools.partial(_enhanced, low_res, low_res_affine, axis, model, device=device,
+                                batch_size=batch_size, precision=precision)
         estimates[name] = run(told)
         if decision is not None:
             estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)
@@ -135,6 +143,10 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     if keep_images:
         result.images = {"low_res": low_res, "high_res": high_res, **estimates}
     return result
+
+
+def _enhanced(low_res, low_res_affine, axis, model, grid, **options) -> np.ndarray:
+    return enhance_volume(low_res, low_res_affine, axis, model, grid, **options).array
 
 
 def thick_slices_affine(affine: np.ndarray, slice_axis: int, factor: int) -> np.ndarray:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.datadict import tag_for_keyword
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixels
 
@@ -340,6 +340,12 @@ def _nifti_xform_codes(header, shape: tuple[int, int, int], path: Path) -> tuple
     return qform_code, sform_code
 
 
+def plane_of(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along ``axis``, a contiguous copy. (``np.take`` does the same 200 times
+    slower on Fortran-ordered arrays, which is how nibabel hands NIfTI voxels over.)"""
+    return np.ascontiguousarray(np.moveaxis(volume, axis, 0)[index])
+
+
 def planes_from_whole(load: Callable[[], np.ndarray], axis: int) -> Callable[[int], np.ndarray]:
     """A ``read_plane`` for slices that cut across the file: ``load()`` reads the whole volume
     once, when the first slice is asked for, and every slice is taken from it."""
@@ -348,7 +354,7 @@ def planes_from_whole(load: Callable[[], np.ndarray], axis: int) -> Callable[[in
     def read_plane(index: int) -> np.ndarray:
         if not volume:
             volume.append(load())
-        return np.take(volume[0], index, axis=axis)
+        return plane_of(volume[0], axis, index)
 
     return read_plane
 
@@ -657,7 +663,7 @@ def _value_matches(value, text: str) -> bool:
     ours, theirs = _value_text(value).split("\\"), text.split("\\")
     if len(ours) != len(theirs):
         return False
-    for mine, wanted in zip(ours, theirs):
+    for mine, wanted in zip(ours, theirs, strict=True):
         try:
             if not math.isclose(float(mine), float(wanted), rel_tol=1e-4, abs_tol=1e-6):
                 return False

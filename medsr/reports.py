@@ -13,10 +13,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medsr.writing import atomic_output  # noqa: E402
+from medsr.reading import plane_of
+from medsr.writing import atomic_output
 
 CURVES = (("train_loss", "val_loss", "loss"), ("val_psnr", None, "validation PSNR (dB)"),
           ("val_ssim", None, "validation SSIM"), ("learning_rate", None, "learning rate"))
@@ -24,10 +25,11 @@ CURVES = (("train_loss", "val_loss", "loss"), ("val_psnr", None, "validation PSN
 
 def plot_training_curves(history_csv: Path, output_png: Path) -> Path:
     """Train/validation loss, validation PSNR and SSIM, and learning rate per epoch."""
-    rows = list(csv.DictReader(Path(history_csv).open()))
+    with Path(history_csv).open() as handle:
+        rows = list(csv.DictReader(handle))
     epochs = [int(r["epoch"]) for r in rows]
     figure, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for axis, (first, second, title) in zip(axes, CURVES):
+    for axis, (first, second, title) in zip(axes, CURVES, strict=True):
         for key in (first, second):
             if key and rows and key in rows[0]:
                 axis.plot(epochs, [float(r[key]) for r in rows], marker=".", label=key.replace("_", " "))
@@ -66,7 +68,7 @@ def comparison_figure(images: dict[str, np.ndarray], slice_axis: int, slice_inde
         output_png: where to write.
         scores: optional ``{method: {"psnr", "ssim"}}`` shown under each panel.
     """
-    reference = np.take(images["high_res"], slice_index, axis=slice_axis).T
+    reference = plane_of(images["high_res"], slice_axis, slice_index).T
     methods = [m for m in images if m not in ("low_res", "high_res")]
     panels = ["low_res", *methods, "high_res"]
     low, high = np.percentile(reference, [0.5, 99.5])
@@ -75,7 +77,7 @@ def comparison_figure(images: dict[str, np.ndarray], slice_axis: int, slice_inde
     error_limit = 0.1 * (high - low)
     figure, axes = plt.subplots(3, len(panels), figsize=(2.6 * len(panels), 8.2), squeeze=False)
     for column, name in enumerate(panels):
-        image = np.take(images[name], slice_index, axis=slice_axis).T
+        image = plane_of(images[name], slice_axis, slice_index).T
         if name == "low_res":  # show on the high-res grid, nearest neighbour, to keep pixels honest
             factor = reference.shape[0] // image.shape[0]
             image = np.kron(image, np.ones((factor, factor)))[:reference.shape[0], :reference.shape[1]]
