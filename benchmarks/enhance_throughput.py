@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from long_series import repeat_series
 from torch.utils.flop_counter import FlopCounterMode
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.enhance import default_batch_size, enhance_file
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
+
+from long_series import repeat_series
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,8 @@ def run(arguments) -> None:
     seed_model = SRResNet(scale=2, features=64, num_res_blocks=8).eval()
     print(f"{'device':15s} {'end-to-end sl/s':>16s} {'forward sl/s':>13s} {'ratio':>6s} "
           f"{'seed fwd sl/s':>14s} {'e2e cost/seed fwd':>18s} "
-          f"{'GFLOP/slice':>12s} {'GFLOP/s':>9s} {'of peak':>8s} {'batch':>6s} {'peak host MB':>13s} {'peak GPU MB':>12s}")
+          f"{'GFLOP/slice':>12s} {'GFLOP/s':>9s} {'of peak':>8s} {'batch':>6s} {'peak host MB':>13s} "
+          f"{'peak GPU MB':>12s}")
     modes = ["off", "on"] if arguments.compile == "both" else [arguments.compile]
     for device in devices:
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format

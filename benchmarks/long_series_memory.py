@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from long_series import repeat_series
 
 from medsr.checkpoint import build_model, save_checkpoint
 from medsr.config import load_config
+
+from long_series import repeat_series
 
 ROOT = Path(__file__).resolve().parent.parent
 CT = ROOT / "sample_scans" / "ct_chest_3slice_dicom"

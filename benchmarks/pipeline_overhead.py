@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from long_series import repeat_series
 from pydicom.pixels import pixel_array
 
 from medsr import enhance_file
+
+from long_series import repeat_series
 
 ROOT = Path(__file__).resolve().parent.parent
 MR = ROOT / "sample_scans" / "mr_pd_oblique_dicom"

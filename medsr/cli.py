@@ -12,7 +12,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -87,7 +87,7 @@ def _slice_axis(value: str) -> int | None:
 def train(
     config: Annotated[Path, typer.Option(help="YAML config, e.g. configs/srresnet_l1_x2.yaml.")],
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints, config and history.")],
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key, e.g. --set data_root=/data/scans --set model.features=64.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -107,9 +107,10 @@ def train(
 
 @app.command("fit-degradation")
 def fit_degradation(
-    config: Annotated[Path, typer.Option(help="Training config whose split and scale to use, e.g. configs/srresnet_l1_x2.yaml.")],
+    config: Annotated[Path, typer.Option(
+        help="Training config whose split and scale to use, e.g. configs/srresnet_l1_x2.yaml.")],
     out: Annotated[Path, typer.Option(help="Where to write the classifier (.pt).")],
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key, e.g. --set data_root=/data/scans.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
@@ -141,26 +142,33 @@ def _select(value: str | None) -> tuple[str, str] | None:
 @app.command()
 def enhance(
     inputs: Annotated[list[Path], typer.Argument(
-        metavar="INPUT...", help="DICOM series folder, DICOM file or NIfTI file; several, or a folder of series, for a batch.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .nii/.nii.gz, or a new (or empty) folder for a DICOM series; for a batch, the folder for all outputs.")],
-    scale: Annotated[Optional[int], typer.Option(
-        help="In-plane factor, 2 (default) or 4; with --through-plane, thin slices per thick slice (default: slice spacing / in-plane spacing, rounded).")] = None,
+        metavar="INPUT...",
+        help="DICOM series folder, DICOM file or NIfTI file; several, or a folder of series, for a batch.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Output .nii/.nii.gz, or a new (or empty) folder for a DICOM series; "
+                               "for a batch, the folder for all outputs.")],
+    scale: Annotated[int | None, typer.Option(
+        help="In-plane factor, 2 (default) or 4; with --through-plane, thin slices per thick slice "
+             "(default: slice spacing / in-plane spacing, rounded).")] = None,
     through_plane: Annotated[bool, typer.Option(
-        "--through-plane", help="Make the slices thinner (along the slice axis) instead of the in-plane voxels smaller.")] = False,
+        "--through-plane",
+        help="Make the slices thinner (along the slice axis) instead of the in-plane voxels smaller.")] = False,
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2.")] = "auto",
-    weights: Annotated[Optional[Path], typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
     degradation: Annotated[str, typer.Option(
-        help="How the scan lost resolution: auto (found from the pixels, the default), kspace (fewer k-space lines) or bicubic (resampled).")] = "auto",
+        help="How the scan lost resolution: auto (found from the pixels, the default), kspace (fewer "
+             "k-space lines) or bicubic (resampled).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option(help="Slices per forward pass.")] = None,
-    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
-    select: Annotated[Optional[str], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass.")] = None,
+    series: Annotated[str | None, typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    select: Annotated[str | None, typer.Option(
         help="KEYWORD=VALUE: one echo or phase of a series that holds several, e.g. EchoTime=13.8.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     output_format: Annotated[str, typer.Option("--format", help="auto (by the output name), nifti or dicom.")] = "auto",
     compile_model: Annotated[str, typer.Option(
         "--compile", help="torch.compile the model: auto, on or off.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.")] = "auto",
 ) -> None:
     """Enhance every slice of a scan and write the enhanced volume."""
     _setup_logging(verbose=False)
@@ -235,18 +243,20 @@ def _degradations(value: str) -> tuple[list[str], bool]:
 @app.command()
 def evaluate(
     scans: Annotated[list[Path], typer.Argument(help="Held-out scans: DICOM series folders, DICOM or NIfTI files.")],
-    weights: Annotated[Optional[list[Path]], typer.Option(help="Checkpoint(s) to compare; default: shipped weights.")] = None,
+    weights: Annotated[list[Path] | None, typer.Option(
+        help="Checkpoint(s) to compare; default: shipped weights.")] = None,
     degradation: Annotated[str, typer.Option(
         help="bicubic, kspace, both (default), the stress degradations area, gaussian, lanczos, rician "
              "(or stress, all), comma-separated; auto adds each model as the default path runs it "
              "(degradation found from the pixels).")] = "both",
-    scale: Annotated[Optional[int], typer.Option(
+    scale: Annotated[int | None, typer.Option(
         help="Degradation factor (must match the weights; default 2, through-plane 4).")] = None,
     through_plane: Annotated[bool, typer.Option(
-        "--through-plane", help="Protocol v1-z: thick slices simulated from ~1 mm volumes, B-spline baseline.")] = False,
+        "--through-plane",
+        help="Protocol v1-z: thick slices simulated from ~1 mm volumes, B-spline baseline.")] = False,
     profile: Annotated[str, typer.Option(help="Through-plane slice profile: gaussian, box or both.")] = "both",
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2 (NIfTI).")] = "auto",
-    report: Annotated[Optional[Path], typer.Option(help="Folder for metrics.json, metrics.csv and figures.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Folder for metrics.json, metrics.csv and figures.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
@@ -274,7 +284,8 @@ def evaluate(
         for path in paths:
             model, _ = load_model(path)
             if isinstance(model, ThroughPlaneNet) != through_plane:
-                raise typer.BadParameter(f"--weights {path} are {'through' if isinstance(model, ThroughPlaneNet) else 'in'}-plane weights"
+                kind = "through" if isinstance(model, ThroughPlaneNet) else "in"
+                raise typer.BadParameter(f"--weights {path} are {kind}-plane weights"
                                          + ("" if through_plane else "; add --through-plane"))
             # runs/l1_x2/best.pt and runs/mse_x2/best.pt are told apart by their run folder
             stems = [p.stem for p in paths]
@@ -325,7 +336,7 @@ def _print_table(results, summary, model_names: list[str]) -> None:
         rows.append(["MEAN", name] + [f"{means[m]['psnr']:.2f}/{means[m]['ssim']:.4f}" for m in methods])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        typer.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)))
+        typer.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
     for name, means in summary.items():
         best = best_baseline(means, name)
         for model in model_names:

@@ -280,8 +280,13 @@ def degradation_examples(scans: list[CachedScan], scale: int, per_scan: int, see
         ``(features (N, 68), class index (N,), scan index (N,))``.
     """
     from medsr.degradation import CLASSES, slice_features
-    from medsr.transforms import (DEGRADE_SLICE, RICIAN_NOISE_FRACTION, crop_to_multiple,
-                                  degrade_gaussian, degrade_rician)
+    from medsr.transforms import (
+        DEGRADE_SLICE,
+        RICIAN_NOISE_FRACTION,
+        crop_to_multiple,
+        degrade_gaussian,
+        degrade_rician,
+    )
 
     rng = np.random.default_rng(seed)
     features, labels, owners = [], [], []

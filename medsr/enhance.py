@@ -22,8 +22,16 @@ import torch
 
 from medsr import __version__
 from medsr.degradation import DegradationEstimate, estimate_degradation, informative_planes, load_classifier
-from medsr.engine import (COMPILE_CHOICES, PRECISIONS, EnhancedVolume, Survey, check_choice,
-                          enhance_scan, pick_device, survey_scan)
+from medsr.engine import (
+    COMPILE_CHOICES,
+    PRECISIONS,
+    EnhancedVolume,
+    Survey,
+    check_choice,
+    enhance_scan,
+    pick_device,
+    survey_scan,
+)
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
@@ -185,7 +193,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     if degradation == "auto":
         estimate = _estimate(scan, survey, enhancer, window)
         degradation = estimate.grid
-    told = f"{degradation} (given)" if estimate is None else f"{degradation} (found from the pixels, {estimate.short()})"
+    told = (f"{degradation} (given)" if estimate is None
+            else f"{degradation} (found from the pixels, {estimate.short()})")
     model_scale = enhancer.model.scale
     run = functools.partial(enhance_scan, scan, enhancer.model, degradation, torch_device, batch_size,
                             enhancer.lower_percentile, enhancer.upper_percentile, progress,
@@ -355,10 +364,8 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, we
         if root.resolve().is_dir() and root.resolve() in [out_dir.resolve(), *out_dir.resolve().parents]:
             raise MedsrError(f"{out_dir}: the output folder must not be inside the input {root}")
     enhancer = _enhancer(None, weights, scale, through_plane)
-    if through_plane:
-        tag = f"z{scale}" if scale else "thin"
-    else:
-        tag = f"x{enhancer.model.scale}"
+    thin = f"z{scale}" if scale else "thin"  # the factor may differ per scan
+    tag = thin if through_plane else f"x{enhancer.model.scale}"
     planned = batch_outputs(inputs, out_dir, tag, output_format)
     # under torchrun (or any launcher that sets RANK/WORLD_SIZE) each process takes every
     # WORLD_SIZE-th scan, on its own GPU when there are several
@@ -393,7 +400,7 @@ def _enhance_one(source, output: Path, fmt: str, enhancer: Enhancer, scale, over
                               overwrite=overwrite, output_format=fmt, **options)
     except MedsrError as exc:
         return BatchOutcome(str(source), None, "failed", str(exc))
-    except Exception as exc:  # noqa: BLE001 - isolated per scan, reported below
+    except Exception as exc:
         logger.debug("%s", traceback.format_exc())
         reason = " ".join(str(exc).split())[:300]
         return BatchOutcome(str(source), None, "failed",

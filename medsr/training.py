@@ -26,12 +26,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.inferers import Inferer
-from monai.handlers import (EarlyStopHandler, IgniteMetricHandler, LrScheduleHandler,
-                            PeakSignalToNoiseRatio, StatsHandler, TensorBoardStatsHandler,
-                            ValidationHandler, from_engine)
 from monai.data import DistributedSampler
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import (
+    EarlyStopHandler,
+    IgniteMetricHandler,
+    LrScheduleHandler,
+    PeakSignalToNoiseRatio,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
+from monai.inferers import Inferer
 from monai.metrics import SSIMMetric
 from monai.transforms import Lambda
 from monai.utils import set_determinism
@@ -40,13 +47,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from medsr.checkpoint import build_model, load_checkpoint, save_checkpoint
 from medsr.config import TrainConfig, save_config
-from medsr.data import (CachedScan, PatchPairDataset, ThroughPlanePatches, discover_scans,
-                        load_cached_scan)
+from medsr.data import CachedScan, PatchPairDataset, ThroughPlanePatches, discover_scans, load_cached_scan
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reports import plot_training_curves
-from medsr.transforms import (DEGRADATIONS, DEGRADE_SLICE, SLICE_PROFILES, RandomDegradePair,
-                              RandomThickSlices, bspline_upsample, crop_to_multiple, thick_slices)
+from medsr.transforms import (
+    DEGRADATIONS,
+    DEGRADE_SLICE,
+    SLICE_PROFILES,
+    RandomDegradePair,
+    RandomThickSlices,
+    bspline_upsample,
+    crop_to_multiple,
+    thick_slices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +472,7 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         MedsrError: no training scans.
     """
     from medsr.data import degradation_examples
-    from medsr.degradation import CLASSES, DegradationClassifier, MAX_SLICES, choose_grid, save_classifier
+    from medsr.degradation import CLASSES, MAX_SLICES, DegradationClassifier, choose_grid, save_classifier
     from medsr.transforms import GRID_OF
 
     if not config.train_scans:

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
-from isal import igzip_threaded
 import numpy as np
+from isal import igzip_threaded
 
 from medsr.errors import OutputError
 from medsr.reading import NIFTI_SUFFIXES, SCANNER_XFORM_CODES, affines_agree

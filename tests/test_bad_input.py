@@ -14,11 +14,12 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MR_NIFTI, MR_SERIES, SAMPLES, pydicom_test_file
 from medsr.checkpoint import load_checkpoint
 from medsr.cli import app
 from medsr.errors import ScanReadError
 from medsr.reading import read_scan
+
+from conftest import MR_NIFTI, MR_SERIES, SAMPLES, pydicom_test_file
 
 runner = CliRunner()
 
@@ -104,8 +105,9 @@ def test_a_bug_on_one_scan_of_a_batch_does_not_stop_the_others(tmp_path, session
     alone, as one line; the rest are written."""
     import nibabel as nib
 
-    from conftest import MR_NIFTI
     from medsr import enhance
+
+    from conftest import MR_NIFTI
 
     block = nib.load(MR_NIFTI).slicer[60:63, 40:72, 40:72]
     for name in ("a", "b", "c"):
@@ -133,4 +135,4 @@ def test_evaluate_with_weights_of_another_scale_is_one_error_line(tiny_checkpoin
     result = CliRunner().invoke(app, ["evaluate", str(CT_SERIES), "--weights", str(tiny_checkpoint), "--scale", "4"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == (
-        f"error: --weights tiny upscale by 2, but --scale is 4; pass --scale to match")
+        "error: --weights tiny upscale by 2, but --scale is 4; pass --scale to match")

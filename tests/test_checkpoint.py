@@ -5,8 +5,7 @@ import pickle
 import pytest
 import torch
 
-from medsr.checkpoint import (build_model, default_weights, export_weights, load_checkpoint, load_model,
-                              save_checkpoint)
+from medsr.checkpoint import build_model, default_weights, export_weights, load_checkpoint, load_model, save_checkpoint
 from medsr.config import TrainConfig, load_config
 from medsr.errors import CheckpointError
 

@@ -12,14 +12,22 @@ import torch
 from typer.testing import CliRunner
 
 import medsr
-from conftest import CT_SERIES, MR_NIFTI, MR_SERIES
 from medsr.cli import app
-from medsr.degradation import (CLASSES, N_FEATURES, WRONG_GRID_COST_DB, DegradationEstimate, choose_grid,
-                               estimate_degradation, load_classifier, slice_features)
+from medsr.degradation import (
+    CLASSES,
+    N_FEATURES,
+    WRONG_GRID_COST_DB,
+    DegradationEstimate,
+    choose_grid,
+    estimate_degradation,
+    load_classifier,
+    slice_features,
+)
 from medsr.errors import CheckpointError
-from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.reading import read_scan
 from medsr.transforms import degrade_volume
+
+from conftest import CT_SERIES, MR_NIFTI, MR_SERIES
 
 runner = CliRunner()
 
@@ -85,10 +93,11 @@ def _degraded_series(source, folder, degradation):
     scan = read_scan(source)
     low_res, _, _ = degrade_volume(scan.array, scan.affine, 2, 2, degradation)
     series_uid = pydicom.uid.generate_uid()
-    for k, header in enumerate(scan.dicom_headers):
+    for k in range(len(scan.dicom_headers)):
         dataset = pydicom.dcmread(source / sorted(p.name for p in source.glob("*.dcm"))[k])
-        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(np.uint16 if dataset.PixelRepresentation == 0 else np.int16)
-        for tag in [t for t in dataset.keys() if t.group == 0x0000]:
+        stored = np.uint16 if dataset.PixelRepresentation == 0 else np.int16
+        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(stored)
+        for tag in [t for t in dataset if t.group == 0x0000]:
             del dataset[tag]  # the sample carries a stray command set
         dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
         dataset.PixelSpacing = [float(v) * 2 for v in dataset.PixelSpacing]

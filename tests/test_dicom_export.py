@@ -12,10 +12,11 @@ import pytest
 from pydicom.uid import UID
 from typer.testing import CliRunner
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors
 from medsr.cli import app
 from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.reading import read_scan
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors
 
 runner = CliRunner()
 
@@ -66,7 +67,8 @@ def test_series_attributes_follow_the_source(exported, name):
         (dataset,) = outputs
         assert dataset.NumberOfFrames == first.NumberOfFrames
         assert float(dataset.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowWidth) >= 1
-        references = [g.DerivationImageSequence[0].SourceImageSequence[0] for g in dataset.PerFrameFunctionalGroupsSequence]
+        references = [g.DerivationImageSequence[0].SourceImageSequence[0]
+                      for g in dataset.PerFrameFunctionalGroupsSequence]
         assert {r.ReferencedSOPInstanceUID for r in references} == {first.SOPInstanceUID}
         assert sorted(r.ReferencedFrameNumber for r in references) == list(range(1, first.NumberOfFrames + 1))
     else:
@@ -245,9 +247,10 @@ def test_eight_bit_input_stays_eight_bit_without_clipping(tmp_path, tiny_checkpo
         dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
         dataset.RescaleSlope, dataset.RescaleIntercept = 16, -1024
         dataset.save_as(source / path.name)
-    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"), "--weights", str(tiny_checkpoint)])
+    weights = ["--weights", str(tiny_checkpoint)]
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"), *weights])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "e.nii.gz"), "--weights", str(tiny_checkpoint)])
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "e.nii.gz"), *weights])
     assert result.exit_code == 0, result.output
     written = [pydicom.dcmread(p) for p in _files(tmp_path / "out")]
     assert all(d.BitsAllocated == 8 and d.PixelRepresentation == 0 for d in written)

@@ -8,13 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 from medsr.checkpoint import load_model
 from medsr.cli import app
 from medsr.engine import enhance_scan, enhance_volume
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.reading import open_scan, read_scan
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 
 runner = CliRunner()
 

@@ -9,11 +9,12 @@ import pytest
 from scipy.ndimage import zoom
 from typer.testing import CliRunner
 
-from conftest import MR_SERIES
 from medsr.checkpoint import load_model
 from medsr.cli import app
 from medsr.evaluation import ScanResult, evaluate_scan, summarise, upscale_bicubic
 from medsr.reading import read_scan
+
+from conftest import MR_SERIES
 
 runner = CliRunner()
 

@@ -27,7 +27,7 @@ def corners(affine: np.ndarray, shape) -> np.ndarray:
 @pytest.mark.parametrize("factors", [(2, 2, 1), (4, 4, 1), (1, 2, 2), (0.5, 0.5, 1), (3, 1, 3)])
 def test_rescaled_grid_covers_the_same_extent(factors):
     affine, shape = oblique_affine(), (10, 12, 7)
-    new_shape = tuple(int(n * f) for n, f in zip(shape, factors))
+    new_shape = tuple(int(n * f) for n, f in zip(shape, factors, strict=True))
     new = rescaled_affine(affine, factors)
     np.testing.assert_allclose(corners(new, new_shape), corners(affine, shape), atol=1e-9)
     np.testing.assert_allclose(voxel_sizes(new), voxel_sizes(affine) / np.asarray(factors))

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from conftest import MR_NIFTI, pydicom_test_file
 from medsr.errors import MedsrError
 from medsr.geometry import LPS_TO_RAS, rescaled_affine, voxel_sizes
 from medsr.reading import read_scan
+
+from conftest import MR_NIFTI, pydicom_test_file
 
 EXAMPLES = int(os.environ.get("MEDSR_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,

@@ -10,10 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 from medsr.errors import ScanReadError
 from medsr.geometry import LPS_TO_RAS
 from medsr.reading import read_scan
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
 
 
 def world_lps(affine: np.ndarray, index) -> np.ndarray:

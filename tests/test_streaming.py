@@ -13,16 +13,17 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, new_dciodvfy_errors, pydicom_test_file
 from medsr import engine
 from medsr.checkpoint import load_model
 from medsr.dicom_writing import DicomSeriesWriter
 from medsr.engine import _Prefetch, batch_size_for_memory, enhance_scan, enhance_volume, survey_scan
 from medsr.enhance import enhance_file, load_enhancer
-from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.errors import ScanReadError
+from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.reading import open_scan, read_scan
 from medsr.transforms import IntensityCounts, robust_window
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, new_dciodvfy_errors, pydicom_test_file
 
 
 @pytest.mark.parametrize("source", [CT_SERIES, MR_SERIES, MR_MULTIFRAME, MR_NIFTI])
@@ -120,16 +121,14 @@ def test_reader_errors_reach_the_consumer_and_the_thread_ends():
         raise ScanReadError("slice 3: damaged")
 
     seen = []
-    with pytest.raises(ScanReadError, match="slice 3"):
-        with _Prefetch(items()) as prefetched:
-            for item in prefetched:
-                seen.append(item)
+    with pytest.raises(ScanReadError, match="slice 3"), _Prefetch(items()) as prefetched:
+        for item in prefetched:
+            seen.append(item)
     assert seen == [1, 2]
     # a consumer that stops early does not leave the reader blocked
-    with pytest.raises(RuntimeError):
-        with _Prefetch(iter(range(100))) as prefetched:
-            next(prefetched)
-            raise RuntimeError("model failed")
+    with pytest.raises(RuntimeError), _Prefetch(iter(range(100))) as prefetched:
+        next(prefetched)
+        raise RuntimeError("model failed")
     assert not [t for t in threading.enumerate() if t.name == "medsr-reader"]
 
 

@@ -9,7 +9,6 @@ import torch
 from scipy.ndimage import zoom
 from typer.testing import CliRunner
 
-from conftest import MR_NIFTI, MR_SERIES
 from medsr.checkpoint import build_model, save_checkpoint
 from medsr.cli import app
 from medsr.config import load_config
@@ -20,6 +19,8 @@ from medsr.model import ThroughPlaneNet
 from medsr.reading import read_scan
 from medsr.through_plane import default_factor, enhance_through_plane
 from medsr.transforms import bspline_upsample, robust_window, slice_profile_weights, thick_slices
+
+from conftest import MR_NIFTI, MR_SERIES
 
 runner = CliRunner()
 
@@ -115,7 +116,8 @@ def test_evaluate_through_plane_scores_protocol_v1z(tmp_path, mr_block, through_
     volume, affine = mr_block
     source = tmp_path / "iso.nii.gz"
     nib.save(nib.Nifti1Image(volume, affine), source)
-    result = runner.invoke(app, ["evaluate", str(source), "--through-plane", "--weights", str(through_plane_checkpoint)])
+    result = runner.invoke(app, ["evaluate", str(source), "--through-plane",
+                                 "--weights", str(through_plane_checkpoint)])
     assert result.exit_code == 0, result.output
     assert "bspline PSNR/SSIM" in result.output and "thin PSNR/SSIM" in result.output
     assert "gaussian x4: thin" in result.output and "box x4: thin" in result.output

@@ -18,13 +18,14 @@ import pytest
 import torch
 from pydicom.uid import UID
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors, pydicom_test_file
 from medsr.dicom_writing import DicomSeriesWriter, ThinSliceSeriesWriter
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, in_plane_factors, rescaled_affine
 from medsr.reading import open_scan, read_scan
 from medsr.transforms import IntensityCounts
 from medsr.writing import NiftiSliceWriter
+
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors, pydicom_test_file
 
 FACTOR = 4
 SLAB = 7  # slices per write: slabs cross the boundaries between source slices
@@ -156,14 +157,18 @@ def test_thin_series_attributes_follow_the_source(thin, name):
         assert dataset.NumberOfFrames == FACTOR * first.NumberOfFrames
         measures = dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
         assert float(measures.SliceThickness) == 5.0 / FACTOR
-        assert list(measures.PixelSpacing) == list(first.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing)
+        source_measures = first.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        assert list(measures.PixelSpacing) == list(source_measures.PixelSpacing)
         groups = dataset.PerFrameFunctionalGroupsSequence
         own = [g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber for g in groups]
         assert own == [scan.frame_order[m // FACTOR] + 1 for m in range(len(groups))]
-        assert {s.ReferencedSOPInstanceUID for g in groups for s in g.DerivationImageSequence[0].SourceImageSequence} == source_uids
+        referenced = {s.ReferencedSOPInstanceUID for g in groups
+                      for s in g.DerivationImageSequence[0].SourceImageSequence}
+        assert referenced == source_uids
         # the Dimension Index (the converted instances' numbers) counts the thin frames
         assert [g.FrameContentSequence[0].DimensionIndexValues for g in groups] == list(range(1, len(groups) + 1))
-        assert [g.UnassignedPerFrameConvertedAttributesSequence[0].InstanceNumber for g in groups] == list(range(1, len(groups) + 1))
+        numbers = [g.UnassignedPerFrameConvertedAttributesSequence[0].InstanceNumber for g in groups]
+        assert numbers == list(range(1, len(groups) + 1))
         return
     assert len(outputs) == FACTOR * len(sources)
     by_position = sorted(outputs, key=lambda d: positions_along_normal([d])[0])
@@ -174,7 +179,8 @@ def test_thin_series_attributes_follow_the_source(thin, name):
         assert len(dataset.SourceImageSequence) == (1 if m < FACTOR / 2 or m >= len(outputs) - FACTOR / 2 else 2)
         assert float(dataset.SliceThickness) == pytest.approx(float(source_slice.SliceThickness) / FACTOR)
         if "SpacingBetweenSlices" in source_slice:
-            assert float(dataset.SpacingBetweenSlices) == pytest.approx(float(source_slice.SpacingBetweenSlices) / FACTOR)
+            thin_spacing = float(source_slice.SpacingBetweenSlices) / FACTOR
+            assert float(dataset.SpacingBetweenSlices) == pytest.approx(thin_spacing)
         assert list(dataset.PixelSpacing) == list(source_slice.PixelSpacing)
         assert list(dataset.ImageOrientationPatient) == list(source_slice.ImageOrientationPatient)
     # InstanceNumber 1..N, in the source's direction (the CT counts down along its positions)
@@ -214,7 +220,8 @@ def test_unevenly_spaced_slices_keep_their_real_positions(thin, name):
         dataset = pydicom.dcmread(files(folder)[0])
         source_dataset = pydicom.dcmread(source)
         written = [g.PlanePositionSequence[0].ImagePositionPatient for g in dataset.PerFrameFunctionalGroupsSequence]
-        source_positions = [source_dataset.PerFrameFunctionalGroupsSequence[f].PlanePositionSequence[0].ImagePositionPatient
+        per_frame = source_dataset.PerFrameFunctionalGroupsSequence
+        source_positions = [per_frame[f].PlanePositionSequence[0].ImagePositionPatient
                             for f in scan.frame_order]
     else:
         written = [pydicom.dcmread(p).ImagePositionPatient for p in files(folder)]

@@ -9,14 +9,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import MR_NIFTI, SAMPLES
 from medsr.checkpoint import load_checkpoint, load_model
 from medsr.cli import app
 from medsr.config import load_config
-from medsr.errors import MedsrError
 from medsr.data import PatchPairDataset, discover_scans, load_cached_scan
+from medsr.errors import MedsrError
 from medsr.training import BorderCroppedLoss, learning_rate_schedule
 from medsr.transforms import RandomDegradePair
+
+from conftest import MR_NIFTI, SAMPLES
 
 runner = CliRunner()
 

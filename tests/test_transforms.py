@@ -4,13 +4,20 @@ import numpy as np
 import pytest
 from skimage.transform import rescale
 
-from conftest import CT_SERIES
 from medsr.errors import MedsrError
 from medsr.evaluation import upscale_zero_fill
 from medsr.geometry import voxel_sizes
 from medsr.reading import read_scan
-from medsr.transforms import (DegradeResolution, NormalizeIntensityRobust, RandomDegradePair,
-                              degrade_bicubic, degrade_kspace, robust_window)
+from medsr.transforms import (
+    DegradeResolution,
+    NormalizeIntensityRobust,
+    RandomDegradePair,
+    degrade_bicubic,
+    degrade_kspace,
+    robust_window,
+)
+
+from conftest import CT_SERIES
 
 
 def test_normalisation_inverse_is_exact_on_real_ct():
@@ -79,7 +86,7 @@ def test_random_degrade_pair_shapes_and_reproducibility():
     first = [degrade(patch) for _ in range(12)]
     degrade.set_random_state(seed=5)
     again = [degrade(patch) for _ in range(12)]
-    for (low_a, high_a, family_a), (low_b, _, family_b) in zip(first, again):
+    for (low_a, high_a, family_a), (low_b, _, family_b) in zip(first, again, strict=True):
         assert low_a.shape == (32, 32) and high_a is patch
         np.testing.assert_array_equal(low_a, low_b)
         assert family_a == family_b and family_a in ("bicubic", "kspace")

@@ -23,8 +23,6 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, generate_uid
 from typer.testing import CliRunner
 
-from conftest import (CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, NEEDS_DCIODVFY,
-                      new_dciodvfy_errors, pydicom_test_file)
 from medsr.cli import app
 from medsr.dicom_writing import DicomSeriesWriter
 from medsr.errors import ScanReadError
@@ -32,6 +30,16 @@ from medsr.geometry import LPS_TO_RAS, in_plane_factors, rescaled_affine
 from medsr.reading import open_scan, read_scan
 from medsr.transforms import IntensityCounts
 from medsr.writing import MONOCHROME1_NOTE, NiftiSliceWriter, nifti_description, nifti_header
+
+from conftest import (
+    CT_SERIES,
+    MR_MULTIFRAME,
+    MR_NIFTI,
+    MR_SERIES,
+    NEEDS_DCIODVFY,
+    new_dciodvfy_errors,
+    pydicom_test_file,
+)
 
 runner = CliRunner()
 
@@ -171,7 +179,7 @@ def test_big_endian_series_exports_as_little_endian_with_the_same_content(tmp_pa
         assert result.exit_code == 0, result.output
     skipped = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "ContentTime",
                "InstanceCreationTime", "ContentDate", "InstanceCreationDate"}
-    for big, little in zip(files(tmp_path / "from_big"), files(tmp_path / "from_little")):
+    for big, little in zip(files(tmp_path / "from_big"), files(tmp_path / "from_little"), strict=True):
         big, little = pydicom.dcmread(big), pydicom.dcmread(little)
         assert big.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
         assert {e.keyword: e.value for e in big if e.keyword not in skipped} == \
@@ -243,7 +251,8 @@ def test_sheared_affine_keeps_only_the_sform(tmp_path):
     which cannot represent a shear, then refuses the file rather than misplacing it."""
     for k, path in enumerate(sorted(CT_SERIES.glob("*.dcm"))):
         dataset = pydicom.dcmread(path)
-        dataset.ImagePositionPatient = [f"{v:.4f}" for v in np.array(dataset.ImagePositionPatient, float) + [0, 20.0 * k, 0]]
+        moved = np.array(dataset.ImagePositionPatient, float) + [0, 20.0 * k, 0]
+        dataset.ImagePositionPatient = [f"{v:.4f}" for v in moved]
         dataset.save_as(tmp_path / f"{k}.dcm")
     scan = open_scan(tmp_path)
     assert scan.xform_codes == (1, 1)
@@ -266,7 +275,8 @@ def test_nifti_whose_qform_and_sform_disagree_keeps_the_sform_code_only(tmp_path
     header.set_sform(image.affine, code=2)
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), None, header=header), tmp_path / "two.nii")
     assert open_scan(tmp_path / "two.nii").xform_codes == (0, 2)
-    assert (int(nifti_header((8, 8, 4), image.affine)["qform_code"]), int(nifti_header((8, 8, 4), image.affine)["sform_code"])) == (1, 1)
+    header = nifti_header((8, 8, 4), image.affine)
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
     with pytest.raises(ValueError, match="0 to 5"):
         nifti_header((8, 8, 4), image.affine, xform_codes=(1, 7))
 
@@ -291,7 +301,8 @@ def two_echo_series(folder):
 
 def test_two_echoes_are_refused_with_the_attribute_and_one_is_selected(tmp_path):
     series = two_echo_series(tmp_path / "echoes")
-    with pytest.raises(ScanReadError, match=r"differ in EchoTime \(22.0000, 80.0\).*--select EchoTime=22.0000") as caught:
+    refusal = r"differ in EchoTime \(22.0000, 80.0\).*--select EchoTime=22.0000"
+    with pytest.raises(ScanReadError, match=refusal) as caught:
         read_scan(series)
     assert "\n" not in str(caught.value)
     first, second = read_scan(series, select=("EchoTime", "22")), read_scan(series, select=("EchoTime", "80"))
@@ -330,7 +341,8 @@ def two_echo_multiframe(path):
 
 def test_two_echoes_in_one_multiframe_object_are_refused_and_selected(tmp_path):
     source = two_echo_multiframe(tmp_path / "echoes.dcm")
-    with pytest.raises(ScanReadError, match=r"differ in EffectiveEchoTime \(22.0, 80.0\).*--select EffectiveEchoTime=22.0"):
+    refusal = r"differ in EffectiveEchoTime \(22.0, 80.0\).*--select EffectiveEchoTime=22.0"
+    with pytest.raises(ScanReadError, match=refusal):
         open_scan(source)
     reference = read_scan(MR_MULTIFRAME).array
     np.testing.assert_array_equal(read_scan(source, select=("EffectiveEchoTime", "80")).array, np.floor(reference / 2))
@@ -403,11 +415,13 @@ def test_an_existing_empty_folder_receives_the_series(tmp_path, session_tiny_che
     (tmp_path / "x.nii.gz").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         check_output_path(tmp_path / "x.nii.gz", [CT_SERIES])
-    result = runner.invoke(app, ["enhance", str(CT_SERIES), "-o", str(empty), "--weights", str(session_tiny_checkpoint)])
+    result = runner.invoke(app, ["enhance", str(CT_SERIES), "-o", str(empty),
+                                 "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     assert len(files(empty)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made_first", "x.nii.gz"]  # no staging left
-    result = runner.invoke(app, ["enhance", str(CT_SERIES), "-o", str(empty), "--weights", str(session_tiny_checkpoint)])
+    result = runner.invoke(app, ["enhance", str(CT_SERIES), "-o", str(empty),
+                                 "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 1 and "already exists; pass --overwrite" in result.stderr
 
 
