@@ -18,7 +18,7 @@ def repeat_series(source: Path, n_slices: int, folder: Path) -> Path:
     """Write ``n_slices`` slices into the new ``folder``, cycling through ``source``'s files."""
     datasets = [pydicom.dcmread(p) for p in sorted(source.iterdir()) if p.suffix == ".dcm"]
     for dataset in datasets:
-        for tag in [t for t in dataset if t.group == 0]:
+        for tag in [t for t in dataset.keys() if t.group == 0]:
             del dataset[tag]  # stray command-set elements (some exports carry them) are not storable
     cosines = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
     normal = np.cross(cosines[:3], cosines[3:])

@@ -262,7 +262,7 @@ def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, s
     rescale are the writer's to set); ``series_suffix`` ends the SeriesDescription."""
     dataset = copy.deepcopy(header)
     dataset.remove_private_tags()  # vendor data no longer describes these pixels
-    for tag in [t for t in dataset if t.group in (0x0000, 0x0002)]:
+    for tag in [t for t in dataset.keys() if t.group in (0x0000, 0x0002)]:
         del dataset[tag]  # command-set and stray meta elements do not belong in a stored object
     dataset.SeriesInstanceUID = series_uid
     dataset.SeriesNumber = min(int(header.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET, IS_MAX)
@@ -501,7 +501,7 @@ class _DerivedSeriesWriter:
         with the per-frame rescale of :attr:`mappings`."""
         scan, header = self.scan, self.scan.dicom_headers[0]
         dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now)
-        for tag in [t for t in dataset if t >= PIXEL_DATA]:
+        for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
             del dataset[tag]  # the pixel data goes last, appended by the writer
         dataset.SOPInstanceUID = generate_uid()
         columns, rows = (n * self.scale for n in scan.shape[:2])

@@ -97,7 +97,7 @@ def _degraded_series(source, folder, degradation):
         dataset = pydicom.dcmread(source / sorted(p.name for p in source.glob("*.dcm"))[k])
         stored = np.uint16 if dataset.PixelRepresentation == 0 else np.int16
         plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(stored)
-        for tag in [t for t in dataset if t.group == 0x0000]:
+        for tag in [t for t in dataset.keys() if t.group == 0x0000]:
             del dataset[tag]  # the sample carries a stray command set
         dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
         dataset.PixelSpacing = [float(v) * 2 for v in dataset.PixelSpacing]

@@ -231,7 +231,7 @@ def test_compile_choice_and_its_fallback(tiny_checkpoint, monkeypatch, caplog):
         _Forward(model, "yes", 10)
 
     def broken_compile(module, **options):
-        def run(*inputs):
+        def run(*inputs, **options):
             raise RuntimeError("no C++ compiler found")
         return run
 
