@@ -304,6 +304,7 @@ def evaluate(
                         z = 2 if axis is None else axis
                         result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
                                                              keep_images=report is not None)
+                        z = next(a for a in range(3) if a != z)  # figures show planes across the slices
                     else:
                         z = scan.slice_axis if axis is None else axis
                         result = evaluate_scan(scan, models, name, scale, axis, torch_device,
@@ -316,7 +317,7 @@ def evaluate(
         names = list(models) + ([m + " auto" for m in models] if auto else [])
         _print_table(results, summary, names)
         if report is not None:
-            write_metrics(report, results, summary)
+            write_metrics(report, results, summary, "v1-z" if through_plane else "v1")
             typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
 
 

@@ -102,6 +102,40 @@ def comparison_figure(images: dict[str, np.ndarray], slice_axis: int, slice_inde
     return _save(figure, output_png)
 
 
+def thick_slices_figure(volumes: dict[str, np.ndarray], slice_axis: int, spacing: np.ndarray, title: str,
+                        output_png: Path) -> Path:
+    """Coronal and sagittal planes (the two planes that contain the slice axis, through the
+    middle of the volume) of each volume side by side, drawn to scale, the slice axis upwards.
+
+    Args:
+        volumes: name -> volume on the thin grid (the thick input repeated, nearest neighbour,
+            to show it honestly), same shape.
+        slice_axis: the axis that was thick.
+        spacing: voxel size in mm of the thin grid, per axis.
+        title: figure title.
+        output_png: where to write.
+    """
+    names = list(volumes)
+    first = volumes[names[0]]
+    low, high = np.percentile(first, [0.5, 99.5])
+    in_plane = [a for a in range(3) if a != slice_axis]
+    figure, axes = plt.subplots(2, len(names), figsize=(3.4 * len(names), 7.0), squeeze=False)
+    for row, across in enumerate(reversed(in_plane)):  # planes at a fixed row, then at a fixed column
+        along = next(a for a in in_plane if a != across)
+        for column, name in enumerate(names):
+            plane = plane_of(volumes[name], across, volumes[name].shape[across] // 2)
+            # plane axes are (along, slice axis) in order; draw the slice axis vertically, upwards
+            image = plane.T if along < slice_axis else plane
+            axes[row, column].imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower",
+                                     aspect=spacing[slice_axis] / spacing[along], interpolation="nearest")
+            axes[row, column].set_title(f"{name} ({'coronal' if row == 0 else 'sagittal'})", fontsize=9)
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, output_png)
+
+
 def _save(figure, output_png: Path) -> Path:
     output_png = Path(output_png)
     with atomic_output(output_png, suffix=".tmp.png") as temporary:
@@ -130,11 +164,11 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
     return path
 
 
-def write_metrics(folder: Path, results, summary) -> None:
+def write_metrics(folder: Path, results, summary, protocol: str = "v1") -> None:
     """``metrics.json`` (per scan and mean) and ``metrics.csv`` (one row per scan, method)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": "medsr evaluation protocol v1",
+    payload = {"protocol": f"medsr evaluation protocol {protocol}",
                "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores} for r in results],
                "mean": summary}
     _write_text(folder / "metrics.json", json.dumps(payload, indent=2))
