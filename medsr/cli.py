@@ -258,6 +258,9 @@ def evaluate(
     slice_axis: Annotated[str, typer.Option(help="auto, 0, 1 or 2 (NIfTI).")] = "auto",
     report: Annotated[Path | None, typer.Option(help="Folder for metrics.json, metrics.csv and figures.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    bootstrap: Annotated[int, typer.Option(
+        help="With two or more --weights: a paired bootstrap of this many draws (scans, then "
+             "slices) gives a 95% interval for each difference between them.")] = 0,
 ) -> None:
     """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
     _setup_logging(verbose=False)
@@ -316,9 +319,31 @@ def evaluate(
         summary = summarise(results)
         names = list(models) + ([m + " auto" for m in models] if auto else [])
         _print_table(results, summary, names)
+        intervals = _print_bootstrap(results, list(models), bootstrap) if bootstrap and len(models) > 1 else {}
         if report is not None:
-            write_metrics(report, results, summary, "v1-z" if through_plane else "v1")
+            write_metrics(report, results, summary, "v1-z" if through_plane else "v1", intervals)
             typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
+
+
+def _print_bootstrap(results, model_names: list[str], replicates: int) -> dict:
+    """Each pair of models, per degradation: the mean difference and its 95% interval."""
+    from itertools import combinations
+
+    from medsr.evaluation import paired_bootstrap
+
+    intervals = {}
+    for name in sorted({r.degradation for r in results}):
+        rows = [r for r in results if r.degradation == name]
+        for first, second in combinations(model_names, 2):
+            found = paired_bootstrap(rows, first, second, replicates)
+            intervals[f"{name}: {first} - {second}"] = found
+            for metric, unit, digits in (("psnr", " dB", 3), ("ssim", "", 4)):
+                value = found[metric]
+                verdict = "not significant" if value["low"] <= 0 <= value["high"] else "significant"
+                typer.echo(f"{name}: {first} - {second} {metric.upper()} {value['difference']:+.{digits}f}{unit}, "
+                           f"95% interval [{value['low']:+.{digits}f}, {value['high']:+.{digits}f}] "
+                           f"({verdict}; {replicates} paired draws of {len(rows)} scans and their slices)")
+    return intervals
 
 
 def _print_table(results, summary, model_names: list[str]) -> None:

@@ -8,6 +8,8 @@ the range cover at least 5% of the slice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from skimage.metrics import structural_similarity
 
@@ -55,22 +57,58 @@ def ssim(reference: np.ndarray, test: np.ndarray, slice_axis: int, data_range: f
     return float(np.mean(values)) if values else float("nan")
 
 
-def score(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> dict[str, float]:
-    """Protocol step 4: PSNR and SSIM of ``estimate`` against ``high_res`` (same shape, units).
+@dataclass(frozen=True)
+class SliceScores:
+    """The protocol's scores of one volume, kept per slice so they can be recombined over any
+    choice of slices (the paired bootstrap resamples slices).
 
-    The data range and the foreground threshold come from the whole reference volume; a border
-    of ``scale`` voxels is removed in-plane before scoring.
+    Attributes:
+        squared_error: ``(N,)`` sum of squared errors of each slice (border trimmed).
+        voxels: ``(N,)`` voxels each sum covers.
+        ssim: ``(N,)`` SSIM of each slice, NaN where the slice does not count (too little
+            foreground).
+        data_range: the reference volume's max - min.
     """
+
+    squared_error: np.ndarray
+    voxels: np.ndarray
+    ssim: np.ndarray
+    data_range: float
+
+    def scores(self, slices: np.ndarray | None = None) -> dict[str, float]:
+        """PSNR over the voxels of ``slices`` (default: all) and their mean SSIM."""
+        chosen = np.arange(len(self.voxels)) if slices is None else np.asarray(slices)
+        mse = float(self.squared_error[chosen].sum() / self.voxels[chosen].sum())
+        scored = self.ssim[chosen][~np.isnan(self.ssim[chosen])]
+        return {"psnr": float("inf") if mse == 0 else float(10.0 * np.log10(self.data_range**2 / mse)),
+                "ssim": float(scored.mean()) if len(scored) else float("nan")}
+
+
+def slice_scores(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> SliceScores:
+    """Protocol step 4, per slice: squared errors and SSIM of ``estimate`` against ``high_res``
+    (same shape, units). The data range and the foreground threshold come from the whole
+    reference volume; a border of ``scale`` voxels is removed in-plane."""
     if high_res.shape != estimate.shape:
         raise ValueError(f"shapes differ: reference {high_res.shape}, estimate {estimate.shape}")
     volume_min = float(high_res.min())
     data_range = float(high_res.max()) - volume_min
-    reference = trim_border(high_res, slice_axis, scale)
-    test = trim_border(estimate, slice_axis, scale)
-    return {
-        "psnr": psnr(reference, test, data_range),
-        "ssim": ssim(reference, test, slice_axis, data_range, volume_min),
-    }
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive, not {data_range}")
+    reference = np.moveaxis(trim_border(high_res, slice_axis, scale), slice_axis, 0).astype(np.float64)
+    test = np.moveaxis(trim_border(estimate, slice_axis, scale), slice_axis, 0).astype(np.float64)
+    squared_error = ((reference - test) ** 2).reshape(len(reference), -1).sum(axis=1)
+    voxels = np.full(len(reference), reference[0].size, dtype=np.float64)
+    values = np.full(len(reference), np.nan)
+    for i in scored_slices(np.moveaxis(reference, 0, slice_axis), slice_axis, volume_min, data_range):
+        values[i] = structural_similarity(reference[i], test[i], data_range=data_range, gaussian_weights=True,
+                                          sigma=SSIM_SIGMA, use_sample_covariance=False)
+    return SliceScores(squared_error, voxels, values, data_range)
+
+
+def score(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> dict[str, float]:
+    """Protocol step 4: PSNR over the volume and mean per-slice SSIM of ``estimate`` against
+    ``high_res`` (see :func:`slice_scores`)."""
+    return slice_scores(high_res, estimate, slice_axis, scale).scores()
 
 
 def score_through_plane(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, factor: int) -> dict[str, float]:

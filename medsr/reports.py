@@ -164,13 +164,16 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
     return path
 
 
-def write_metrics(folder: Path, results, summary, protocol: str = "v1") -> None:
-    """``metrics.json`` (per scan and mean) and ``metrics.csv`` (one row per scan, method)."""
+def write_metrics(folder: Path, results, summary, protocol: str = "v1", intervals: dict | None = None) -> None:
+    """``metrics.json`` (per scan and mean, the auto runs' decisions, bootstrap intervals) and
+    ``metrics.csv`` (one row per scan and method)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": f"medsr evaluation protocol {protocol}",
-               "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores} for r in results],
-               "mean": summary}
+               "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores,
+                          "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely}
+                                        for m, d in r.decisions.items()}} for r in results],
+               "mean": summary, "paired_bootstrap": intervals or {}}
     _write_text(folder / "metrics.json", json.dumps(payload, indent=2))
     table = io.StringIO()
     writer = csv.writer(table)

@@ -99,3 +99,40 @@ def test_shipped_weights_beat_the_best_baseline_on_the_held_out_sample(scale, de
     model, _ = load_model(default_weights(scale))
     result = evaluate_scan(read_scan(MR_SERIES), {"shipped": model}, degradation, scale)
     assert result.beats_baselines("shipped"), result.scores
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_none():
+    """Two copies of one method cannot be told apart (interval [0, 0]); a method whose error is
+    uniformly larger is worse with an interval that excludes 0."""
+    from medsr.evaluation import ScanResult, paired_bootstrap
+    from medsr.metrics import slice_scores
+
+    rng = np.random.default_rng(0)
+    results = []
+    for k in range(3):
+        reference = rng.random((20, 24, 6)).astype(np.float32)
+        good = reference + rng.normal(0, 0.01, reference.shape).astype(np.float32)
+        bad = reference + rng.normal(0, 0.03, reference.shape).astype(np.float32)
+        result = ScanResult(scan=f"s{k}", degradation="bicubic")
+        for name, estimate in (("good", good), ("copy", good), ("bad", bad)):
+            result.details[name] = slice_scores(reference, estimate, 2, 2)
+            result.scores[name] = result.details[name].scores()
+        results.append(result)
+    same = paired_bootstrap(results, "good", "copy", replicates=200)
+    assert same["psnr"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    better = paired_bootstrap(results, "good", "bad", replicates=200)
+    assert better["psnr"]["low"] > 5.0 and better["psnr"]["difference"] == pytest.approx(9.54, abs=0.3)
+    assert better["ssim"]["low"] > 0
+
+
+def test_slice_scores_recombine_to_the_volume_scores(tiny_checkpoint):
+    from medsr.metrics import psnr, slice_scores, ssim, trim_border
+
+    rng = np.random.default_rng(1)
+    reference = rng.random((30, 28, 5))
+    estimate = reference + rng.normal(0, 0.05, reference.shape)
+    details = slice_scores(reference, estimate, 2, 2)
+    data_range = float(np.ptp(reference))
+    trimmed = trim_border(reference, 2, 2), trim_border(estimate, 2, 2)
+    assert details.scores()["psnr"] == pytest.approx(psnr(*trimmed, data_range), rel=1e-12)
+    assert details.scores()["ssim"] == pytest.approx(ssim(*trimmed, 2, data_range, float(reference.min())), rel=1e-12)
