@@ -20,6 +20,9 @@ from medsr.errors import ConfigError
 LOSS_NAMES = ("l1", "mse")
 TASKS = ("in_plane", "through_plane")
 PRECISIONS = ("auto", "fp32", "bf16")
+# where training pairs are degraded: cpu (NumPy, one patch at a time in the data loader), device
+# (medsr.batch_degradation, the whole batch where the model runs), auto (device on CUDA)
+DEGRADE_ON = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,12 @@ class TrainConfig:
     ``task`` is ``in_plane`` (SRResNet, ``scale`` 2 or 4 in-plane) or ``through_plane``
     (ThroughPlaneNet: trained on every factor in ``through_plane_factors``; ``scale`` is the
     factor validation uses, 4 in protocol v1-z).
+
+    ``degrade_on`` (in-plane only): ``cpu`` degrades each patch with NumPy in the data loader
+    (:class:`medsr.data.PatchPairDataset`); ``device`` crops patches on the CPU and degrades
+    the whole batch where the model runs (:mod:`medsr.batch_degradation`: the same
+    degradations, parameters and noise for the same seed); ``auto`` is ``device`` on CUDA and
+    ``cpu`` elsewhere.
     """
 
     task: str = "in_plane"
@@ -98,6 +107,7 @@ class TrainConfig:
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     precision: str = "auto"  # training autocast: auto (bf16 where the hardware has it), fp32, bf16
+    degrade_on: str = "auto"  # DEGRADE_ON: where in-plane training pairs are degraded
     model: ModelConfig = field(default_factory=ModelConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
@@ -127,6 +137,11 @@ class TrainConfig:
                  self.early_stop_patience)
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}",
                  self.precision)
+        _require(self.degrade_on in DEGRADE_ON, "degrade_on", f"must be one of {', '.join(DEGRADE_ON)}",
+                 self.degrade_on)
+        _require(self.task == "in_plane" or self.degrade_on != "device", "degrade_on",
+                 "can be 'device' only for task in_plane (through-plane pairs are made on the cpu)",
+                 self.degrade_on)
         _require(self.ct_sampling_weight > 0, "ct_sampling_weight", "must be positive",
                  self.ct_sampling_weight)
 

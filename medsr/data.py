@@ -4,7 +4,8 @@ Reading and normalising DICOM/NIfTI is slow next to one training step, so every 
 once and its informative slices are cached as compressed float16 arrays (one ``.npz`` per scan,
 keyed by the file's identity and the normalisation settings). Patches are degraded on the fly
 with :class:`medsr.transforms.RandomDegradePair`, with a margin cropped away afterwards so that
-k-space truncation of a patch behaves as on a whole slice.
+k-space truncation of a patch behaves as on a whole slice; :class:`HighResPatches` leaves the
+degradation to the device (:mod:`medsr.batch_degradation`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from medsr.batch_degradation import RandomBatchDegradation
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, dicom_series_in_folder, read_scan
@@ -154,7 +156,7 @@ class _SlicePatches(Dataset):
         seen = region - 2 * margin
         for _ in range(self.RETRIES):
             image = self.slices[rng.choice(len(self.slices), p=self.probabilities)]
-            crop = _random_crop(image.astype(np.float32), region, rng)
+            crop = _random_crop(image, region, rng).astype(np.float32)  # the crop, not the slice
             core = crop[margin:margin + seen, margin:margin + seen]
             if (core > FOREGROUND_LEVEL).mean() >= FOREGROUND_FRACTION:
                 break
@@ -213,6 +215,62 @@ class PatchPairDataset(_SlicePatches):
                 high_res[margin:margin + seen, margin:margin + seen]))[None],
             "degradation": torch.tensor(DEGRADATION_CODES[grid]),
         }
+
+
+class HighResPatches(PatchPairDataset):
+    """The CPU half of :class:`PatchPairDataset` for degrading on the device: the same crops
+    (margin included), not degraded, each with its degradation drawn (on the CPU, cheap) by
+    :meth:`medsr.batch_degradation.RandomBatchDegradation.draw`.
+
+    Each item is ``{"label": (1, R, R) float32, "family": (), "blur_sigma": (), "fwhm": (),
+    "noise": (2, R/s, R/s)}`` with ``R = P + 2c + 2m`` (the region :class:`PatchPairDataset`
+    degrades). Item ``i`` of an epoch is the crop and, for the same seed, the degradation that
+    ``PatchPairDataset`` gives item ``i``; degrade a batch with the ``degrade`` object, then
+    cut the margin with :meth:`crop_margin`.
+
+    Args:
+        scans, patch_size, scale, length, ct_weight, seed: as in :class:`PatchPairDataset`.
+        degrade: the batch degradation whose draws the items carry.
+    """
+
+    def __init__(self, scans: list[CachedScan], patch_size: int, scale: int, length: int,
+                 degrade: RandomBatchDegradation, ct_weight: float = 1.0, seed: int = 0) -> None:
+        super().__init__(scans, patch_size, scale, length, degrade, ct_weight, seed)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Item ``index`` of the current epoch, or of ``epoch`` for ``(epoch, index)``."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        seed = int(rng.integers(2**31))  # drawn where PatchPairDataset seeds its degradation
+        margin = self.MARGIN_LOW_RES * self.scale
+        crop = self._draw(rng, self.patch_size + 2 * self.context + 2 * margin, margin)
+        return {"label": torch.from_numpy(crop)[None], **self.degrade.draw(seed, crop.shape)}
+
+    def crop_margin(self, low_res: torch.Tensor, high_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut the margin off a degraded batch as :class:`PatchPairDataset` cuts it:
+        ``(B, 1, R/s, R/s)`` and ``(B, 1, R, R)`` -> ``(B, 1, (P + 2c)/s, ...)`` and
+        ``(B, 1, P + 2c, ...)`` (views)."""
+        m, margin = self.MARGIN_LOW_RES, self.MARGIN_LOW_RES * self.scale
+        seen = self.patch_size + 2 * self.context
+        n = seen // self.scale
+        return low_res[..., m:m + n, m:m + n], high_res[..., margin:margin + seen, margin:margin + seen]
+
+
+class EpochItems(Sampler):
+    """Sampler of ``(epoch, index)`` for each index of ``indices`` (a sampler or a range), the
+    epoch read from ``patches`` when an epoch's iteration starts. DataLoader worker processes
+    hold their own copies of the dataset, which ``set_epoch`` in the training process does not
+    reach; the epoch travels with the index instead."""
+
+    def __init__(self, patches: _SlicePatches, indices) -> None:
+        self.patches, self.indices = patches, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        epoch = self.patches.epoch
+        return ((epoch, int(index)) for index in self.indices)
 
 
 class ThroughPlanePatches(_SlicePatches):

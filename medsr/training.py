@@ -9,6 +9,11 @@ One run writes into its own folder::
     out/curves.png      the same as plots, redrawn after every epoch
     out/tensorboard/    the same for TensorBoard (``tensorboard --logdir out/tensorboard``)
 
+Training pairs are degraded where ``degrade_on`` says: one patch at a time with NumPy in the
+data loader (``cpu``), or, the patches cropped on the CPU, the whole batch where the model runs
+(``device``, :mod:`medsr.batch_degradation`; the default on CUDA, where the CPU route kept an
+H100 waiting for data 67% of the time). For one seed both routes make the same pairs.
+
 Validation uses whole held-out slices (never slices of a training volume), degraded with both
 protocol degradations and scored with MONAI's PSNR and SSIM metric handlers as the evaluation
 protocol scores them (volume data range, border trimmed; see :func:`to_protocol_range`).
@@ -45,9 +50,18 @@ from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from medsr.batch_degradation import RandomBatchDegradation
 from medsr.checkpoint import build_model, load_checkpoint, save_checkpoint
 from medsr.config import TrainConfig, save_config
-from medsr.data import CachedScan, PatchPairDataset, ThroughPlanePatches, discover_scans, load_cached_scan
+from medsr.data import (
+    CachedScan,
+    EpochItems,
+    HighResPatches,
+    PatchPairDataset,
+    ThroughPlanePatches,
+    discover_scans,
+    load_cached_scan,
+)
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reports import plot_training_curves
@@ -66,6 +80,9 @@ logger = logging.getLogger(__name__)
 
 LOSSES = {"l1": torch.nn.L1Loss, "mse": torch.nn.MSELoss}
 VAL_SLICES_PER_SCAN = 6
+# DataLoader worker processes cropping patches while the GPU trains, when degrading on CUDA
+# (at most the CPUs this process may use, less one for the training loop itself)
+DEVICE_ROUTE_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,39 @@ def prepare_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs
     image = batch["image"].to(**move).contiguous(memory_format=torch.channels_last)
     told = {key: batch[key].to(**move) for key in ("degradation", "factor") if key in batch}
     return image, batch["label"].to(**move), (), told
+
+
+def degrades_on_device(config: TrainConfig, device: torch.device) -> bool:
+    """Whether training pairs are degraded on the training device (``degrade_on``: ``auto``
+    is the device on CUDA and the CPU elsewhere; through-plane pairs always on the CPU)."""
+    if config.task != "in_plane":
+        return False
+    if config.degrade_on == "auto":
+        return device.type == "cuda"
+    return config.degrade_on == "device"
+
+
+class DeviceDegradation:
+    """MONAI engine ``prepare_batch`` for degrading on the device: a batch of
+    :class:`medsr.data.HighResPatches` goes to ``device``, is degraded there as each item's
+    draw says, and loses its margin; returns what :func:`prepare_batch` returns for the same
+    patches made by :class:`medsr.data.PatchPairDataset` (to float rounding).
+
+    Args:
+        patches: the dataset the batches come from (its degradation and margin).
+    """
+
+    def __init__(self, patches: HighResPatches) -> None:
+        self.patches = patches
+
+    def __call__(self, batch: dict, device=None, non_blocking: bool = False, **kwargs):
+        move = {"device": device, "non_blocking": non_blocking}
+        crops = batch["label"].to(**move)
+        low_res, codes = self.patches.degrade(crops, batch["family"], batch["blur_sigma"], batch["fwhm"],
+                                              batch["noise"].to(**move))
+        low_res, high_res = self.patches.crop_margin(low_res, crops)
+        return (low_res.contiguous(memory_format=torch.channels_last), high_res.contiguous(), (),
+                {"degradation": codes})
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -282,11 +332,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     set_determinism(seed=config.seed + processes.rank)
 
     train_scans = _cached(config, "train_scans")
-    patches = _training_patches(config, train_scans, processes.world_size)
-    sampler = (DistributedSampler(patches, shuffle=False, num_replicas=processes.world_size,
-                                  rank=processes.rank) if processes.world_size > 1 else None)
-    loader = DataLoader(patches, batch_size=config.batch_size, shuffle=False, sampler=sampler,
-                        num_workers=0, pin_memory=torch_device.type == "cuda")
+    on_device = degrades_on_device(config, torch_device)
+    patches = training_patches(config, train_scans, processes.world_size, on_device)
+    loader = training_loader(patches, config.batch_size, processes, torch_device)
+    logger.info("training pairs degraded on %s", torch_device.type if on_device else "the cpu, per patch")
 
     model = build_model(config).to(torch_device, memory_format=torch.channels_last)
     inferer = AutocastInferer(torch_device, use_bf16(config.precision, torch_device))
@@ -305,7 +354,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
     trainer = SupervisedTrainer(
         device=torch_device, max_epochs=config.epochs, train_data_loader=loader, network=network,
         optimizer=optimizer, loss_function=BorderCroppedLoss(LOSSES[config.loss](), patches.context),
-        prepare_batch=prepare_batch, inferer=inferer,
+        prepare_batch=DeviceDegradation(patches) if on_device else prepare_batch, inferer=inferer,
+        non_blocking=on_device and torch_device.type == "cuda",  # batches come pinned
         epoch_length=config.iterations_per_epoch,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), *main_only_handlers],
     )
@@ -365,20 +415,48 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
                        None if not np.isfinite(best["ssim"]) else float(best["ssim"]))
 
 
-def _training_patches(config: TrainConfig, scans: list[CachedScan], world_size: int):
-    """The random patch pairs of one epoch, for the config's task."""
+def training_patches(config: TrainConfig, scans: list[CachedScan], world_size: int, on_device: bool = False):
+    """The random patch pairs of one epoch, for the config's task: degraded in the loader, or
+    (``on_device``) cropped only, with each item's degradation drawn (:class:`HighResPatches`)."""
     length = config.batch_size * config.iterations_per_epoch * world_size
     if config.task == "through_plane":
         return ThroughPlanePatches(scans, config.patch_size, length,
                                    RandomThickSlices(config.through_plane_factors),
                                    ct_weight=config.ct_sampling_weight, seed=config.seed)
-    degrade = RandomDegradePair(
-        config.scale, config.degradation.probabilities,
-        blur_sigma_range=(config.degradation.blur_sigma_min, config.degradation.blur_sigma_max),
-        noise_std_range=(0.0, config.degradation.noise_std_max),
-    )
+    ranges = {"blur_sigma_range": (config.degradation.blur_sigma_min, config.degradation.blur_sigma_max),
+              "noise_std_range": (0.0, config.degradation.noise_std_max)}
+    if on_device:
+        return HighResPatches(scans, config.patch_size, config.scale, length,
+                              RandomBatchDegradation(config.scale, config.degradation.probabilities, **ranges),
+                              ct_weight=config.ct_sampling_weight, seed=config.seed)
+    degrade = RandomDegradePair(config.scale, config.degradation.probabilities, **ranges)
     return PatchPairDataset(scans, config.patch_size, config.scale, length, degrade,
                             ct_weight=config.ct_sampling_weight, seed=config.seed)
+
+
+def training_loader(patches, batch_size: int, processes: Processes, device: torch.device,
+                    workers: int | None = None) -> DataLoader:
+    """Batches of ``patches`` in order (``patches.set_epoch`` picks the epoch), this process's
+    share under ``torchrun``.
+
+    Patches degraded in the loader are made in the training process, as they always were.
+    :class:`HighResPatches` on CUDA are cropped by ``workers`` persistent worker processes
+    (default :data:`DEVICE_ROUTE_WORKERS`, fewer on a smaller machine) while the GPU trains;
+    the sampler hands them ``(epoch, index)``, since ``set_epoch`` cannot reach their copies
+    of the dataset.
+    """
+    sampler = (DistributedSampler(patches, shuffle=False, num_replicas=processes.world_size,
+                                  rank=processes.rank) if processes.world_size > 1 else None)
+    cuda = device.type == "cuda"
+    if not isinstance(patches, HighResPatches):
+        return DataLoader(patches, batch_size=batch_size, shuffle=False, sampler=sampler,
+                          num_workers=0, pin_memory=cuda)
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(DEVICE_ROUTE_WORKERS, cpus - 1) if cuda else 0
+    items = EpochItems(patches, sampler if sampler is not None else range(len(patches)))
+    return DataLoader(patches, batch_size=batch_size, sampler=items, num_workers=max(workers, 0),
+                      persistent_workers=workers > 0, pin_memory=cuda)
 
 
 def learning_rate_schedule(optimizer, config: TrainConfig):

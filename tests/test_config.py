@@ -40,6 +40,8 @@ def test_overrides_reach_nested_keys_and_parse_yaml_values():
     (["patch_size=97"], "'patch_size' must be a multiple of scale"),
     (["degradation.bicubic=0.9"], "probabilities must sum to 1"),
     (["epochs"], "--set expects key=value"),
+    (["degrade_on=gpu"], "'degrade_on' must be one of auto, cpu, device, not 'gpu'"),
+    (["task=through_plane", "degrade_on=device"], "'degrade_on' can be 'device' only for task in_plane"),
 ])
 def test_bad_values_are_rejected_with_the_key_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -60,3 +62,9 @@ def test_config_file_errors(tmp_path):
 def test_to_dict_round_trips_through_yaml():
     config = load_config(None, ["model.features=16", "train_scans=[x]"])
     assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
+def test_degrade_on_defaults_to_auto_so_saved_runs_keep_their_meaning():
+    """Runs saved before the key existed load with ``auto``: the CPU route on a CPU, as they ran."""
+    assert load_config(None).degrade_on == "auto"
+    assert load_config(None, ["degrade_on=cpu"]).degrade_on == "cpu"
