@@ -268,6 +268,9 @@ def evaluate(
     if through_plane:
         if profile not in ("gaussian", "box", "both"):
             raise typer.BadParameter(f"--profile must be gaussian, box or both, not {profile!r}")
+        if degradation != "both" or bootstrap:
+            raise typer.BadParameter("--degradation and --bootstrap are in-plane options; "
+                                     "--through-plane takes --profile")
         runs, auto = (["gaussian", "box"] if profile == "both" else [profile]), False
     else:
         runs, auto = _degradations(degradation)
@@ -275,7 +278,7 @@ def evaluate(
         from medsr.checkpoint import default_weights, load_model
         from medsr.degradation import load_classifier
         from medsr.engine import pick_device
-        from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, summarise
+        from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
         from medsr.model import ThroughPlaneNet
         from medsr.reading import read_scan
         from medsr.reports import write_comparison, write_metrics
@@ -309,8 +312,8 @@ def evaluate(
                                                              keep_images=report is not None)
                         z = next(a for a in range(3) if a != z)  # figures show planes across the slices
                     else:
-                        z = scan.slice_axis if axis is None else axis
-                        result = evaluate_scan(scan, models, name, scale, axis, torch_device,
+                        z = protocol_slice_axis(scan) if axis is None else axis
+                        result = evaluate_scan(scan, models, name, scale, z, torch_device,
                                                keep_images=report is not None, classifier=classifier)
                     if report is not None:
                         write_comparison(report, result, z)

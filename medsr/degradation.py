@@ -64,8 +64,9 @@ def slice_features(low_res: np.ndarray) -> np.ndarray:
     """The 68 numbers that describe how one low-res slice was made.
 
     Args:
-        low_res: ``(H, W)`` slice in any units (every feature is unchanged by a linear map of
-            the intensities).
+        low_res: ``(H, W)`` slice in any units (every feature is unchanged by an increasing
+            linear map of the intensities; a decreasing one swaps the two tails, so
+            MONOCHROME1 slices are negated first, see :func:`find_degradation`).
 
     Returns:
         float64 ``(68,)``: 55 symmetrised 2-D log-spectrum bins, 10 bins of the spectrum along
@@ -194,11 +195,41 @@ def estimate_degradation(planes: Iterable[np.ndarray], classifier: DegradationCl
     return DegradationEstimate(grid, confidence, CLASSES[int(np.argmax(probabilities))], len(features))
 
 
+def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, window, classifier: DegradationClassifier,
+                     padding: tuple[float, float] | None = None,
+                     photometric: str | None = None) -> DegradationEstimate:
+    """How a scan lost its resolution, as the default path decides it (``medsr enhance`` and
+    ``medsr evaluate --degradation auto`` both call this).
+
+    The slices are looked at as the model sees them: padding (``padding``, original units)
+    replaced by the window's low end, since the cliff at the edge of a field of view is no part
+    of how the image was made; MONOCHROME1 values negated, since the intensity-tail features
+    tell dark from bright (ringing undershoots the dark side).
+
+    Args:
+        read_plane: index -> low-res slice in original units.
+        n_slices: slices in the scan.
+        window: the scan's :class:`~medsr.transforms.IntensityWindow` (padding left out).
+        classifier: the classifier for the model's scale (:func:`load_classifier`).
+        padding: the scan's padding range, or None.
+        photometric: the DICOM photometric interpretation, or None.
+    """
+    def prepared(index: int) -> np.ndarray:
+        plane = read_plane(index)
+        if padding is not None:
+            plane = np.where((plane >= padding[0]) & (plane <= padding[1]), np.float32(window.low), plane)
+        return -plane if photometric == "MONOCHROME1" else plane
+
+    low, high = (-window.high, -window.low) if photometric == "MONOCHROME1" else (window.low, window.high)
+    return estimate_degradation(informative_planes(prepared, n_slices, low, high), classifier)
+
+
 def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, low: float, high: float,
                        limit: int = MAX_SLICES) -> list[np.ndarray]:
-    """Up to ``limit`` evenly spaced slices with enough foreground (above ``low`` + 10% of
-    ``high - low`` on at least 5% of the slice, the rule the protocol scores with); all
-    slices when none qualifies."""
+    """Up to ``limit`` evenly spaced slices with enough foreground: above ``low`` + 10% of
+    ``high - low`` on at least 5% of the slice (the protocol's foreground rule, here on the
+    scan's intensity window rather than its min and max, which padding and outliers set).
+    When no slice qualifies, the evenly spaced candidates (at most ``4 * limit``) are used."""
     from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
 
     threshold = low + FOREGROUND_LEVEL * (high - low)

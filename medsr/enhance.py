@@ -8,6 +8,7 @@ not stopping the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from medsr import __version__
-from medsr.degradation import DegradationEstimate, estimate_degradation, informative_planes, load_classifier
+from medsr.degradation import DegradationEstimate, find_degradation, load_classifier
 from medsr.engine import (
     COMPILE_CHOICES,
     PRECISIONS,
@@ -135,8 +136,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
             thin slices per thick slice (default: slice spacing / in-plane spacing, rounded).
         weights: a checkpoint from ``medsr train`` (when ``model`` is None).
         through_plane: make the slices thinner instead of the in-plane voxels smaller.
-        slice_axis: the slice axis (default: DICOM's acquired slices; for NIfTI the axis with
-            the largest voxels).
+        slice_axis: the slice axis (default: DICOM's acquired slices; for NIfTI the odd one out
+            of the voxel sizes, :func:`medsr.geometry.slice_axis_of`).
         degradation: ``auto``, ``bicubic`` or ``kspace`` (in-plane).
         device: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
         batch_size: slices per forward pass (default: 4 on the CPU, from free memory on CUDA).
@@ -170,6 +171,10 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     torch_device = pick_device(device)
     check_choice("precision", precision, PRECISIONS)  # before the slow work
     check_choice("compile", compile_model, COMPILE_CHOICES)
+    if batch_size is not None and batch_size < 1:
+        raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
+    if through_plane and degradation != "auto":
+        raise MedsrError("--degradation is an in-plane choice; --through-plane makes thick slices thin")
     enhancer = _enhancer(model, weights, scale, through_plane)
     scan = open_scan(input_path, series_uid, select)
     if slice_axis is not None and slice_axis != scan.slice_axis:
@@ -230,9 +235,11 @@ def _enhancer(model, weights, scale, through_plane: bool) -> Enhancer:
 def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> DegradationEstimate:
     """How the scan lost its resolution, from up to 64 informative slices (those the survey
     kept in memory are not decoded again)."""
-    read = lambda index: survey.kept[index] if index in survey.kept else scan.read_plane(index)  # noqa: E731
-    planes = informative_planes(read, scan.n_slices, window.low, window.high)
-    estimate = estimate_degradation(planes, enhancer.classifier(enhancer.model.scale))
+    def read(index: int) -> np.ndarray:
+        return survey.kept[index] if index in survey.kept else scan.read_plane(index)
+
+    estimate = find_degradation(read, scan.n_slices, window, enhancer.classifier(enhancer.model.scale),
+                                scan.padding, scan.photometric)
     logger.info("%s: degradation %s", scan.path, estimate.describe())
     return estimate
 
@@ -310,23 +317,25 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
     input (an input folder itself, when it is the only one) is kept under ``out_dir``, so two
     scans of the same name in different folders never meet. The name is the scan's file or
     series folder with ``_`` and ``tag`` (``<name>_x2.nii.gz`` or ``<name>_x2/``); a folder holding
-    several series adds each SeriesInstanceUID's last digits (the whole UID if those repeat).
+    several series adds each SeriesInstanceUID's last digits (the whole UID if those repeat);
+    two scans of one folder that would still share a name (``scan.nii.gz`` and a series folder
+    ``scan/`` written as NIfTI) are numbered, ``scan_x2.nii.gz`` and ``scan_2_x2.nii.gz``.
     """
     from medsr.data import discover_scans
     from medsr.reading import NIFTI_SUFFIXES
 
     check_choice("format", output_format, OUTPUT_FORMATS)
-    roots = [Path(root) for root in inputs]
-    if len(roots) == 1 and roots[0].is_dir():
-        base = roots[0].resolve()
-    else:
-        base = Path(os.path.commonpath([root.resolve().parent for root in roots]))
+    # absolute paths without following links: a linked file (DataLad, git-annex) is named
+    # after its link, where the user sees it, not after the store it points into
+    roots = [Path(os.path.abspath(root)) for root in inputs]
+    base = roots[0] if len(roots) == 1 and roots[0].is_dir() else Path(
+        os.path.commonpath([root.parent for root in roots]))
     planned, taken = [], set()
     for root in roots:
         sources = discover_scans(root)
         for source in sources:
             is_nifti = source.path.name.lower().endswith(NIFTI_SUFFIXES)
-            relative = source.path.resolve().relative_to(base)
+            relative = Path(os.path.abspath(source.path)).relative_to(base)
             name = relative.name
             for suffix in NIFTI_SUFFIXES:
                 name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
@@ -337,11 +346,12 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
                     else f"_{source.series_uid}"
             fmt = output_format if output_format != "auto" else ("nifti" if is_nifti else "dicom")
             parent = out_dir / relative.parent if relative.parent != Path(".") else out_dir
-            output = parent / (f"{name}_{tag}.nii.gz" if fmt == "nifti" else f"{name}_{tag}")
-            if output in taken:  # a file and a series folder of the same name
-                output = output.with_name(f"{relative.name.replace('.', '_')}_{tag}"
-                                          + (".nii.gz" if fmt == "nifti" else ""))
-            taken.add(output)
+            extension = ".nii.gz" if fmt == "nifti" else ""
+            output, copy = parent / f"{name}_{tag}{extension}", 1
+            while str(output).lower() in taken:  # scan.nii.gz and a series folder scan/, say
+                copy += 1
+                output = parent / f"{name}_{copy}_{tag}{extension}"
+            taken.add(str(output).lower())
             planned.append((source, output, fmt))
     return planned
 
@@ -393,14 +403,18 @@ def _enhance_one(source, output: Path, fmt: str, enhancer: Enhancer, scale, over
     """One scan of a batch. Any failure is this scan's alone: a MedsrError says what is wrong
     with it; anything else is a bug in medsr, reported as such (its traceback at debug level)
     rather than stopping the scans after it."""
+    made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         result = enhance_file(source.path, output, model=enhancer, scale=scale,
                               through_plane=enhancer.through_plane, series_uid=source.series_uid,
                               overwrite=overwrite, output_format=fmt, **options)
-    except MedsrError as exc:
-        return BatchOutcome(str(source), None, "failed", str(exc))
-    except Exception as exc:
+    except Exception as exc:  # any failure is this scan's alone
+        for folder in made:  # the mirror folders made for this scan alone, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, MedsrError):
+            return BatchOutcome(str(source), None, "failed", str(exc))
         logger.debug("%s", traceback.format_exc())
         reason = " ".join(str(exc).split())[:300]
         return BatchOutcome(str(source), None, "failed",

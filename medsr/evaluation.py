@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import zoom
 
-from medsr.degradation import DegradationClassifier, DegradationEstimate, estimate_degradation, informative_planes
+from medsr.degradation import DegradationClassifier, DegradationEstimate, find_degradation
 from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
+from medsr.geometry import largest_spacing_axis
 from medsr.metrics import SliceScores, score_through_plane, slice_scores
 from medsr.model import SRResNet, ThroughPlaneNet
 from medsr.reading import Scan, plane_of
@@ -105,6 +106,13 @@ class ScanResult:
         return all(self.scores[method][m] > best[m] for m in ("psnr", "ssim"))
 
 
+def protocol_slice_axis(scan: Scan) -> int:
+    """Protocol v1 step 1: DICOM slices are the acquired images; for NIfTI the default is the
+    axis with the largest voxel size (ties: the last). (``medsr enhance`` reads NIfTI by the
+    odd one out instead, which agrees on the protocol's reference volumes.)"""
+    return largest_spacing_axis(scan.affine) if scan.source_format == "nifti" else scan.slice_axis
+
+
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
                   keep_images: bool = False, precision: str = "auto",
@@ -128,10 +136,8 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     told = GRID_OF[degradation]
     decision = None
     if classifier is not None:
-        window = robust_window(low_res)
-        planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                    window.low, window.high)
-        decision = estimate_degradation(planes, classifier)
+        decision = find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
+                                    robust_window(low_res), classifier)
     for name, model in models.items():
         run = functools.partial(_enhanced, low_res, low_res_affine, axis, model, device=device,
                                 batch_size=batch_size, precision=precision)

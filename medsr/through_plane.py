@@ -37,8 +37,8 @@ def default_factor(affine: np.ndarray, slice_axis: int) -> int:
     number (so new slices tile the old ones exactly), at least 2.
 
     Raises:
-        MedsrError: the slices are already about as thin as the in-plane voxels, or thinner
-            than the model was trained for.
+        MedsrError: the slices are already about as thin as the in-plane voxels, or thicker
+            than the factors the model was trained for.
     """
     sizes = voxel_sizes(affine)
     in_plane = float(np.mean([sizes[a] for a in range(3) if a != slice_axis]))
@@ -51,7 +51,7 @@ def default_factor(affine: np.ndarray, slice_axis: int) -> int:
         raise MedsrError(f"a factor of {ratio:.3g} ({sizes[slice_axis]:.3g} / {in_plane:.3g} mm) is "
                          f"beyond the {max(THROUGH_PLANE_FACTORS)} the through-plane model knows; "
                          "pass --scale")
-    return max(2, factor)
+    return factor
 
 
 def check_factor(factor: int) -> None:
@@ -82,6 +82,11 @@ def enhance_through_plane(volume: np.ndarray, affine: np.ndarray, slice_axis: in
         The :class:`EnhancedVolume` (``array`` in original units) on the thin grid.
     """
     check_factor(factor)
+    if batch_size is not None and batch_size < 1:
+        raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
+    if volume.shape[slice_axis] < 2:
+        raise MedsrError(f"one slice along axis {slice_axis}: thin slices are made between thick ones, "
+                         "so through-plane needs at least two")
     device = torch.device(device)
     volume = np.asarray(volume, dtype=np.float32)
     upsampled = bspline_upsample(window.forward(volume), slice_axis, factor)

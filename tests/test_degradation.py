@@ -153,3 +153,27 @@ def test_classifier_files_are_checked(tmp_path):
     torch.save({"format": "medsr-degradation-classifier", "scale": 2, "code": print}, hostile)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_classifier(hostile, 2)
+
+
+def test_monochrome1_and_padding_do_not_change_the_decision():
+    """The decision is made on the slices as the model sees them: inverted storage
+    (MONOCHROME1) and a padded field of view give the same answer as the plain image."""
+    from medsr.degradation import find_degradation
+    from medsr.reading import plane_of
+    from medsr.transforms import robust_window
+
+    scan, low_res, _ = _low_res(MR_NIFTI, "kspace")
+    classifier = load_classifier(None, 2)
+    axis = scan.slice_axis
+
+    def decide(volume, padding=None, photometric=None):
+        window = robust_window(volume if padding is None else volume[volume > padding[1]])
+        return find_degradation(lambda k: plane_of(volume, axis, k), volume.shape[axis], window, classifier,
+                                padding, photometric)
+
+    plain = decide(low_res)
+    inverted = decide(-low_res, photometric="MONOCHROME1")
+    assert inverted.grid == plain.grid and inverted.confidence == pytest.approx(plain.confidence, rel=1e-6)
+    padded = low_res.copy()
+    padded[:, :6, :] = -3024.0  # a band of padding at the edge of every slice
+    assert decide(padded, padding=(-3024.0, -3024.0)).grid == plain.grid == "kspace"

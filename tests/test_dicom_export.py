@@ -274,3 +274,21 @@ def test_batch_names_never_collide(tmp_path, session_tiny_checkpoint):
     assert "3 done, 0 skipped, 0 failed" in result.stdout
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.nii.gz")) == [
         "a/x/scan_x2.nii.gz", "b/x/scan_x2.nii.gz", "c/x/scan_x2.nii.gz"]
+
+
+def test_batch_names_stay_unique_for_a_file_and_a_series_of_one_name(tmp_path, session_tiny_checkpoint):
+    """scan.nii.gz and a DICOM series folder scan/ in one folder, both written as NIfTI, and a
+    linked input named after its link: no output is taken twice or named after a store."""
+    from conftest import MR_NIFTI
+
+    inputs = tmp_path / "in"
+    (inputs / "scan").mkdir(parents=True)
+    for path in CT_SERIES.glob("*.dcm"):
+        shutil.copy(path, inputs / "scan" / path.name)
+    nib.save(nib.load(MR_NIFTI).slicer[60:63, 40:72, 40:72], tmp_path / "store.nii.gz")
+    (inputs / "scan.nii.gz").symlink_to(tmp_path / "store.nii.gz")
+    result = runner.invoke(app, ["enhance", str(inputs), "-o", str(tmp_path / "out"), "--format", "nifti",
+                                 "--weights", str(session_tiny_checkpoint), "--degradation", "kspace"])
+    assert result.exit_code == 0, result.output
+    assert "2 done, 0 skipped, 0 failed" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan_2_x2.nii.gz", "scan_x2.nii.gz"]

@@ -121,3 +121,18 @@ def test_evaluate_through_plane_scores_protocol_v1z(tmp_path, mr_block, through_
     assert result.exit_code == 0, result.output
     assert "bspline PSNR/SSIM" in result.output and "thin PSNR/SSIM" in result.output
     assert "gaussian x4: thin" in result.output and "box x4: thin" in result.output
+
+
+def test_through_plane_refuses_what_it_cannot_do(tmp_path, through_plane_checkpoint, mr_block):
+    volume, affine = mr_block
+    model = ThroughPlaneNet(features=4, num_res_blocks=1)
+    window = robust_window(volume)
+    with pytest.raises(MedsrError, match="--batch-size must be >= 1, not -1"):
+        enhance_through_plane(volume, affine, 2, model, 4, window, batch_size=-1)
+    with pytest.raises(MedsrError, match="at least two"):
+        enhance_through_plane(volume[:, :, :1], affine, 2, model, 4, window)
+    result = runner.invoke(app, ["evaluate", str(MR_NIFTI), "--through-plane", "--bootstrap", "100"])
+    assert result.exit_code == 2 and "--through-plane takes --profile" in result.output
+    result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "t.nii.gz"), "--through-plane",
+                                 "--degradation", "kspace", "--weights", str(through_plane_checkpoint)])
+    assert result.exit_code == 1 and "--degradation is an in-plane choice" in result.output
