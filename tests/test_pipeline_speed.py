@@ -2,8 +2,9 @@
 
 Files are synced on a few threads instead of one after the other, but still every one before
 its folder is renamed into place; stored pixels are computed in float32 but equal the float64
-result; a derived header copies only what it keeps but equals a pruned deep copy. No timings
-here: ``benchmarks/pipeline_overhead.py`` measures them.
+result; a derived header copies only what it keeps but equals a pruned deep copy; uncompressed
+pixels are read straight from the file, where the header read ended, and equal pydicom's. No
+timings here: ``benchmarks/pipeline_overhead.py`` measures them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import threading
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
+from medsr import reading
 from medsr.dicom_writing import DicomSeriesWriter, _kept_copy, _stored_pixels
-from medsr.errors import OutputError
+from medsr.errors import OutputError, ScanReadError
 from medsr.geometry import in_plane_factors, rescaled_affine
-from medsr.reading import open_scan
+from medsr.reading import _FrameDecoder, _read_header, open_scan, read_scan
 from medsr.transforms import IntensityCounts
 
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, pydicom_test_file
@@ -191,3 +195,92 @@ def test_derived_files_carry_no_private_or_command_set_elements(tmp_path):
     (written,) = [pydicom.dcmread(path) for path in (tmp_path / "out").glob("*.dcm")]
     assert not any(element.tag.is_private for element in written.iterall())
     assert len(written[0x00089215].value[0]) == 0
+
+
+# ------------------------------------------------------------------ pixels read straight from the file
+
+
+def no_pydicom_decoding(monkeypatch):
+    """Make pydicom's pixel decoding fail, so a read that succeeds went straight to the file."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixels decoded by pydicom")
+
+    monkeypatch.setattr(reading, "decode_pixels", refuse)
+    monkeypatch.setattr(reading, "_pixels", refuse)
+
+
+def variant(path, syntax, bits_allocated=16, bits_stored=16, signed=1, frames=1):
+    """The real CT_small with random stored values (bits above BitsStored set too, as some
+    writers leave them), in ``syntax``."""
+    dataset = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
+    info = np.iinfo(f"u{bits_allocated // 8}")
+    values = np.random.default_rng(bits_stored).integers(0, int(info.max) + 1, (frames, 128, 128))
+    order = ">" if syntax == ExplicitVRBigEndian else "<"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits_allocated, bits_stored, bits_stored - 1
+    dataset.PixelRepresentation = signed
+    if frames > 1:
+        dataset.NumberOfFrames = frames
+    dataset.PixelData = values.astype(f"{order}u{bits_allocated // 8}").tobytes()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    pydicom.dcmwrite(path, dataset, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("bits_allocated, bits_stored, signed", [(16, 16, 1), (16, 12, 1), (16, 12, 0), (16, 1, 1),
+                                                                  (32, 20, 1), (8, 8, 0), (8, 6, 1)])
+def test_uncompressed_pixels_read_straight_from_the_file_equal_pydicoms(tmp_path, monkeypatch, syntax,
+                                                                         bits_allocated, bits_stored, signed):
+    path = variant(tmp_path / "ct.dcm", syntax, bits_allocated, bits_stored, signed)
+    expected = pixel_array(path)
+    image = _read_header(path)
+    decoder = _FrameDecoder(image)
+    if bits_allocated == 8 and syntax == ExplicitVRBigEndian:
+        assert decoder.layout is None  # pydicom swaps the byte pairs of 8-bit big-endian data
+        return
+    no_pydicom_decoding(monkeypatch)
+    stored = decoder()
+    assert stored.dtype == expected.dtype and stored.flags.writeable
+    np.testing.assert_array_equal(stored, expected)
+
+
+def test_frames_of_a_multiframe_file_read_straight_from_it_equal_pydicoms(tmp_path, monkeypatch):
+    path = variant(tmp_path / "frames.dcm", ExplicitVRLittleEndian, 16, 12, 1, frames=3)
+    decoder = _FrameDecoder(_read_header(path), n_frames=3)
+    expected = [pixel_array(path, index=frame) for frame in range(3)]
+    no_pydicom_decoding(monkeypatch)
+    for frame in (2, 0, 1):
+        np.testing.assert_array_equal(decoder(frame), expected[frame])
+
+
+@pytest.mark.parametrize("source", [MR_SERIES, CT_SERIES, MR_MULTIFRAME])
+def test_real_scans_read_without_pydicom_decoding_give_the_same_volume(source, monkeypatch):
+    expected = read_scan(source).array
+    no_pydicom_decoding(monkeypatch)
+    np.testing.assert_array_equal(read_scan(source).array, expected)
+
+
+def test_pixel_data_cut_short_is_left_to_pydicom(tmp_path):
+    path = tmp_path / "short.dcm"
+    path.write_bytes(pydicom_test_file("MR_small.dcm").read_bytes()[:-3000])
+
+    def outcome(decoder):
+        try:
+            return "read", decoder().tobytes()
+        except ScanReadError as error:
+            return "refused", str(error)
+
+    native, through_pydicom = _FrameDecoder(_read_header(path)), _FrameDecoder(_read_header(path))
+    through_pydicom.layout = None
+    assert native.layout is not None and native._read_native(0) is None
+    assert outcome(native) == outcome(through_pydicom)
+
+
+def test_compressed_and_colour_pixels_are_left_to_pydicom(tmp_path):
+    for name in ("MR_small_RLE.dcm", "examples_rgb_color.dcm", "liver_1frame.dcm"):
+        image = _read_header(pydicom_test_file(name))
+        assert _FrameDecoder(image).layout is None
+    dataset = pydicom.dcmread(pydicom_test_file("MR_small.dcm"))
+    dataset.compress(RLELossless)
+    dataset.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    assert _read_header(tmp_path / "rle.dcm").pixels_at is None
