@@ -159,7 +159,7 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
     name = Path(result.scan).name.split(".")[0]
     title = f"{Path(result.scan).name}: {result.degradation} degradation, slice {index}"
     path = comparison_figure(result.images, slice_axis, index, title,
-                             folder / f"{name}_{result.degradation}.png", result.scores)
+                             folder / f"{name}_{result.degradation.replace(' ', '_')}.png", result.scores)
     result.images = {}
     return path
 
