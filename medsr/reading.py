@@ -29,6 +29,8 @@ one at a time on demand, so a long series can be enhanced with memory bounded by
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import itertools
 import logging
@@ -244,11 +246,28 @@ def open_scan(path: str | Path, series_uid: str | None = None,
             raise ScanReadError(f"{path}: selecting images by {select[0]} needs DICOM input, not NIfTI")
         return _open_nifti(path)
     try:
-        if path.is_dir():
-            return _open_dicom_folder(path, series_uid, select)
-        return _open_dicom_file(path, select)
+        with _collector_paused():
+            if path.is_dir():
+                return _open_dicom_folder(path, series_uid, select)
+            return _open_dicom_file(path, select)
     except _READ_ERRORS as exc:
         raise _damaged(path, exc) from None
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector paused (as the caller had it, after): the headers of
+    a series are a few hundred thousand small objects that all stay, and each full collection
+    their growth sets off walks every object of the process, which holds PyTorch and MONAI
+    (open_scan of a 384-file series: 0.54 s with it, 0.30 s without). Headers hold no cycles, so
+    nothing is left to collect later; reference counting frees everything else as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _checked_select(select) -> tuple[str, str]:
