@@ -10,6 +10,7 @@ timings here: ``benchmarks/pipeline_overhead.py`` measures them.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import threading
 
@@ -284,3 +285,28 @@ def test_compressed_and_colour_pixels_are_left_to_pydicom(tmp_path):
     dataset.compress(RLELossless)
     dataset.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
     assert _read_header(tmp_path / "rle.dcm").pixels_at is None
+
+
+# ------------------------------------------------------------------ headers read with the collector paused
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_headers_are_read_with_the_collector_paused_and_left_as_found(tmp_path, monkeypatch, enabled):
+    seen = []
+    real_read_header = reading._read_header
+
+    def read_header(path):
+        seen.append(gc.isenabled())
+        return real_read_header(path)
+
+    monkeypatch.setattr(reading, "_read_header", read_header)
+    was_enabled = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        open_scan(CT_SERIES)
+        assert seen and not any(seen) and gc.isenabled() == enabled
+        with pytest.raises(ScanReadError, match="no DICOM files"):
+            open_scan(tmp_path)  # an empty folder
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable() if was_enabled else gc.disable()
