@@ -536,6 +536,14 @@ class _FeatureExamples(Dataset):
         return {"image": self.features[index], "label": self.labels[index]}
 
 
+def _below_root(name: str, data_root: str | Path) -> str:
+    """A scan's name below the config's data root: a published report names no local folder."""
+    try:
+        return Path(name).relative_to(data_root).as_posix()
+    except ValueError:
+        return Path(name).name
+
+
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
                                  epochs: int = 300) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
@@ -593,7 +601,8 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
                 "grid": truth, "volumes": len(decisions),
                 "volumes_right": int(sum(d == truth for d in decisions)),
                 "slice_accuracy": float(slice_right.mean()),
-                "volume_names": [val_scans[o].name for o in np.unique(owners[labels == label])],
+                "volume_names": [_below_root(val_scans[o].name, config.data_root)
+                                 for o in np.unique(owners[labels == label])],
                 "decisions": decisions,
             }
     save_classifier(Path(out_path), classifier, config.scale, report)

@@ -173,3 +173,29 @@ def test_validation_metrics_match_the_protocol_on_a_real_slice():
     data_range = float(volume.max() - volume.min())
     expected = ssim(trim_border(reference, 2, 2), trim_border(estimate, 2, 2), 2, data_range, float(volume.min()))
     assert ours == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_fit_degradation_writes_a_classifier_with_its_validation_report(tmp_path, monkeypatch):
+    """`medsr fit-degradation` on real samples: the classifier loads for its scale, the report
+    inside scores every degradation on the validation scan and names it below the data root."""
+    from medsr.checkpoint import safe_torch_load
+    from medsr.degradation import CLASSES, load_classifier
+
+    monkeypatch.chdir(SAMPLES.parent)
+    out = tmp_path / "degradation_x2.pt"
+    arguments = ["fit-degradation", "--config", "configs/srresnet_l1_x2.yaml", "--out", str(out),
+                 "--set", f"data_root={SAMPLES}", "--set", f"cache_dir={tmp_path / 'cache'}",
+                 "--set", "train_scans=[ct_chest_3slice_dicom, mr_t1_nifti]",
+                 "--set", "val_scans=[mr_pd_oblique_dicom]"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "training slices, x2" in result.stdout and "validation volumes right" in result.stdout
+    load_classifier(out, 2)
+    report = safe_torch_load(out)["report"]
+    assert set(report["validation"]) == set(CLASSES)
+    for found in report["validation"].values():
+        assert found["volume_names"] == ["mr_pd_oblique_dicom"] and found["volumes"] == 1
+        assert 0 <= found["slice_accuracy"] <= 1
+    again = runner.invoke(app, arguments)  # an existing classifier is kept
+    assert again.exit_code == 1 and "pass --overwrite" in again.stderr
