@@ -3,7 +3,7 @@
 # time limit; a step that fails or runs out is reported and the others still run), for a fresh
 # CUDA machine with Python 3.12 and a CUDA build of PyTorch (plus numpy, scipy, scikit-image,
 # typer, rich, pyyaml, matplotlib, tensorboard, hypothesis, pytest). The rest of medsr's
-# dependencies come from the wheels benchmarks/fetch_gpu_wheels.sh put in .whl/ (carry that
+# dependencies come from the wheels benchmarks/fetch_gpu_wheels.sh put in .whl/ (copy that
 # folder to the machine), installed into /tmp/site; medsr itself runs from this checkout.
 #   1. the GPU tests: bf16 autocast against fp32 (protocol PSNR within 0.05 dB on the samples);
 #      every batch degradation on CUDA against its NumPy counterpart, and the device route of
