@@ -48,6 +48,28 @@ def pydicom_test_file(name: str) -> Path:
 
 
 @pytest.fixture
+def sync_events(monkeypatch) -> list[tuple[str, str]]:
+    """Every ``os.fsync`` (with the synced path) and ``os.replace`` (with its target), in order;
+    both still do their work."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.fixture
 def ct_small() -> Path:
     return pydicom_test_file("CT_small.dcm")
 

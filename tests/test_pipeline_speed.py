@@ -48,20 +48,8 @@ def write_upsampled(source, folder, **writer_options):
 
 
 @pytest.mark.parametrize("source, n_files", [(MR_SERIES, 20), (MR_MULTIFRAME, 1)])
-def test_every_file_is_synced_before_its_folder_and_the_rename(tmp_path, monkeypatch, source, n_files):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(descriptor):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
-        real_fsync(descriptor)
-
-    def replace(source, target):
-        events.append(("replace", str(target)))
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+def test_every_file_is_synced_before_its_folder_and_the_rename(tmp_path, sync_events, source, n_files):
+    events = sync_events
     write_upsampled(source, tmp_path / "out")
     synced_files = [path for kind, path in events if kind == "fsync" and path.endswith(".dcm")]
     assert len(synced_files) == len(set(synced_files)) == n_files

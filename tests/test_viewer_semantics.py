@@ -355,27 +355,17 @@ def test_two_echoes_in_one_multiframe_object_are_refused_and_selected(tmp_path):
 # ------------------------------------------------------------------ 8. durable atomic writes
 
 
-def test_atomic_output_syncs_file_then_renames_then_syncs_folder_and_never_touches_umask(tmp_path, monkeypatch):
+def test_atomic_output_syncs_file_then_renames_then_syncs_folder_and_never_touches_umask(
+        tmp_path, monkeypatch, sync_events):
     from medsr import writing
 
     umask = os.umask(0o022)
     os.umask(umask)
-    events = []
-    real_fsync, real_replace = writing.os.fsync, writing.os.replace
-
-    def fsync(descriptor):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
-        real_fsync(descriptor)
-
-    def replace(source, target):
-        events.append(("replace", str(target)))
-        real_replace(source, target)
+    events = sync_events
 
     def no_umask(mask):
         raise AssertionError("the process umask must not be touched")
 
-    monkeypatch.setattr(writing.os, "fsync", fsync)
-    monkeypatch.setattr(writing.os, "replace", replace)
     monkeypatch.setattr(writing.os, "umask", no_umask)
     target = tmp_path / "config.yaml"
     with writing.atomic_output(target) as temporary:
