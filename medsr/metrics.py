@@ -44,17 +44,24 @@ def scored_slices(reference: np.ndarray, slice_axis: int, volume_min: float, dat
             if (s > threshold).mean() >= FOREGROUND_FRACTION and min(s.shape) >= SSIM_WINDOW]
 
 
+def slice_ssims(reference: np.ndarray, test: np.ndarray, slice_axis: int, data_range: float,
+                volume_min: float) -> np.ndarray:
+    """SSIM of each slice along ``slice_axis``; NaN for the slices :func:`scored_slices` leaves out."""
+    reference_slices = np.moveaxis(reference, slice_axis, 0).astype(np.float64)
+    test_slices = np.moveaxis(test, slice_axis, 0).astype(np.float64)
+    values = np.full(len(reference_slices), np.nan)
+    for i in scored_slices(reference, slice_axis, volume_min, data_range):
+        values[i] = structural_similarity(reference_slices[i], test_slices[i], data_range=data_range,
+                                          gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False)
+    return values
+
+
 def ssim(reference: np.ndarray, test: np.ndarray, slice_axis: int, data_range: float,
          volume_min: float) -> float:
     """Mean per-slice SSIM over the slices :func:`scored_slices` keeps (NaN if none)."""
-    reference_slices = np.moveaxis(reference, slice_axis, 0).astype(np.float64)
-    test_slices = np.moveaxis(test, slice_axis, 0).astype(np.float64)
-    values = [
-        structural_similarity(reference_slices[i], test_slices[i], data_range=data_range,
-                              gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False)
-        for i in scored_slices(reference, slice_axis, volume_min, data_range)
-    ]
-    return float(np.mean(values)) if values else float("nan")
+    values = slice_ssims(reference, test, slice_axis, data_range, volume_min)
+    scored = values[~np.isnan(values)]
+    return float(scored.mean()) if len(scored) else float("nan")
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,7 @@ def slice_scores(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, sc
     test = np.moveaxis(trim_border(estimate, slice_axis, scale), slice_axis, 0).astype(np.float64)
     squared_error = ((reference - test) ** 2).reshape(len(reference), -1).sum(axis=1)
     voxels = np.full(len(reference), reference[0].size, dtype=np.float64)
-    values = np.full(len(reference), np.nan)
-    for i in scored_slices(np.moveaxis(reference, 0, slice_axis), slice_axis, volume_min, data_range):
-        values[i] = structural_similarity(reference[i], test[i], data_range=data_range, gaussian_weights=True,
-                                          sigma=SSIM_SIGMA, use_sample_covariance=False)
-    return SliceScores(squared_error, voxels, values, data_range)
+    return SliceScores(squared_error, voxels, slice_ssims(reference, test, 0, data_range, volume_min), data_range)
 
 
 def score(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> dict[str, float]:
