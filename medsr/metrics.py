@@ -32,7 +32,11 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
     """Peak signal-to-noise ratio in dB; ``inf`` for identical volumes."""
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, not {data_range}")
-    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return psnr_of_mse(float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)), data_range)
+
+
+def psnr_of_mse(mse: float, data_range: float) -> float:
+    """PSNR in dB of a mean squared error; ``inf`` when it is 0."""
     return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
 
 
@@ -87,7 +91,7 @@ class SliceScores:
         chosen = np.arange(len(self.voxels)) if slices is None else np.asarray(slices)
         mse = float(self.squared_error[chosen].sum() / self.voxels[chosen].sum())
         scored = self.ssim[chosen][~np.isnan(self.ssim[chosen])]
-        return {"psnr": float("inf") if mse == 0 else float(10.0 * np.log10(self.data_range**2 / mse)),
+        return {"psnr": psnr_of_mse(mse, self.data_range),
                 "ssim": float(scored.mean()) if len(scored) else float("nan")}
 
 
