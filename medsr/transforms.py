@@ -47,11 +47,17 @@ class IntensityWindow:
     low: float
     high: float
 
+    # float32 arithmetic into one new array: the values NumPy's promotion rules gave for
+    # float32 input before, with one pass and one allocation fewer (a slice is streamed per call)
     def forward(self, original: np.ndarray) -> np.ndarray:
-        return ((original - self.low) / (self.high - self.low)).astype(np.float32)
+        normalised = np.subtract(original, np.float32(self.low), dtype=np.float32)
+        normalised /= np.float32(self.high - self.low)
+        return normalised
 
     def inverse(self, normalised: np.ndarray) -> np.ndarray:
-        return (normalised * (self.high - self.low) + self.low).astype(np.float32)
+        original = np.multiply(normalised, np.float32(self.high - self.low), dtype=np.float32)
+        original += np.float32(self.low)
+        return original
 
 
 def robust_window(volume: np.ndarray, lower_percentile: float = 0.5,
