@@ -296,6 +296,11 @@ def _ds(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.6e}"
 
 
+# raw elements that may hold a sequence (whose items may hold private elements): SQ, and the
+# VRs that do not say (implicit VR: None; UN, which pydicom may resolve to SQ)
+_MAYBE_SEQUENCE = (VR.SQ, VR.UN, None)
+
+
 def _kept_copy(header: pydicom.Dataset) -> pydicom.Dataset:
     """A deep copy of ``header`` without private elements, at any depth (vendor data no longer
     describes the new pixels), and without command-set or stray meta elements (groups 0000 and
@@ -318,8 +323,10 @@ def _kept_copy(header: pydicom.Dataset) -> pydicom.Dataset:
         if tag.is_private or tag.group in (0x0000, 0x0002):
             continue
         element = header.get_item(tag)
+        if element.is_raw and element.VR not in _MAYBE_SEQUENCE:
+            dataset[tag] = element  # written as read (dcmwrite converts it if the encoding changes)
+            continue
         dataset[tag] = element if element.is_raw else copy.deepcopy(element)
-    for tag in dataset.keys():
         element = dataset[tag]  # converted now, in the copy
         if element.VR == VR.SQ:
             for item in element.value:
