@@ -168,7 +168,7 @@ def enhance(
     compile_model: Annotated[str, typer.Option(
         "--compile", help="torch.compile the model: auto, on or off.")] = "auto",
     precision: Annotated[str, typer.Option(
-        help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.")] = "auto",
+        help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Enhance every slice of a scan and write the enhanced volume."""
     _setup_logging(verbose=False)

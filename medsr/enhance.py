@@ -146,7 +146,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         overwrite: replace an existing output.
         output_format: ``auto`` (by the output's name), ``nifti`` or ``dicom``.
         compile_model: ``torch.compile``: ``auto``, ``on`` or ``off``.
-        precision: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 on CUDA and on CPUs with native bf16, else fp32),
+            ``fp32`` or ``bf16``.
         progress, reading: called with ``(slices_done, total)`` while enhancing and while
             reading (the survey pass).
 

@@ -75,7 +75,8 @@ def enhance_through_plane(volume: np.ndarray, affine: np.ndarray, slice_axis: in
         window: the intensity window that maps original units to the network's range.
         device: where the network runs.
         batch_size: planes per forward pass (default 8 on the CPU, 64 on CUDA).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on the CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32),
+            ``fp32`` or ``bf16``.
         progress: called with ``(planes_done, planes_total)``.
 
     Returns:

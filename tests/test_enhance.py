@@ -117,7 +117,7 @@ def test_cli_refuses_unsafe_outputs_and_keeps_existing_files(tmp_path, tiny_chec
 def test_gpu_bf16_matches_cpu_fp32():
     scan = read_scan(MR_SERIES)
     model, _ = load_model(_identity_checkpoint_path())
-    cpu = enhance_volume(scan.array, scan.affine, 2, model, device="cpu").array
+    cpu = enhance_volume(scan.array, scan.affine, 2, model, device="cpu", precision="fp32").array
     gpu = enhance_volume(scan.array, scan.affine, 2, model, device="cuda").array
     data_range = float(np.ptp(cpu))
     psnr = 10 * np.log10(data_range**2 / np.mean((cpu - gpu) ** 2))
@@ -125,6 +125,34 @@ def test_gpu_bf16_matches_cpu_fp32():
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
+                                                      (False, True, True)])
+def test_auto_precision_is_bf16_only_on_cpus_that_have_it(monkeypatch, tiny_checkpoint, avx512_bf16, amx,
+                                                            native):
+    """``--precision auto`` on the CPU: bf16 autocast where AVX-512 BF16 or AMX run it
+    natively; float32 elsewhere (emulated bf16 is slower than float32). The default path's
+    output follows: equal to the explicit choice it made."""
+    from medsr.engine import autocast_for, native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is native
+    assert isinstance(autocast_for(cpu, "auto"), torch.autocast) is native
+    assert not isinstance(autocast_for(cpu, "fp32"), torch.autocast)
+    assert isinstance(autocast_for(cpu, "bf16"), torch.autocast)
+    scan = read_scan(MR_SERIES)
+    model, _ = load_model(tiny_checkpoint)
+    slices = scan.array[:, :, :4]
+    auto = enhance_volume(slices, scan.affine, 2, model, device="cpu").array
+    chosen = enhance_volume(slices, scan.affine, 2, model, device="cpu",
+                            precision="bf16" if native else "fp32").array
+    other = enhance_volume(slices, scan.affine, 2, model, device="cpu",
+                           precision="fp32" if native else "bf16").array
+    assert np.array_equal(auto, chosen)
+    assert not np.array_equal(auto, other)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
