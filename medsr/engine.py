@@ -39,9 +39,10 @@ MAX_GPU_BATCH = 256
 # slices kept in memory from the survey pass, so short series are decoded once; longer
 # series decode the rest again, so memory stays bounded whatever the series length
 READ_CACHE_BYTES = 256 * 2**20
-# torch.compile costs ~13 s the first time on a 2-core CPU (~4 s once inductor's disk cache
-# has the graphs) and makes the forward pass 1.8x faster there (benchmarks/README.md): it
-# repays itself after about 100 slices, so auto waits for series clearly past that
+# torch.compile costs ~17 s the first time on a 2-core CPU (1-5 s once inductor's disk cache
+# has the graphs) and makes the forward pass 2.2x faster in bf16 there, 1.4x in float32
+# (benchmarks/cpu_precision.py): it repays itself after about 90 slices (110 in float32),
+# so auto waits for series clearly past that
 COMPILE_MIN_SLICES = 256
 COMPILE_CHOICES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and CPUs with native bf16
@@ -336,8 +337,8 @@ class _Forward:
 
 def should_compile(device: torch.device, n_slices: int) -> bool:
     """``--compile auto``: only where it was measured to pay. On the CPU it makes the forward
-    pass 1.8x faster and repays its ~13 s compile after about 100 slices, so from
-    :data:`COMPILE_MIN_SLICES`. On CUDA the one measurement there is (an H100, issue #12) found
+    pass 2.2x faster (bf16; 1.4x float32) and repays its ~17 s first compile after about 90
+    slices (110), so from :data:`COMPILE_MIN_SLICES`. On CUDA the one measurement there is (an H100, issue #12) found
     the compiled model 10x slower than plain bf16 eager, so auto leaves it off until a GPU
     measurement says otherwise; ``--compile on`` still forces it."""
     return device.type == "cpu" and n_slices >= COMPILE_MIN_SLICES
