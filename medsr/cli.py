@@ -179,7 +179,7 @@ def enhance(
     with _user_errors():
         from medsr.enhance import enhance_file, is_single_scan
 
-        if len(inputs) > 1 or not is_single_scan(inputs[0]):
+        if len(inputs) > 1 or not is_single_scan(inputs[0]) or _nifti_into_folder(inputs[0], output, output_format):
             _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
             return
         with _progress() as progress:
@@ -197,6 +197,23 @@ def enhance(
     shape = "x".join(str(n) for n in result.volume.shape)
     spacing = "x".join(f"{v:.3g}" for v in result.volume.spacing)
     typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
+
+
+def _nifti_into_folder(source: Path, output: Path, output_format: str) -> bool:
+    """A NIfTI input with ``-o`` that names no NIfTI file (``medsr enhance scan.nii.gz -o out``):
+    the output keeps the input's format, so ``-o`` is a folder, as for a batch
+    (``out/scan_x2.nii.gz``), rather than a DICOM series a NIfTI input cannot make."""
+    from medsr.errors import MedsrError
+    from medsr.reading import NIFTI_SUFFIXES
+
+    if output_format != "auto" or not source.name.lower().endswith(NIFTI_SUFFIXES):
+        return False  # a format asked for is checked against the name where it is resolved
+    if output.name.lower().endswith(NIFTI_SUFFIXES):
+        return False
+    if output.exists() and not output.is_dir():
+        raise MedsrError(f"{output}: a NIfTI input with an output that is not .nii/.nii.gz writes into a "
+                         "folder of that name, but this is a file; name a .nii.gz or a folder")
+    return True
 
 
 def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, output_format, options) -> None:

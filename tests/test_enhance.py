@@ -95,7 +95,8 @@ def test_cli_refuses_unsafe_outputs_and_keeps_existing_files(tmp_path, tiny_chec
         (["enhance", str(MR_NIFTI), "-o", str(MR_NIFTI)], "overwrite the input"),
         (["enhance", str(MR_SERIES), "-o", str(MR_SERIES / "x.nii.gz")], "inside the input series folder"),
         (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "no" / "x.nii.gz")], "does not exist"),
-        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.png")], "DICOM output needs DICOM input"),
+        (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "series"), "--format", "dicom"],
+         "DICOM output needs DICOM input"),
         (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.png"), "--format", "nifti"], "must end in .nii"),
         (["enhance", str(MR_NIFTI), "-o", str(tmp_path / "x.nii"), "--scale", "4",
           "--weights", str(tiny_checkpoint)], "--scale 4 does not match"),
@@ -240,3 +241,26 @@ def test_cli_scale_4_uses_the_shipped_x4_weights(tmp_path):
     original, written = read_scan(source), read_scan(tmp_path / "x4")
     assert written.array.shape == (256, 256, 1)
     np.testing.assert_allclose(written.spacing[:2], original.spacing[:2] / 4, rtol=1e-5)
+
+
+def test_a_nifti_input_with_an_output_name_that_is_not_nifti_writes_into_that_folder(tmp_path, tiny_checkpoint):
+    """``medsr enhance scan.nii.gz -o out``: a NIfTI input cannot become a DICOM series, so
+    ``out`` is a folder holding ``scan_x2.nii.gz`` (as for a batch), not an error; an ``out``
+    that is a file is refused in one line and left as it was."""
+    real = nib.load(MR_NIFTI)
+    source = tmp_path / "scan.nii.gz"
+    nib.save(real.slicer[:6], source)  # 6 of the real volume's 1 mm slices (axis 0, the odd one out)
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
+                                 "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    written = nib.load(tmp_path / "out" / "scan_x2.nii.gz")
+    assert written.shape == (6, 2 * real.shape[1], 2 * real.shape[2])
+    assert np.allclose(written.header.get_zooms(), np.array(real.header.get_zooms()) / [1, 2, 2])
+    assert "1 done, 0 skipped, 0 failed" in result.stdout
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"keep me")
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(taken), "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is a file" in lines[0], lines
+    assert taken.read_bytes() == b"keep me"
