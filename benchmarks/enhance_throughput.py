@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medsr.checkpoint import default_weights, load_model
+from medsr.engine import autocast_for
 from medsr.enhance import default_batch_size, enhance_file
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
@@ -42,13 +43,14 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 def forward_only(model, slices: np.ndarray, device: torch.device, batch_size: int,
                  compiled: bool = False) -> float:
     """Seconds for the model alone over ``slices`` (already normalised, already on the host),
-    as ``medsr enhance`` runs it: bf16 autocast and channels-last on CUDA; compiled, with the
-    last batch padded, when ``compiled`` (compiling happens in the untimed warm-up)."""
+    as ``medsr enhance`` runs it: bf16 autocast where ``--precision auto`` takes it (CUDA, CPUs
+    with native bf16), channels-last on CUDA; compiled, with the last batch padded, when
+    ``compiled`` (compiling happens in the untimed warm-up)."""
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.contiguous_format
     model = model.to(device, memory_format=layout)
     run = torch.compile(model, dynamic=False) if compiled else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast = autocast_for(device, "auto")
     tensors = torch.from_numpy(slices)[:, None]
     codes = torch.full((batch_size,), DEGRADATION_CODES["kspace"], device=device)
     with torch.inference_mode(), autocast:

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -145,8 +145,9 @@ def enhance(
         metavar="INPUT...",
         help="DICOM series folder, DICOM file or NIfTI file; several, or a folder of series, for a batch.")],
     output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Output .nii/.nii.gz, or a new (or empty) folder for a DICOM series; "
-                               "for a batch, the folder for all outputs.")],
+        "--output", "-o", help="Output .nii/.nii.gz, or a new (or empty) folder for a DICOM series "
+                               "(for a NIfTI input, the folder for <name>_x2.nii.gz); for a batch, "
+                               "the folder for all outputs.")],
     scale: Annotated[int | None, typer.Option(
         help="In-plane factor, 2 (default) or 4; with --through-plane, thin slices per thick slice "
              "(default: slice spacing / in-plane spacing, rounded).")] = None,
@@ -179,9 +180,11 @@ def enhance(
     with _user_errors():
         from medsr.enhance import enhance_file, is_single_scan
 
-        if len(inputs) > 1 or not is_single_scan(inputs[0]) or _nifti_into_folder(inputs[0], output, output_format):
+        if len(inputs) > 1 or not is_single_scan(inputs[0]):
             _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
             return
+        folder, output = output, _nifti_into_folder(inputs[0], output, output_format, scale, through_plane)
+        made = output != folder and not folder.exists()
         with _progress() as progress:
             task = progress.add_task("reading slices", total=None)
 
@@ -189,9 +192,17 @@ def enhance(
                 return lambda done, total: progress.update(task, completed=done, total=total,
                                                            description=f"{name} slices")
 
-            result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
-                                  series_uid=series, overwrite=overwrite, output_format=output_format,
-                                  reading=stage("reading"), progress=stage("enhancing"), **options)
+            if made:
+                folder.mkdir()
+            try:
+                result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
+                                      series_uid=series, overwrite=overwrite, output_format=output_format,
+                                      reading=stage("reading"), progress=stage("enhancing"), **options)
+            except BaseException:
+                if made:  # the folder made for this output, still empty
+                    with suppress(OSError):
+                        folder.rmdir()
+                raise
     if result.estimate is not None:
         typer.echo(f"degradation: {result.estimate.describe()}", err=True)
     shape = "x".join(str(n) for n in result.volume.shape)
@@ -199,21 +210,25 @@ def enhance(
     typer.echo(f"wrote {output} ({shape} voxels of {spacing} mm)")
 
 
-def _nifti_into_folder(source: Path, output: Path, output_format: str) -> bool:
-    """A NIfTI input with ``-o`` that names no NIfTI file (``medsr enhance scan.nii.gz -o out``):
-    the output keeps the input's format, so ``-o`` is a folder, as for a batch
-    (``out/scan_x2.nii.gz``), rather than a DICOM series a NIfTI input cannot make."""
-    from medsr.errors import MedsrError
+def _nifti_into_folder(source: Path, output: Path, output_format: str, scale: int | None,
+                       through_plane: bool) -> Path:
+    """Where a single scan's output goes. A NIfTI input with ``-o`` that names no NIfTI file
+    (``medsr enhance scan.nii.gz -o out``) keeps its format, so ``out`` is a folder and the file
+    in it is named as in a batch (``out/scan_x2.nii.gz``), rather than a DICOM series a NIfTI
+    input cannot make; any other output is ``output`` itself."""
+    from medsr.enhance import output_tag, scan_name
     from medsr.reading import NIFTI_SUFFIXES
 
     if output_format != "auto" or not source.name.lower().endswith(NIFTI_SUFFIXES):
-        return False  # a format asked for is checked against the name where it is resolved
+        return output  # a format asked for is checked against the name where it is resolved
     if output.name.lower().endswith(NIFTI_SUFFIXES):
-        return False
+        return output
     if output.exists() and not output.is_dir():
         raise MedsrError(f"{output}: a NIfTI input with an output that is not .nii/.nii.gz writes into a "
                          "folder of that name, but this is a file; name a .nii.gz or a folder")
-    return True
+    if not output.parent.is_dir():
+        raise MedsrError(f"{output}: folder {output.parent} does not exist; create it first")
+    return output / f"{scan_name(source)}_{output_tag(through_plane, scale)}.nii.gz"
 
 
 def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, output_format, options) -> None:
@@ -278,6 +293,8 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(
         help="With two or more --weights: a paired bootstrap of this many draws (scans, then "
              "slices) gives a 95% interval for each difference between them.")] = 0,
+    precision: Annotated[str, typer.Option(
+        help="auto (as medsr enhance: bf16 on CUDA and on CPUs with native bf16), fp32 or bf16.")] = "auto",
 ) -> None:
     """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
     _setup_logging(verbose=False)
@@ -294,7 +311,7 @@ def evaluate(
     with _user_errors():
         from medsr.checkpoint import default_weights, load_model
         from medsr.degradation import load_classifier
-        from medsr.engine import pick_device
+        from medsr.engine import PRECISIONS, check_choice, pick_device
         from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
         from medsr.model import ThroughPlaneNet
         from medsr.reading import read_scan
@@ -302,6 +319,7 @@ def evaluate(
 
         scale = scale or (4 if through_plane else 2)
         torch_device = pick_device(device)
+        check_choice("precision", precision, PRECISIONS)
         paths = weights or [default_weights(scale, through_plane)]
         models = {}
         for path in paths:
@@ -326,12 +344,13 @@ def evaluate(
                     if through_plane:
                         z = 2 if axis is None else axis
                         result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
-                                                             keep_images=report is not None)
+                                                             keep_images=report is not None, precision=precision)
                         z = next(a for a in range(3) if a != z)  # figures show planes across the slices
                     else:
                         z = protocol_slice_axis(scan) if axis is None else axis
                         result = evaluate_scan(scan, models, name, scale, z, torch_device,
-                                               keep_images=report is not None, classifier=classifier)
+                                               keep_images=report is not None, classifier=classifier,
+                                               precision=precision)
                     if report is not None:
                         write_comparison(report, result, z)
                     results.append(result)

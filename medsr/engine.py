@@ -268,9 +268,10 @@ def autocast_for(device: torch.device, precision: str):
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bfloat16 runs natively on ``device``: CUDA, or a CPU with AVX-512 BF16 or AMX.
-    There the shipped x2 model runs 1.7x faster in bf16 autocast than in float32 (3.1x once
+    There the shipped x2 model runs 1.7x faster in bf16 autocast than in float32 (2.8x once
     compiled, against compiled float32), and the protocol's scores move by less than 0.001 dB
-    (benchmarks/README.md); a CPU without them would emulate bf16, slower than float32."""
+    in-plane, 0.003 dB through-plane (benchmarks/README.md); a CPU without them would emulate
+    bf16, slower than float32."""
     if device.type == "cuda":
         return True
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

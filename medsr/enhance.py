@@ -337,9 +337,7 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
         for source in sources:
             is_nifti = source.path.name.lower().endswith(NIFTI_SUFFIXES)
             relative = Path(os.path.abspath(source.path)).relative_to(base)
-            name = relative.name
-            for suffix in NIFTI_SUFFIXES:
-                name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+            name = scan_name(relative)
             if source.series_uid:
                 siblings = [s.series_uid for s in sources if s.path == source.path]
                 short = [uid.split(".")[-1][-8:] for uid in siblings]
@@ -355,6 +353,24 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
             taken.add(str(output).lower())
             planned.append((source, output, fmt))
     return planned
+
+
+def scan_name(path: Path) -> str:
+    """A scan's name for its outputs: its file or folder name without ``.nii``/``.nii.gz``."""
+    from medsr.reading import NIFTI_SUFFIXES
+
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return name
+
+
+def output_tag(through_plane: bool, scale: int | None) -> str:
+    """What output names end with: ``x2``/``x4`` in-plane (default 2); through-plane ``z4`` for
+    a factor given, else ``thin`` (the factor may differ per scan)."""
+    if through_plane:
+        return f"z{scale}" if scale else "thin"
+    return f"x{scale or 2}"
 
 
 def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, weights=None,
@@ -375,8 +391,7 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, we
         if root.resolve().is_dir() and root.resolve() in [out_dir.resolve(), *out_dir.resolve().parents]:
             raise MedsrError(f"{out_dir}: the output folder must not be inside the input {root}")
     enhancer = _enhancer(None, weights, scale, through_plane)
-    thin = f"z{scale}" if scale else "thin"  # the factor may differ per scan
-    tag = thin if through_plane else f"x{enhancer.model.scale}"
+    tag = output_tag(through_plane, scale if through_plane else enhancer.model.scale)
     planned = batch_outputs(inputs, out_dir, tag, output_format)
     # under torchrun (or any launcher that sets RANK/WORLD_SIZE) each process takes every
     # WORLD_SIZE-th scan, on its own GPU when there are several

@@ -245,8 +245,9 @@ def test_cli_scale_4_uses_the_shipped_x4_weights(tmp_path):
 
 def test_a_nifti_input_with_an_output_name_that_is_not_nifti_writes_into_that_folder(tmp_path, tiny_checkpoint):
     """``medsr enhance scan.nii.gz -o out``: a NIfTI input cannot become a DICOM series, so
-    ``out`` is a folder holding ``scan_x2.nii.gz`` (as for a batch), not an error; an ``out``
-    that is a file is refused in one line and left as it was."""
+    ``out`` is a folder holding ``scan_x2.nii.gz`` (named as in a batch), not an error. It is
+    still one scan: a second run refuses to replace that file, and an ``out`` that is a file is
+    refused, each in one line, leaving what was there."""
     real = nib.load(MR_NIFTI)
     source = tmp_path / "scan.nii.gz"
     nib.save(real.slicer[:6], source)  # 6 of the real volume's 1 mm slices (axis 0, the odd one out)
@@ -256,7 +257,17 @@ def test_a_nifti_input_with_an_output_name_that_is_not_nifti_writes_into_that_fo
     written = nib.load(tmp_path / "out" / "scan_x2.nii.gz")
     assert written.shape == (6, 2 * real.shape[1], 2 * real.shape[2])
     assert np.allclose(written.header.get_zooms(), np.array(real.header.get_zooms()) / [1, 2, 2])
-    assert "1 done, 0 skipped, 0 failed" in result.stdout
+    assert "wrote" in result.stdout and "scan_x2.nii.gz" in result.stdout
+    before = (tmp_path / "out" / "scan_x2.nii.gz").read_bytes()
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
+                                 "--weights", str(tiny_checkpoint)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already exists; pass --overwrite" in lines[0], lines
+    assert (tmp_path / "out" / "scan_x2.nii.gz").read_bytes() == before
+    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "fresh"), "--scale", "4",
+                                 "--weights", str(tiny_checkpoint)])  # fails before writing
+    assert result.exit_code == 1 and not (tmp_path / "fresh").exists()  # no empty folder left
     taken = tmp_path / "taken"
     taken.write_bytes(b"keep me")
     result = runner.invoke(app, ["enhance", str(source), "-o", str(taken), "--weights", str(tiny_checkpoint)])

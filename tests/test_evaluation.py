@@ -136,3 +136,24 @@ def test_slice_scores_recombine_to_the_volume_scores(tiny_checkpoint):
     trimmed = trim_border(reference, 2, 2), trim_border(estimate, 2, 2)
     assert details.scores()["psnr"] == pytest.approx(psnr(*trimmed, data_range), rel=1e-12)
     assert details.scores()["ssim"] == pytest.approx(ssim(*trimmed, 2, data_range, float(reference.min())), rel=1e-12)
+
+
+def test_cli_evaluate_scores_in_the_precision_asked_for(tmp_path, tiny_checkpoint):
+    """``--precision fp32`` reproduces float32 scores on any machine (``auto`` takes bf16 where
+    the CPU has it); the two differ by bf16 rounding only; a wrong name is one error line."""
+    series = tmp_path / "series"
+    series.mkdir()
+    for path in sorted(MR_SERIES.glob("brain_00[5-6].dcm")):
+        (series / path.name).write_bytes(path.read_bytes())
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        result = runner.invoke(app, ["evaluate", str(series), "--weights", str(tiny_checkpoint), "--degradation",
+                                     "kspace", "--precision", precision, "--report", str(tmp_path / precision)])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / precision / "metrics.json").read_text())
+        scores[precision] = next(row for row in report["scans"])["scores"]["tiny"]
+    assert scores["fp32"] != scores["bf16"]
+    assert abs(scores["fp32"]["psnr"] - scores["bf16"]["psnr"]) < 0.05
+    bad = runner.invoke(app, ["evaluate", str(series), "--precision", "fp16"])
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == "error: --precision must be one of auto, fp32, bf16, not 'fp16'"
