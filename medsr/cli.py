@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -178,13 +178,16 @@ def enhance(
     options = dict(slice_axis=axis, degradation=degradation, device=device, batch_size=batch_size,
                    compile_model=compile_model, precision=precision, select=picked)
     with _user_errors():
-        from medsr.enhance import enhance_file, is_single_scan
+        from medsr.enhance import enhance_file, folders_for, is_single_scan
 
         if len(inputs) > 1 or not is_single_scan(inputs[0]):
             _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
             return
-        folder, output = output, _nifti_into_folder(inputs[0], output, output_format, scale, through_plane)
-        made = output != folder and not folder.exists()
+        target = _nifti_into_folder(inputs[0], output, output_format, scale, through_plane)
+        # only the folder of a NIfTI input's -o is made here (and removed if the run fails); any
+        # other output's folder must exist, as enhance_file checks
+        folders = folders_for(target) if target != output else nullcontext()
+        output = target
         with _progress() as progress:
             task = progress.add_task("reading slices", total=None)
 
@@ -192,17 +195,10 @@ def enhance(
                 return lambda done, total: progress.update(task, completed=done, total=total,
                                                            description=f"{name} slices")
 
-            if made:
-                folder.mkdir()
-            try:
+            with folders:
                 result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
                                       series_uid=series, overwrite=overwrite, output_format=output_format,
                                       reading=stage("reading"), progress=stage("enhancing"), **options)
-            except BaseException:
-                if made:  # the folder made for this output, still empty
-                    with suppress(OSError):
-                        folder.rmdir()
-                raise
     if result.estimate is not None:
         typer.echo(f"degradation: {result.estimate.describe()}", err=True)
     shape = "x".join(str(n) for n in result.volume.shape)

@@ -36,7 +36,7 @@ from medsr.engine import (
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
-from medsr.reading import OpenScan, open_scan, planes_from_whole
+from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
 
 logger = logging.getLogger(__name__)
 
@@ -323,8 +323,6 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
     ``scan/`` written as NIfTI) are numbered, ``scan_x2.nii.gz`` and ``scan_2_x2.nii.gz``.
     """
     from medsr.data import discover_scans
-    from medsr.reading import NIFTI_SUFFIXES
-
     check_choice("format", output_format, OUTPUT_FORMATS)
     # absolute paths without following links: a linked file (DataLad, git-annex) is named
     # after its link, where the user sees it, not after the store it points into
@@ -357,8 +355,6 @@ def batch_outputs(inputs: list[Path], out_dir: Path, tag: str, output_format: st
 
 def scan_name(path: Path) -> str:
     """A scan's name for its outputs: its file or folder name without ``.nii``/``.nii.gz``."""
-    from medsr.reading import NIFTI_SUFFIXES
-
     name = path.name
     for suffix in NIFTI_SUFFIXES:
         name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
@@ -414,21 +410,32 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, we
     return outcomes
 
 
+@contextlib.contextmanager
+def folders_for(output: Path):
+    """Make the folders ``output`` needs that do not exist yet; if the block fails, remove them
+    again (those still empty), so a failed scan leaves no trace."""
+    made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def _enhance_one(source, output: Path, fmt: str, enhancer: Enhancer, scale, overwrite: bool,
                  options: dict) -> BatchOutcome:
     """One scan of a batch. Any failure is this scan's alone: a MedsrError says what is wrong
     with it; anything else is a bug in medsr, reported as such (its traceback at debug level)
     rather than stopping the scans after it."""
-    made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        result = enhance_file(source.path, output, model=enhancer, scale=scale,
-                              through_plane=enhancer.through_plane, series_uid=source.series_uid,
-                              overwrite=overwrite, output_format=fmt, **options)
+        with folders_for(output):  # the mirror folders made for this scan alone
+            result = enhance_file(source.path, output, model=enhancer, scale=scale,
+                                  through_plane=enhancer.through_plane, series_uid=source.series_uid,
+                                  overwrite=overwrite, output_format=fmt, **options)
     except Exception as exc:  # any failure is this scan's alone
-        for folder in made:  # the mirror folders made for this scan alone, if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
         if isinstance(exc, MedsrError):
             return BatchOutcome(str(source), None, "failed", str(exc))
         logger.debug("%s", traceback.format_exc())
@@ -454,8 +461,6 @@ OUTPUT_FORMATS = ("auto", "nifti", "dicom")
 
 def resolve_format(output: Path, output_format: str = "auto") -> str:
     """``auto``: NIfTI for a ``.nii``/``.nii.gz`` path, else a DICOM series folder."""
-    from medsr.reading import NIFTI_SUFFIXES
-
     check_choice("format", output_format, OUTPUT_FORMATS)
     is_nifti_name = output.name.lower().endswith(NIFTI_SUFFIXES)
     if output_format == "auto":
