@@ -308,7 +308,8 @@ def _kept_copy(header: pydicom.Dataset) -> pydicom.Dataset:
 
     What is left out is never copied: a deep copy of a whole header (then pruned) took a
     quarter of the time to write a 256x256 MR slice. Elements still in their raw form are
-    shared, since a raw element never changes (the copy converts its own); the others are
+    shared, since a raw element never changes: most stay raw and are written as read; those
+    that may hold a sequence are converted in the copy, to prune its items. The others are
     deep-copied. The header itself is left as it is, raw elements included, so the headers
     kept for a long series do not grow as it is written.
     """

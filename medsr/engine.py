@@ -339,9 +339,9 @@ class _Forward:
 def should_compile(device: torch.device, n_slices: int) -> bool:
     """``--compile auto``: only where it was measured to pay. On the CPU it makes the forward
     pass 2.2x faster (bf16; 1.4x float32) and repays its ~17 s first compile after about 90
-    slices (110), so from :data:`COMPILE_MIN_SLICES`. On CUDA the one measurement there is (an H100, issue #12) found
-    the compiled model 10x slower than plain bf16 eager, so auto leaves it off until a GPU
-    measurement says otherwise; ``--compile on`` still forces it."""
+    slices (110), so from :data:`COMPILE_MIN_SLICES`. On CUDA the one measurement there is
+    (an H100, issue #12) found the compiled model 10x slower than plain bf16 eager, so auto
+    leaves it off until a GPU measurement says otherwise; ``--compile on`` still forces it."""
     return device.type == "cpu" and n_slices >= COMPILE_MIN_SLICES
 
 
