@@ -13,10 +13,10 @@ timed apart from the steady rate.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
+from model_sizes import forward_rate
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.engine import native_bf16
@@ -32,7 +32,6 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)  # inductor's notes on the FFT it leaves eager
     model, _ = load_model(default_weights(2))
     model.eval()
-    low_res, codes = torch.rand(4, 1, 256, 256), torch.zeros(4, dtype=torch.long)
     runs = {"fp32 eager": (model, False), "bf16 eager": (model, True),
             "fp32 compiled": (torch.compile(model, dynamic=False), False),
             "bf16 compiled": (torch.compile(model, dynamic=False), True)}
@@ -41,14 +40,7 @@ def main() -> None:
     best = {}
     for repeat in range(arguments.repeats):
         for name, (forward, bf16) in runs.items():
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                start = time.perf_counter()
-                forward(low_res, codes, grid="bicubic")
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                for _ in range(arguments.batches):
-                    forward(low_res, codes, grid="bicubic")
-                rate = 4 * arguments.batches / (time.perf_counter() - start)
+            first, rate = forward_rate(forward, bf16, arguments.batches)
             best[name] = max(best.get(name, 0.0), rate)
             if repeat == 0:
                 print(f"{name:>14s}: first call {first:5.1f} s")
