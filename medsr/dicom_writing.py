@@ -125,53 +125,30 @@ def _stored_pixels(plane: np.ndarray, dtype: np.dtype, slope: float, intercept: 
     ``reserved`` range (the padding's) moves to the nearer stored value beside it, so data
     never reads as padding (at most one stored step more error, next to the padding value).
 
-    The arithmetic runs in float32, in place (half the memory traffic of float64), and gives
-    the float64 result exactly: float32 is off by less than :func:`_float32_error` stored
-    steps, so it can round differently only where the quotient is that close to a half
-    integer, and those pixels are computed again in float64.
+    The arithmetic runs in float64 (exact for float32 pixels less a whole intercept), in place
+    in one buffer: faster than float32 with a float64 check of the values near a half step,
+    which it replaced (0.7 against 1.0 ms per 512x512 plane, benchmarks/README.md).
     """
     info = np.iinfo(dtype)
-    values = np.empty(plane.shape, dtype=np.float32)  # C order: a transposed view is copied once
-    np.subtract(plane, np.float32(intercept), out=values)
-    values /= np.float32(slope)
-    stored = np.rint(values)
-    distance = values  # from the nearest half integer, computed in place
-    with np.errstate(invalid="ignore"):  # infinite values give NaN: doubtful, as they should be
-        distance -= stored
-    np.abs(distance, out=distance)
-    distance -= np.float32(0.5)
-    np.abs(distance, out=distance)
-    doubtful = np.logical_not(distance > _float32_error(plane, slope, intercept))  # NaN too
-    if doubtful.any():
-        stored[doubtful] = np.rint(_quotient(plane[doubtful], slope, intercept))
-    np.clip(stored, info.min, info.max, out=stored)
+    values = np.empty(plane.shape, dtype=np.float64)  # C order: a transposed view is copied once
+    np.subtract(plane, intercept, out=values, dtype=np.float64)  # float64 arithmetic, not float32's
+    if slope != 1:
+        values /= slope
+    np.rint(values, out=values)
+    np.clip(values, info.min, info.max, out=values)
     if reserved is not None:
         low, high = reserved
-        inside = (stored >= low) & (stored <= high)
+        inside = (values >= low) & (values <= high)
         if inside.any():
             if low - 1 < info.min:
                 upward = True
             elif high + 1 > info.max:
                 upward = False
             else:
-                exact = _quotient(plane[inside], slope, intercept)
+                exact = (plane[inside].astype(np.float64) - intercept) / slope
                 upward = exact - (low - 1) > (high + 1) - exact
-            stored[inside] = np.where(upward, high + 1, low - 1)
-    return stored.astype(dtype)
-
-
-def _quotient(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """``(values - intercept) / slope`` in float64: the stored value before rounding."""
-    return (values.astype(np.float64) - intercept) / slope
-
-
-def _float32_error(plane: np.ndarray, slope: float, intercept: float) -> float:
-    """A bound on how far ``(plane - intercept) / slope`` in float32 (the intercept and slope
-    rounded to float32, then a subtraction and a division, each rounded) can be from the exact
-    quotient: under 4 float32 epsilons (2**-24) of ``(|plane| + |intercept|) / |slope|``,
-    doubled for margin."""
-    largest = max(-float(plane.min()), float(plane.max())) if plane.size else 0.0
-    return 2.0**-21 * (largest + abs(intercept)) / abs(slope)
+            values[inside] = np.where(upward, high + 1, low - 1)
+    return values.astype(dtype)
 
 
 def _output_padding(header: pydicom.Dataset, dtype: np.dtype) -> tuple[int, int | None] | None:

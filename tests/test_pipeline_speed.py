@@ -97,7 +97,7 @@ def test_a_failed_series_stops_its_sync_threads(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ------------------------------------------------------------------ stored pixels in float32
+# ------------------------------------------------------------------ stored pixels
 
 
 def stored_in_float64(plane, dtype, slope, intercept):
@@ -118,7 +118,7 @@ def near_half_steps(rng, dtype, slope, intercept, n=4096):
 @pytest.mark.parametrize("dtype", ["int16", "uint16", "int8", "uint8"])
 @pytest.mark.parametrize("slope, intercept", [(1.0, 0.0), (1.0, -1024.0), (0.5, 3.25), (1 / 3, -32768.0),
                                               (0.012345679, 1024.0), (37.5, 4659.99)])
-def test_float32_stored_pixels_equal_float64_near_every_half_step(dtype, slope, intercept):
+def test_stored_pixels_equal_float64_rounding_near_every_half_step(dtype, slope, intercept):
     rng = np.random.default_rng(12)
     dtype = np.dtype(dtype)
     plane = near_half_steps(rng, dtype, slope, intercept).reshape(-1, 64)
@@ -127,7 +127,7 @@ def test_float32_stored_pixels_equal_float64_near_every_half_step(dtype, slope, 
                                       stored_in_float64(view, dtype, slope, intercept))
 
 
-def test_float32_stored_pixels_keep_off_the_reserved_range_like_float64():
+def test_stored_pixels_keep_off_the_reserved_range():
     dtype = np.dtype("int16")
     plane = np.array([[-2001.5, -2000.0, -1999.6, -1999.4, -1998.5, -1997.0]], dtype=np.float32)
     stored = _stored_pixels(plane, dtype, 1.0, 0.0, reserved=(-2000, -1999))
