@@ -134,6 +134,17 @@ def test_stored_pixels_keep_off_the_reserved_range():
     np.testing.assert_array_equal(stored, [[-2002, -2001, -2001, -1998, -1998, -1997]])
 
 
+def test_stored_pixels_reuse_one_scratch_buffer_without_carrying_values_over():
+    rng = np.random.default_rng(3)
+    dtype, scratch = np.dtype("int16"), np.empty((64, 48), dtype=np.float64)
+    for _ in range(3):  # each call overwrites the whole buffer: no value of the previous plane leaks
+        plane = (rng.normal(size=(48, 64)) * 3000).astype(np.float32)
+        plane[:5] = -2000.0  # lands in the reserved range, moved beside it
+        with_scratch = _stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845), scratch)
+        np.testing.assert_array_equal(with_scratch, _stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845)))
+        assert not ((with_scratch >= -2850) & (with_scratch <= -2845)).any()
+
+
 def test_non_finite_values_store_as_float64_would():
     dtype = np.dtype("int16")
     plane = np.array([[np.inf, -np.inf, 1.5, 2.5]], dtype=np.float32)
