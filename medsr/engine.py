@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medsr.errors import MedsrError
 from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
@@ -45,6 +46,10 @@ READ_CACHE_BYTES = 256 * 2**20
 # so auto waits for series clearly past that
 COMPILE_MIN_SLICES = 256
 COMPILE_CHOICES = ("auto", "on", "off")
+# low-res neighbourhood (pixels a side) that, holding one exact value, keeps that value in the
+# output (keep_flat_regions): 3 low-res pixels each way, so the nearest pixel of another value
+# is at least 4 away (8 output pixels at x2)
+FLAT_WINDOW = 7
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and CPUs with native bf16
 
 
@@ -212,7 +217,7 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         for start, count, low_res, padded in prefetched:
             low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
             codes = torch.full((len(low_res),), code, device=device)
-            high_res = forward(low_res, codes).float()[:count, 0].cpu().numpy()
+            high_res = keep_flat_regions(low_res, forward(low_res, codes).float(), scale)[:count, 0].cpu().numpy()
             high_res = window.inverse(high_res)
             if padded is not None:
                 padded = padded[:count].repeat(scale, axis=1).repeat(scale, axis=2)
@@ -232,6 +237,30 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         window=window,
         shape=tuple(shape),
     )
+
+
+def keep_flat_regions(low_res: torch.Tensor, high_res: torch.Tensor, scale: int) -> torch.Tensor:
+    """``high_res`` with every pixel whose low-res pixel sits in a flat neighbourhood (the same
+    value on all of its :data:`FLAT_WINDOW` x :data:`FLAT_WINDOW` low-res pixels, image edges
+    left out) set to that value: the masked or skull-stripped background, an empty slice.
+
+    There the network's biases would paint faint texture that no interpolation makes and no
+    scan had: on a skull-stripped MR (open_ms_mni patient26 T2, 84% zeros) the output had
+    almost no zero left, up to 29 in the background and 16.5 on slices that were all zero, on
+    a range of about 1,100. Equal values stay equal under the intensity window, so the test
+    runs on the normalised batch, on the model's device.
+
+    Args:
+        low_res: ``(B, 1, h, w)`` the normalised input batch.
+        high_res: ``(B, 1, s*h, s*w)`` float32, the model's output for it.
+        scale: ``s``.
+    """
+    low_res = low_res.float()
+    reach = FLAT_WINDOW // 2
+    highest = F.max_pool2d(low_res, FLAT_WINDOW, stride=1, padding=reach)
+    lowest = -F.max_pool2d(-low_res, FLAT_WINDOW, stride=1, padding=reach)
+    flat = F.interpolate((highest == lowest).float(), scale_factor=scale, mode="nearest") > 0
+    return torch.where(flat, F.interpolate(low_res, scale_factor=scale, mode="nearest"), high_res)
 
 
 def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: torch.nn.Module,

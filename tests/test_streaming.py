@@ -16,7 +16,15 @@ from pydicom.uid import generate_uid
 from medsr import engine
 from medsr.checkpoint import load_model
 from medsr.dicom_writing import DicomSeriesWriter
-from medsr.engine import _Prefetch, batch_size_for_memory, enhance_scan, enhance_volume, survey_scan
+from medsr.engine import (
+    FLAT_WINDOW,
+    _Prefetch,
+    batch_size_for_memory,
+    enhance_scan,
+    enhance_volume,
+    keep_flat_regions,
+    survey_scan,
+)
 from medsr.enhance import enhance_file, load_enhancer
 from medsr.errors import ScanReadError
 from medsr.geometry import in_plane_factors, rescaled_affine
@@ -343,3 +351,47 @@ def test_select_picks_one_echo_from_the_command_line(tmp_path, session_tiny_chec
     assert picked.exit_code == 0, picked.output
     bad = runner.invoke(app, [*arguments, "--select", "EchoTime"])
     assert bad.exit_code == 2 and "KEYWORD=VALUE" in bad.output
+
+
+# ------------------------------------------------------------------ flat regions stay flat
+
+
+def test_flat_neighbourhoods_keep_their_value_and_nothing_else_changes():
+    torch.manual_seed(1)
+    low_res = torch.rand(2, 1, 24, 20)
+    low_res[0, :, :, :10] = 0.25  # a flat band, wider than the window
+    low_res[1] = 0.0  # an empty slice
+    high_res = torch.rand(2, 1, 48, 40)
+    kept = keep_flat_regions(low_res, high_res.clone(), scale=2)
+    reach = FLAT_WINDOW // 2
+    # inside the band (edges of the image left out of the window), the band's value
+    assert torch.equal(kept[0, 0, :, :2 * (10 - reach)], torch.full((48, 2 * (10 - reach)), 0.25))
+    assert torch.equal(kept[1], torch.zeros(1, 48, 40))
+    # within reach of the band's edge, and in the random part, the model's output
+    assert torch.equal(kept[0, 0, :, 2 * (10 - reach):], high_res[0, 0, :, 2 * (10 - reach):])
+
+
+def test_a_real_scans_exact_background_stays_exact(tiny_checkpoint, monkeypatch):
+    """The sample MR (40% of its voxels exactly 0), 12 middle slices: every output pixel whose
+    low-res pixel has a 7x7 neighbourhood of one value is exactly that value; every other
+    pixel is the model's own output."""
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    scan = read_scan(MR_NIFTI)
+    axis = scan.slice_axis
+    volume = np.take(scan.array, range(60, 72), axis=axis)
+    model, _ = load_model(tiny_checkpoint)
+    kept = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
+    monkeypatch.setattr(engine, "keep_flat_regions", lambda low_res, high_res, scale: high_res)
+    raw = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
+    window = [FLAT_WINDOW] * 3
+    window[axis] = 1
+    flat = maximum_filter(volume, window, mode="nearest") == minimum_filter(volume, window, mode="nearest")
+    value = volume
+    for a in range(3):
+        if a != axis:  # each low-res pixel's footprint on the output grid
+            flat, value = flat.repeat(2, axis=a), value.repeat(2, axis=a)
+    assert 0.05 < flat.mean() < 0.95  # background (14% of these slices) and anatomy
+    assert not np.array_equal(raw[flat], value[flat])  # the network alone paints the background
+    np.testing.assert_array_equal(kept[flat], value[flat])
+    np.testing.assert_array_equal(kept[~flat], raw[~flat])
