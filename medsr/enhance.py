@@ -260,7 +260,7 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, wind
             return run(sink=writer.write)
     description = nifti_description(short_description, scan.photometric)
     with NiftiSliceWriter(output, shape, affine, description, overwrite, slice_axis=axis,
-                          xform_codes=scan.xform_codes) as writer:
+                          xform_codes=scan.xform_codes, display_range=scan.display_range) as writer:
         return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, axis)))
 
 
@@ -296,7 +296,8 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
 
         with NiftiSliceWriter(output, enhanced.shape, enhanced.affine,
                               nifti_description(f"medsr through-plane x{factor}", scan.photometric),
-                              overwrite, slice_axis=scan.slice_axis, xform_codes=scan.xform_codes) as writer:
+                              overwrite, slice_axis=scan.slice_axis, xform_codes=scan.xform_codes,
+                              display_range=scan.display_range) as writer:
             writer.write(enhanced.array)
     return EnhancedFile(output, dataclasses.replace(enhanced, array=None), factor=factor)
 

@@ -125,6 +125,8 @@ class Scan(_ScanFacts):
             (PixelPaddingValue and PixelPaddingRangeLimit through the modality LUT of the first
             slice), or None. Every pixel its own header marks as padding reads as a value in
             this range (``low`` where its own rescale would put it elsewhere).
+        display_range: a NIfTI input's ``(cal_min, cal_max)``, the range its viewers show
+            (original units), when the header sets one; an output of this scan keeps it.
     """
 
     array: np.ndarray
@@ -138,6 +140,7 @@ class Scan(_ScanFacts):
     geometry_assumed: bool = False
     xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
     padding: tuple[float, float] | None = None
+    display_range: tuple[float, float] | None = None
 
     def to_metatensor(self):
         """The volume as a MONAI ``MetaTensor`` with ``affine`` and ``slice_axis`` in its meta."""
@@ -157,7 +160,7 @@ class OpenScan(_ScanFacts):
     Attributes:
         shape: ``(I, J, K)`` of the whole volume.
         affine, slice_axis, path, source_format, dicom_headers, multiframe, frame_order,
-            geometry_assumed, xform_codes, padding: as in :class:`Scan`.
+            geometry_assumed, xform_codes, padding, display_range: as in :class:`Scan`.
         read_plane: index along ``slice_axis`` -> that slice, float32 in original units, the
             two remaining axes in array order. Raises :class:`ScanReadError` on damaged data.
     """
@@ -174,6 +177,7 @@ class OpenScan(_ScanFacts):
     geometry_assumed: bool = False
     xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
     padding: tuple[float, float] | None = None
+    display_range: tuple[float, float] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -196,7 +200,7 @@ class OpenScan(_ScanFacts):
                     slice_axis=self.slice_axis, path=self.path, source_format=self.source_format,
                     dicom_headers=self.dicom_headers, multiframe=self.multiframe,
                     frame_order=self.frame_order, geometry_assumed=self.geometry_assumed,
-                    xform_codes=self.xform_codes, padding=self.padding)
+                    xform_codes=self.xform_codes, padding=self.padding, display_range=self.display_range)
 
 
 def refuse_non_finite(path: Path, bad: int) -> None:
@@ -347,7 +351,14 @@ def _open_nifti(path: Path) -> OpenScan:
         read_plane = planes_from_whole(read_all, slice_axis)
 
     return OpenScan(shape=shape, affine=affine, slice_axis=slice_axis, path=path,
-                    source_format="nifti", read_plane=read_plane, xform_codes=xform_codes)
+                    source_format="nifti", read_plane=read_plane, xform_codes=xform_codes,
+                    display_range=_nifti_display_range(image.header))
+
+
+def _nifti_display_range(header) -> tuple[float, float] | None:
+    """``(cal_min, cal_max)`` when the header sets a display range (NIfTI: cal_max > cal_min)."""
+    low, high = float(header["cal_min"]), float(header["cal_max"])
+    return (low, high) if np.isfinite([low, high]).all() and high > low else None
 
 
 def _nifti_xform_codes(header, shape: tuple[int, int, int], path: Path) -> tuple[int, int]:

@@ -135,7 +135,8 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
 
 
 def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: str = "",
-                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES) -> nib.Nifti1Header:
+                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES,
+                 display_range: tuple[float, float] | None = None) -> nib.Nifti1Header:
     """Header of a float32 NIfTI-1 whose sform is ``affine`` (RAS, mm) and whose qform is the
     nearest rotation + zooms.
 
@@ -148,6 +149,8 @@ def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: s
             scan's :attr:`~medsr.reading.Scan.xform_codes`. A qform that cannot place the
             voxels where ``affine`` does (a shear, as from a gantry tilt) gets code 0 instead,
             so the two never claim a space while they disagree.
+        display_range: ``(cal_min, cal_max)`` for viewers, in the volume's units: the input
+            NIfTI's own, so the output opens with the same display; None leaves 0, 0 (unset).
 
     Raises:
         ValueError: a code outside 0-5.
@@ -165,6 +168,8 @@ def nifti_header(shape: tuple[int, int, int], affine: np.ndarray, description: s
         header.set_qform(affine, code=0)
     header.set_xyzt_units(xyz="mm")
     header["descrip"] = description.encode("ascii", "replace")[:79]
+    if display_range is not None:
+        header["cal_min"], header["cal_max"] = display_range
     return header
 
 
@@ -197,7 +202,7 @@ class NiftiSliceWriter:
     memory-mapped uncompressed scratch file (compressed at the end for ``.nii.gz``). Either way
     memory holds one slab, and ``path`` appears only when every slice arrived.
 
-    ``xform_codes`` are the ``(qform_code, sform_code)`` of :func:`nifti_header`.
+    ``xform_codes`` and ``display_range`` are as in :func:`nifti_header`.
 
     Example:
         >>> with NiftiSliceWriter(out, (512, 512, 120), affine, xform_codes=scan.xform_codes) as writer:
@@ -209,14 +214,15 @@ class NiftiSliceWriter:
 
     def __init__(self, path: str | Path, shape: tuple[int, int, int], affine: np.ndarray,
                  description: str = "", overwrite: bool = False, slice_axis: int = 2, *,
-                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES) -> None:
+                 xform_codes: tuple[int, int] = SCANNER_XFORM_CODES,
+                 display_range: tuple[float, float] | None = None) -> None:
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
         self.slice_axis = slice_axis
         if not self.path.name.lower().endswith(NIFTI_SUFFIXES):
             raise OutputError(f"{self.path}: NIfTI output must end in .nii or .nii.gz")
         if output_taken(self.path) and not overwrite:
             raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
-        self.header = nifti_header(self.shape, affine, description, xform_codes)
+        self.header = nifti_header(self.shape, affine, description, xform_codes, display_range)
         self.header["vox_offset"] = self.VOX_OFFSET
         self.written = 0
         self.compressed = self.path.name.lower().endswith(".nii.gz")

@@ -534,3 +534,23 @@ def test_kept_padding_and_monochrome1_add_no_conformance_errors(tmp_path):
     source, _ = monochrome1_ct(tmp_path / "m1.dcm")
     write_upsampled(source, tmp_path / "m1")
     assert not new_dciodvfy_errors(source, files(tmp_path / "m1")[0])
+
+
+@pytest.mark.parametrize("display_range", [(10.0, 400.0), None])
+def test_nifti_display_range_comes_back_as_the_input_set_it(tmp_path, session_tiny_checkpoint, display_range):
+    """cal_min/cal_max, the range NIfTI viewers open a volume with, are in the volume's units,
+    which the output keeps: so it keeps them too, and leaves them unset when the input did."""
+    image = nib.load(MR_NIFTI)
+    block = [slice(40, 56)] * 3
+    block[open_scan(MR_NIFTI).slice_axis] = slice(60, 63)  # 3 slices of 16x16
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    if display_range is not None:
+        header["cal_min"], header["cal_max"] = display_range
+    source = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj[tuple(block)], dtype=np.float32), image.affine, header), source)
+    result = CliRunner().invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out.nii.gz"),
+                                      "--weights", str(session_tiny_checkpoint), "--degradation", "bicubic"])
+    assert result.exit_code == 0, result.output
+    header = nib.load(tmp_path / "out.nii.gz").header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (display_range or (0.0, 0.0))
