@@ -159,9 +159,11 @@ class DegradationEstimate:
         text = f"{self.grid} ({GRID_DESCRIPTIONS[self.grid]}), confidence {self.confidence:.2f}"
         if not self.sure:
             other = "bicubic" if self.grid == "kspace" else "kspace"
-            text += (f"; could not tell, so the cheaper mistake: a wrong {self.grid} costs "
-                     f"{WRONG_GRID_COST_DB[self.grid]:.1f} dB, a wrong {other} "
-                     f"{WRONG_GRID_COST_DB[other]:.1f} dB (validation)")
+            # the expected loss of each choice, as choose_grid weighs it
+            text += (f"; could not tell, so the smaller expected loss: {1 - self.confidence:.2f} x "
+                     f"{WRONG_GRID_COST_DB[self.grid]:.1f} dB if {self.grid} is wrong, against "
+                     f"{self.confidence:.2f} x {WRONG_GRID_COST_DB[other]:.1f} dB if {other} were "
+                     "(the measured cost of each wrong grid, validation)")
         return text
 
     def short(self) -> str:

@@ -68,6 +68,10 @@ def test_when_unsure_it_takes_the_cheaper_mistake_and_says_so():
     assert choose_grid(0.40) == "bicubic" and choose_grid(0.95) == "kspace"
     unsure = DegradationEstimate("kspace", 0.55, "kspace", 10)
     assert not unsure.sure and "could not tell" in unsure.describe()
+    # the line weighs each choice by its chance of being wrong, as choose_grid does: an unsure
+    # bicubic is the smaller expected loss even though a wrong bicubic costs more
+    unsure_bicubic = DegradationEstimate("bicubic", 0.75, "bicubic", 10).describe()
+    assert "0.25 x 6.6 dB if bicubic is wrong, against 0.75 x 5.7 dB if kspace were" in unsure_bicubic
     sure = DegradationEstimate("bicubic", 0.97, "bicubic", 10)
     assert sure.describe() == "bicubic (resampled image), confidence 0.97"
 
