@@ -256,11 +256,17 @@ def keep_flat_regions(low_res: torch.Tensor, high_res: torch.Tensor, scale: int)
         scale: ``s``.
     """
     low_res = low_res.float()
-    reach = FLAT_WINDOW // 2
-    highest = F.max_pool2d(low_res, FLAT_WINDOW, stride=1, padding=reach)
-    lowest = -F.max_pool2d(-low_res, FLAT_WINDOW, stride=1, padding=reach)
-    flat = F.interpolate((highest == lowest).float(), scale_factor=scale, mode="nearest") > 0
+    flat = flat_neighbourhoods(low_res, (FLAT_WINDOW, FLAT_WINDOW))
+    flat = F.interpolate(flat.float(), scale_factor=scale, mode="nearest") > 0
     return torch.where(flat, F.interpolate(low_res, scale_factor=scale, mode="nearest"), high_res)
+
+
+def flat_neighbourhoods(values: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """Where all of a value's neighbourhood (``window``, odd sizes, one per spatial axis of
+    ``(B, C, *spatial)`` ``values``, two or three; image edges left out) holds that one value."""
+    pool = F.max_pool2d if len(window) == 2 else F.max_pool3d
+    reach = tuple(size // 2 for size in window)
+    return pool(values, window, stride=1, padding=reach) == -pool(-values, window, stride=1, padding=reach)
 
 
 def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, model: torch.nn.Module,

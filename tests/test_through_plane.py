@@ -136,3 +136,28 @@ def test_through_plane_refuses_what_it_cannot_do(tmp_path, through_plane_checkpo
     result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "t.nii.gz"), "--through-plane",
                                  "--degradation", "kspace", "--weights", str(through_plane_checkpoint)])
     assert result.exit_code == 1 and "--degradation is an in-plane choice" in result.output
+
+
+def test_flat_background_stays_flat_in_thin_slices(through_plane_checkpoint, monkeypatch):
+    """Thick voxels whose 7x7 in-plane x 3-slice neighbourhood holds one exact value (the real
+    T1's empty background) keep it in all their thin voxels; every other thin voxel is the
+    network's own output."""
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    from medsr import through_plane
+    from medsr.checkpoint import load_model
+
+    scan = read_scan(MR_NIFTI)
+    volume, affine = scan.array[:60, :80, 30:90], scan.affine  # a corner: 37% empty background
+    thick = thick_slices(volume, 2, 4, "box")
+    model, _ = load_model(through_plane_checkpoint)
+    window = robust_window(thick)
+    kept = enhance_through_plane(thick, thick_slices_affine(affine, 2, 4), 2, model, 4, window).array
+    monkeypatch.setattr(through_plane, "flat_neighbourhoods", lambda values, size: torch.zeros_like(values, dtype=bool))
+    raw = enhance_through_plane(thick, thick_slices_affine(affine, 2, 4), 2, model, 4, window).array
+    flat = maximum_filter(thick, (7, 7, 3), mode="nearest") == minimum_filter(thick, (7, 7, 3), mode="nearest")
+    flat, value = np.repeat(flat, 4, axis=2), np.repeat(thick, 4, axis=2)
+    assert 0.05 < flat.mean() < 0.95
+    assert not np.array_equal(raw[flat], value[flat])  # the network alone paints it
+    np.testing.assert_array_equal(kept[flat], value[flat])
+    np.testing.assert_array_equal(kept[~flat], raw[~flat])
