@@ -356,6 +356,20 @@ def test_select_picks_one_echo_from_the_command_line(tmp_path, session_tiny_chec
 # ------------------------------------------------------------------ flat regions stay flat
 
 
+def test_flat_neighbourhoods_are_where_the_windows_largest_value_is_its_smallest():
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        values = rng.integers(0, 3, (3, 40, 37)).astype(np.float32)
+        values[:, :12], values[:, :, -9:], values[1, 20:30, 5:20], values[2] = 0, 5, 7, 1
+        size = (1, FLAT_WINDOW, FLAT_WINDOW)  # edges left out: "nearest" repeats values already in the window
+        expected = maximum_filter(values, size, mode="nearest") == minimum_filter(values, size, mode="nearest")
+        found = engine.flat_neighbourhoods(torch.from_numpy(values)[:, None])[:, 0].numpy()
+        np.testing.assert_array_equal(found, expected)
+        assert 0 < expected.mean() < 1
+
+
 def test_flat_neighbourhoods_keep_their_value_and_nothing_else_changes():
     torch.manual_seed(1)
     low_res = torch.rand(2, 1, 24, 20)

@@ -153,7 +153,7 @@ def test_flat_background_stays_flat_in_thin_slices(through_plane_checkpoint, mon
     model, _ = load_model(through_plane_checkpoint)
     window = robust_window(thick)
     kept = enhance_through_plane(thick, thick_slices_affine(affine, 2, 4), 2, model, 4, window).array
-    monkeypatch.setattr(through_plane, "flat_neighbourhoods", lambda values, size: torch.zeros_like(values, dtype=bool))
+    monkeypatch.setattr(through_plane, "flat_neighbourhoods", lambda values: torch.zeros_like(values, dtype=bool))
     raw = enhance_through_plane(thick, thick_slices_affine(affine, 2, 4), 2, model, 4, window).array
     flat = maximum_filter(thick, (7, 7, 3), mode="nearest") == minimum_filter(thick, (7, 7, 3), mode="nearest")
     flat, value = np.repeat(flat, 4, axis=2), np.repeat(thick, 4, axis=2)
