@@ -139,8 +139,9 @@ class DegradationEstimate:
 
     Attributes:
         grid: the grid the model is told, ``"bicubic"`` or ``"kspace"``.
-        confidence: the probability of ``grid`` (0.5 to 1; below :data:`SURE` it could not tell
-            and ``grid`` is the cheaper mistake).
+        confidence: the probability of ``grid`` (from about 0.46 for ``kspace``, 0.54 for
+            ``bicubic``, to 1; below :data:`SURE` it could not tell and ``grid`` is the smaller
+            expected loss, :func:`choose_grid`).
         likely: the most probable of the six degradations.
         slices: how many slices were looked at.
     """
@@ -160,9 +161,10 @@ class DegradationEstimate:
         if not self.sure:
             other = "bicubic" if self.grid == "kspace" else "kspace"
             # the expected loss of each choice, as choose_grid weighs it
-            text += (f"; could not tell, so the smaller expected loss: {1 - self.confidence:.2f} x "
+            # three decimals: two could print the choice's loss as the larger near the threshold
+            text += (f"; could not tell, so the smaller expected loss: {1 - self.confidence:.3f} x "
                      f"{WRONG_GRID_COST_DB[self.grid]:.1f} dB if {self.grid} is wrong, against "
-                     f"{self.confidence:.2f} x {WRONG_GRID_COST_DB[other]:.1f} dB if {other} were "
+                     f"{self.confidence:.3f} x {WRONG_GRID_COST_DB[other]:.1f} dB if {other} were "
                      "(the measured cost of each wrong grid, validation)")
         return text
 

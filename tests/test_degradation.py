@@ -71,7 +71,11 @@ def test_when_unsure_it_takes_the_cheaper_mistake_and_says_so():
     # the line weighs each choice by its chance of being wrong, as choose_grid does: an unsure
     # bicubic is the smaller expected loss even though a wrong bicubic costs more
     unsure_bicubic = DegradationEstimate("bicubic", 0.75, "bicubic", 10).describe()
-    assert "0.25 x 6.6 dB if bicubic is wrong, against 0.75 x 5.7 dB if kspace were" in unsure_bicubic
+    assert "0.250 x 6.6 dB if bicubic is wrong, against 0.750 x 5.7 dB if kspace were" in unsure_bicubic
+    # just past the threshold (kspace at 0.464: 0.536 x 5.7 = 3.055 < 0.464 x 6.6 = 3.062)
+    assert choose_grid(0.464) == "kspace"
+    assert "0.536 x 5.7 dB if kspace is wrong, against 0.464 x 6.6 dB" in DegradationEstimate(
+        "kspace", 0.464, "kspace", 10).describe()
     sure = DegradationEstimate("bicubic", 0.97, "bicubic", 10)
     assert sure.describe() == "bicubic (resampled image), confidence 0.97"
 

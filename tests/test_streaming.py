@@ -371,18 +371,23 @@ def test_flat_neighbourhoods_are_where_the_windows_largest_value_is_its_smallest
 
 
 def test_flat_neighbourhoods_keep_their_value_and_nothing_else_changes():
-    torch.manual_seed(1)
-    low_res = torch.rand(2, 1, 24, 20)
-    low_res[0, :, :, :10] = 0.25  # a flat band, wider than the window
-    low_res[1] = 0.0  # an empty slice
-    high_res = torch.rand(2, 1, 48, 40)
-    kept = keep_flat_regions(low_res, high_res.clone(), scale=2)
+    rng = np.random.default_rng(1)
+    low_res = rng.random((2, 24, 20), dtype=np.float32) * 3000
+    low_res[0, :, :10] = 1234.5  # a flat band, wider than the window (a value no window round-trips)
+    low_res[1] = -1024.0  # an empty slice
+    low_res[0, 0, 0] = np.nextafter(np.float32(1234.5), np.float32(2000))  # one ulp apart: not flat
+    flat = engine.flat_neighbourhoods(torch.from_numpy(low_res)[:, None])[:, 0].numpy()
+    high_res = rng.random((2, 48, 40), dtype=np.float32)
+    kept = high_res.copy()
+    keep_flat_regions(low_res, flat, kept, scale=2)
     reach = FLAT_WINDOW // 2
-    # inside the band (edges of the image left out of the window), the band's value
-    assert torch.equal(kept[0, 0, :, :2 * (10 - reach)], torch.full((48, 2 * (10 - reach)), 0.25))
-    assert torch.equal(kept[1], torch.zeros(1, 48, 40))
-    # within reach of the band's edge, and in the random part, the model's output
-    assert torch.equal(kept[0, 0, :, 2 * (10 - reach):], high_res[0, 0, :, 2 * (10 - reach):])
+    band = kept[0, 2 * (reach + 1):, :2 * (10 - reach)]  # rows clear of the odd pixel's window
+    assert (band == np.float32(1234.5)).all()
+    assert (kept[1] == np.float32(-1024.0)).all()
+    # within reach of the band's edge or of the odd pixel, and in the random part, the model's output
+    np.testing.assert_array_equal(kept[0, :, 2 * (10 - reach):], high_res[0, :, 2 * (10 - reach):])
+    near = 2 * (reach + 1)  # the output tiles of the low-res pixels whose window holds the odd pixel
+    np.testing.assert_array_equal(kept[0, :near, :near], high_res[0, :near, :near])
 
 
 def test_a_real_scans_exact_background_stays_exact(tiny_checkpoint, monkeypatch):
@@ -396,7 +401,7 @@ def test_a_real_scans_exact_background_stays_exact(tiny_checkpoint, monkeypatch)
     volume = np.take(scan.array, range(60, 72), axis=axis)
     model, _ = load_model(tiny_checkpoint)
     kept = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
-    monkeypatch.setattr(engine, "keep_flat_regions", lambda low_res, high_res, scale: high_res)
+    monkeypatch.setattr(engine, "keep_flat_regions", lambda low_res, flat, high_res, scale: None)
     raw = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
     window = [FLAT_WINDOW] * 3
     window[axis] = 1
