@@ -214,20 +214,20 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             flat = flat_neighbourhoods(torch.from_numpy(stack)[:, None])[:, 0].numpy()
             low_res = torch.from_numpy(window.forward(stack))[:, None]
             yield (start, stop - start, low_res.pin_memory() if device.type == "cuda" else low_res, padded,
-                   (stack, flat) if flat.any() else None)
+                   (stack, flat) if flat.any() else None)  # the flat pixels, with their values
 
     with (torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver,
           _Prefetch(batches()) as prefetched):
-        for start, count, low_res, padded, flat in prefetched:
+        for start, count, low_res, padded, flat_pixels in prefetched:
             low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
             codes = torch.full((len(low_res),), code, device=device)
             high_res = forward(low_res, codes).float()[:count, 0].cpu().numpy()
             high_res = window.inverse(high_res)
-            if flat is not None:
-                keep_flat_regions(flat[0][:count], flat[1][:count], high_res, scale)
+            if flat_pixels is not None:
+                values, flat = flat_pixels
+                keep_flat_regions(values[:count], flat[:count], high_res, scale)
             if padded is not None:
-                padded = padded[:count].repeat(scale, axis=1).repeat(scale, axis=2)
-                high_res[padded] = np.float32(scan.padding[0])
+                _fill_tiles(high_res, np.float32(scan.padding[0]), padded[:count], scale)
             if output is not None:
                 output[start:start + len(high_res)] = high_res
             else:
@@ -262,12 +262,18 @@ def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarra
         high_res: ``(n, s*h, s*w)`` float32, the output in original units, changed in place.
         scale: ``s``.
     """
-    count, height, width = low_res.shape
-    # each low-res pixel against its s x s tile of the output, broadcast: no upsampled mask or
-    # values are made, and the output is written where it is
+    _fill_tiles(high_res, low_res[:, :, None, :, None], flat, scale)
+
+
+def _fill_tiles(high_res: np.ndarray, values, where: np.ndarray, scale: int) -> None:
+    """Set the ``scale`` x ``scale`` output tile of every low-res pixel ``where`` (``(n, h, w)``)
+    holds to ``values`` (one value, or one per low-res pixel, shaped ``(n, h, 1, w, 1)``), in
+    place: each low-res pixel against its tile, broadcast, so no upsampled mask or values are
+    made and the output is written where it is."""
+    count, height, width = where.shape
     tiles = high_res.view()
     tiles.shape = (count, height, scale, width, scale)  # a view of the output (raises if it cannot be)
-    np.copyto(tiles, low_res[:, :, None, :, None], where=flat[:, :, None, :, None])
+    np.copyto(tiles, values, where=where[:, :, None, :, None])
 
 
 def flat_neighbourhoods(values: torch.Tensor) -> torch.Tensor:
