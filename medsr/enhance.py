@@ -268,7 +268,7 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
                    factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
     """Through-plane enhancement: the whole volume in memory (planes cross every slice)."""
     from medsr.engine import is_padding
-    from medsr.through_plane import check_factor, default_factor, enhance_through_plane
+    from medsr.through_plane import check_factor, default_factor, enhance_through_plane, fill_thin_voxels
 
     if factor is None:
         factor = default_factor(scan.affine, scan.slice_axis)
@@ -282,8 +282,8 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
         volume = np.where(padded, np.float32(window.low), volume)
     enhanced = enhance_through_plane(volume, scan.affine, scan.slice_axis, enhancer.model, factor, window,
                                      device, batch_size, precision, progress)
-    if padded is not None:  # a thin slice is padding where its thick slice was
-        enhanced.array[np.repeat(padded, factor, axis=scan.slice_axis)] = np.float32(scan.padding[0])
+    if padded is not None:  # a thin voxel is padding where its thick voxel was
+        fill_thin_voxels(enhanced.array, np.float32(scan.padding[0]), padded, scan.slice_axis, factor)
     description = f"medsr {__version__} {enhancer.name} through-plane x{factor}: thin slices from thick"
     slabs = np.moveaxis(enhanced.array, scan.slice_axis, 0)
     if output_format == "dicom":

@@ -124,13 +124,20 @@ def enhance_through_plane(volume: np.ndarray, affine: np.ndarray, slice_axis: in
     # in-plane, the thick slices either side) holds one exact value, the empty background of a
     # skull-stripped volume, keeps it in its thin voxels; the network painted up to 52 there on
     # a range of about 1,100 (open_ms_mni patient26 T2, every 4th slice made thin again x4)
-    flat = _flat_across_thick_slices(volume, slice_axis)
-    # each thick voxel against its ``factor`` thin voxels, broadcast into a view of the output
-    thin = enhanced.view()
-    thin.shape = (*volume.shape[:slice_axis], volume.shape[slice_axis], factor, *volume.shape[slice_axis + 1:])
-    np.copyto(thin, np.expand_dims(volume, slice_axis + 1), where=np.expand_dims(flat, slice_axis + 1))
+    fill_thin_voxels(enhanced, volume, _flat_across_thick_slices(volume, slice_axis), slice_axis, factor)
     return EnhancedVolume(array=enhanced, affine=new_affine, slice_axis=slice_axis,
                           window=window, shape=tuple(refined.shape))
+
+
+def fill_thin_voxels(thin: np.ndarray, values, where: np.ndarray, slice_axis: int, factor: int) -> None:
+    """Set the ``factor`` thin voxels of every thick voxel marked in ``where`` to its value in
+    ``values`` (an array shaped like ``where``, or one number), in place: each thick voxel is
+    broadcast against its thin voxels through a view of ``thin`` (C-contiguous), so no
+    thin-sized mask is built."""
+    view = thin.view()
+    view.shape = (*where.shape[:slice_axis], where.shape[slice_axis], factor, *where.shape[slice_axis + 1:])
+    values = np.expand_dims(values, slice_axis + 1) if np.ndim(values) else values
+    np.copyto(view, values, where=np.expand_dims(where, slice_axis + 1))
 
 
 def _flat_across_thick_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:
