@@ -102,3 +102,35 @@ def session_tiny_checkpoint(tmp_path_factory) -> Path:
     """The small random SRResNet x2 checkpoint of :func:`tiny_checkpoint`, made once per run
     for module-scoped fixtures."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt")
+
+
+def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2) -> Path:
+    """A real DICOM series made coarser in-plane by protocol v1, written as a new series: the
+    pixels as a scanner (kspace) or a resampling export (bicubic) would have left them, on a
+    grid with the same physical extent (pixel spacing x ``scale``, the first pixel's centre
+    moved to the centre of the block of high-res pixels it covers)."""
+    import numpy as np
+
+    from medsr.reading import read_scan
+    from medsr.transforms import degrade_volume
+
+    folder.mkdir()
+    scan = read_scan(source)
+    low_res, _, _ = degrade_volume(scan.array, scan.affine, 2, scale, degradation)
+    files = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID: path for path in source.glob("*.dcm")}
+    series_uid = pydicom.uid.generate_uid()
+    for k, header in enumerate(scan.dicom_headers):
+        dataset = pydicom.dcmread(files[header.SOPInstanceUID])
+        stored = np.uint16 if dataset.PixelRepresentation == 0 else np.int16
+        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(stored)
+        for tag in [t for t in dataset.keys() if t.group == 0x0000]:
+            del dataset[tag]  # the sample carries a stray command set
+        row_step, column_step = (float(v) for v in dataset.PixelSpacing)
+        along_row, along_column = np.reshape(np.asarray(dataset.ImageOrientationPatient, float), (2, 3))
+        shift = (scale - 1) / 2 * (column_step * along_row + row_step * along_column)
+        dataset.ImagePositionPatient = [float(v) for v in np.asarray(dataset.ImagePositionPatient, float) + shift]
+        dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        dataset.PixelSpacing = [row_step * scale, column_step * scale]
+        dataset.set_pixel_data(plane, dataset.PhotometricInterpretation, int(dataset.BitsStored))
+        dataset.save_as(folder / f"{k:03d}.dcm")
+    return folder

@@ -27,7 +27,7 @@ from medsr.errors import CheckpointError
 from medsr.reading import read_scan
 from medsr.transforms import degrade_volume
 
-from conftest import CT_SERIES, MR_NIFTI, MR_SERIES
+from conftest import CT_SERIES, MR_NIFTI, MR_SERIES, degraded_series
 
 runner = CliRunner()
 
@@ -94,28 +94,8 @@ def test_a_resampled_mr_nifti_gets_bicubic_with_no_flag(tmp_path, session_tiny_c
     assert nib.load(output).shape == scan.array[:low_res.shape[0] * 2, :low_res.shape[1] * 2].shape
 
 
-def _degraded_series(source, folder, degradation):
-    """A real DICOM series made coarser in-plane, written as a new series: the pixels as a
-    scanner (kspace) or a resampling export (bicubic) would have left them."""
-    folder.mkdir()
-    scan = read_scan(source)
-    low_res, _, _ = degrade_volume(scan.array, scan.affine, 2, 2, degradation)
-    series_uid = pydicom.uid.generate_uid()
-    for k in range(len(scan.dicom_headers)):
-        dataset = pydicom.dcmread(source / sorted(p.name for p in source.glob("*.dcm"))[k])
-        stored = np.uint16 if dataset.PixelRepresentation == 0 else np.int16
-        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(stored)
-        for tag in [t for t in dataset.keys() if t.group == 0x0000]:
-            del dataset[tag]  # the sample carries a stray command set
-        dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
-        dataset.PixelSpacing = [float(v) * 2 for v in dataset.PixelSpacing]
-        dataset.set_pixel_data(plane, dataset.PhotometricInterpretation, int(dataset.BitsStored))
-        dataset.save_as(folder / f"{k:03d}.dcm")
-    return folder
-
-
 def test_dicom_output_records_the_decision(tmp_path, session_tiny_checkpoint):
-    source = _degraded_series(MR_SERIES, tmp_path / "resampled", "bicubic")
+    source = degraded_series(MR_SERIES, tmp_path / "resampled", "bicubic")
     result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out"),
                                  "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 0, result.output
