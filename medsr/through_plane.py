@@ -132,8 +132,8 @@ def enhance_through_plane(volume: np.ndarray, affine: np.ndarray, slice_axis: in
 def fill_thin_voxels(thin: np.ndarray, values, where: np.ndarray, slice_axis: int, factor: int) -> None:
     """Set the ``factor`` thin voxels of every thick voxel marked in ``where`` to its value in
     ``values`` (an array shaped like ``where``, or one number), in place: each thick voxel is
-    broadcast against its thin voxels through a view of ``thin`` (C-contiguous), so no
-    thin-sized mask is built."""
+    broadcast against its thin voxels through a view of ``thin`` (splitting one axis in two
+    never needs a copy), so no thin-sized mask is built."""
     view = thin.view()
     view.shape = (*where.shape[:slice_axis], where.shape[slice_axis], factor, *where.shape[slice_axis + 1:])
     values = np.expand_dims(values, slice_axis + 1) if np.ndim(values) else values

@@ -128,9 +128,11 @@ def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2
         row_step, column_step = (float(v) for v in dataset.PixelSpacing)
         along_row, along_column = np.reshape(np.asarray(dataset.ImageOrientationPatient, float), (2, 3))
         shift = (scale - 1) / 2 * (column_step * along_row + row_step * along_column)
-        dataset.ImagePositionPatient = [float(v) for v in np.asarray(dataset.ImagePositionPatient, float) + shift]
+        as_ds = pydicom.valuerep.format_number_as_ds  # DS holds at most 16 characters
+        position = np.asarray(dataset.ImagePositionPatient, float) + shift
+        dataset.ImagePositionPatient = [as_ds(float(v)) for v in position]
         dataset.SeriesInstanceUID, dataset.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
-        dataset.PixelSpacing = [row_step * scale, column_step * scale]
+        dataset.PixelSpacing = [as_ds(row_step * scale), as_ds(column_step * scale)]
         dataset.set_pixel_data(plane, dataset.PhotometricInterpretation, int(dataset.BitsStored))
         dataset.save_as(folder / f"{k:03d}.dcm")
     return folder

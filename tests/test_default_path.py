@@ -37,7 +37,9 @@ def test_no_flag_enhance_of_a_coarse_series_is_right_and_beats_the_classical_ans
     result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out")])
 
     assert result.exit_code == 0, result.output
-    assert f"degradation: {degradation}" in result.output  # found from the pixels
+    # found from the pixels; on this 7 mm PD series the classifier is not sure (about 0.6 for
+    # kspace, 0.8 for bicubic) and the expected cost of each mistake settles it
+    assert f"degradation: {degradation}" in result.output
     assert _digest(source) == before
     low_res, enhanced = read_scan(source), read_scan(tmp_path / "out")
     # the original grid: shape, voxel size and position of every voxel
@@ -45,12 +47,12 @@ def test_no_flag_enhance_of_a_coarse_series_is_right_and_beats_the_classical_ans
     np.testing.assert_allclose(enhanced.affine, high_res.affine, atol=1e-4)
     # the same patient, study and kind of image, in a new series
     given, written = low_res.dicom_headers[0], enhanced.dicom_headers[0]
-    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "Modality", "PhotometricInterpretation",
-                    "FrameOfReferenceUID"):
-        assert written.get(keyword) == given.get(keyword), keyword
+    for keyword in ("PatientID", "StudyInstanceUID", "Modality", "PhotometricInterpretation", "FrameOfReferenceUID"):
+        assert written.get(keyword) and written.get(keyword) == given.get(keyword), keyword
     assert written.SeriesInstanceUID != given.SeriesInstanceUID
-    assert len(set(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                   for p in (tmp_path / "out").glob("*.dcm"))) == enhanced.array.shape[2]
+    instances = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (tmp_path / "out").glob("*.dcm")}
+    assert len(instances) == enhanced.array.shape[2]
+    assert not instances & {header.SOPInstanceUID for header in low_res.dicom_headers}
     # better than the best classical answer on the same low-res pixels, in both metrics
     scores = {name: slice_scores(high_res.array, upscale(low_res.array, 2, 2), 2, 2).scores()
               for name, upscale in BASELINES.items()}
