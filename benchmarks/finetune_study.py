@@ -103,10 +103,13 @@ def _volumes(folder: Path, split: str):
             yield path.stem, stored["volume"], np.flatnonzero(stored["informative"]), bool(stored["is_ct"])
 
 
-def train(folder: Path, out: Path, iterations: int, neighbours: bool, learning_rate: float, retries: int) -> None:
+def train(folder: Path, out: Path, iterations: int, neighbours: bool, learning_rate: float, retries: int,
+          snapshot_every: int = 0) -> None:
     """Fine-tune on one core with bf16 autocast: L1 over the loss region, Adam, 50 warm-up
     iterations, cosine decay to 1e-5; crops, flips, turns and degradations drawn from
-    ``[0, iteration]``, so runs with and without neighbours see the same batches."""
+    ``[0, iteration]``, so runs with and without neighbours see the same batches. With
+    ``snapshot_every`` the weights are also kept every that many iterations (``model_<n>.pt``),
+    to be scored like a checkpoint chosen on validation."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +175,8 @@ def train(folder: Path, out: Path, iterations: int, neighbours: bool, learning_r
             if (iteration + 1) % 50 == 0:
                 print(f"{iteration + 1},{running / 50:.6f},{time.time() - start:.0f}", file=log, flush=True)
                 running = 0.0
+            if snapshot_every and (iteration + 1) % snapshot_every == 0 and iteration + 1 < iterations:
+                torch.save({"model": model.state_dict(), "neighbours": neighbours}, out / f"model_{iteration + 1}.pt")
     torch.save({"model": model.state_dict(), "neighbours": neighbours}, out / "model.pt")
 
 
@@ -189,11 +194,11 @@ def region_ssims(reference: np.ndarray, test: np.ndarray, data_range: float, min
     return float(np.concatenate(foreground).mean()), float(np.concatenate(background).mean())
 
 
-def score(folder: Path, specs: list[str]) -> None:
+def score(folder: Path, specs: list[str], threads: int = 2) -> None:
     """Protocol v1 x2 on the cached validation volumes for each ``name=weights[:neighbours]``
     (``-``: the shipped file as it is), beside cubic interpolation and zero-filled k-space;
     each line gives PSNR / SSIM, then the SSIM map's mean over foreground and background."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     models = []
     for spec in specs:
         name, _, weights = spec.partition("=")
@@ -246,17 +251,19 @@ def main() -> None:
     step.add_argument("--learning-rate", type=float, default=2e-4)
     step.add_argument("--retries", type=int, default=5, choices=range(1, 101), metavar="1-100",
                       help="draws of a crop until one is not mostly empty (1: uniform crops)")
+    step.add_argument("--snapshot-every", type=int, default=0, help="also keep the weights every N iterations")
     step = steps.add_parser("score")
     step.add_argument("--cache", type=Path, required=True)
     step.add_argument("models", nargs="+", help="name=weights[:neighbours], weights '-' for the shipped file")
+    step.add_argument("--threads", type=int, default=2)
     arguments = parser.parse_args()
     if arguments.step == "cache":
         cache(arguments.scans, arguments.out)
     elif arguments.step == "train":
         train(arguments.cache, arguments.out, arguments.iterations, arguments.neighbours,
-              arguments.learning_rate, arguments.retries)
+              arguments.learning_rate, arguments.retries, arguments.snapshot_every)
     else:
-        score(arguments.cache, arguments.models)
+        score(arguments.cache, arguments.models, arguments.threads)
 
 
 if __name__ == "__main__":
