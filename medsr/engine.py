@@ -227,7 +227,7 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
                 values, flat = flat_pixels
                 keep_flat_regions(values[:count], flat[:count], high_res, scale)
             if padded is not None:
-                _fill_tiles(high_res, np.float32(scan.padding[0]), padded[:count], scale)
+                fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale))
             if output is not None:
                 output[start:start + len(high_res)] = high_res
             else:
@@ -262,18 +262,24 @@ def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarra
         high_res: ``(n, s*h, s*w)`` float32, the output in original units, changed in place.
         scale: ``s``.
     """
-    _fill_tiles(high_res, low_res[:, :, None, :, None], flat, scale)
+    fill_blocks(high_res, low_res, flat, (1, scale, scale))
 
 
-def _fill_tiles(high_res: np.ndarray, values, where: np.ndarray, scale: int) -> None:
-    """Set the ``scale`` x ``scale`` output tile of every low-res pixel ``where`` (``(n, h, w)``)
-    holds to ``values`` (one value, or one per low-res pixel, shaped ``(n, h, 1, w, 1)``), in
-    place: each low-res pixel against its tile, broadcast, so no upsampled mask or values are
-    made and the output is written where it is."""
-    count, height, width = where.shape
-    tiles = high_res.view()
-    tiles.shape = (count, height, scale, width, scale)  # a view of the output (raises if it cannot be)
-    np.copyto(tiles, values, where=where[:, :, None, :, None])
+def fill_blocks(fine: np.ndarray, values, where: np.ndarray, factors: tuple[int, ...]) -> None:
+    """Set the block of ``fine`` that each marked element of the coarse ``where`` covers
+    (``factors[i]`` fine elements per coarse one along axis ``i``) to ``values``: one value, or
+    an array shaped like ``where`` (one per coarse element). In place, through a view of
+    ``fine`` with each axis split in two (coarse, within the block), every coarse element
+    broadcast against its block: no upsampled mask or values are made.
+
+    The output tiles of low-res pixels in-plane (``factors`` 1, s, s) and the thin voxels of
+    thick ones through-plane (``factor`` along the slice axis) are both such blocks.
+    """
+    blocks = fine.view()
+    blocks.shape = [n for size, factor in zip(where.shape, factors, strict=True) for n in (size, factor)]
+    inside = tuple(range(1, 2 * where.ndim, 2))  # the within-block axes of the view
+    values = np.expand_dims(values, inside) if np.ndim(values) else values
+    np.copyto(blocks, values, where=np.expand_dims(where, inside))
 
 
 def flat_neighbourhoods(values: torch.Tensor) -> torch.Tensor:

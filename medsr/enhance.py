@@ -34,7 +34,7 @@ from medsr.engine import (
     survey_scan,
 )
 from medsr.errors import MedsrError
-from medsr.geometry import in_plane_factors, rescaled_affine
+from medsr.geometry import in_plane_factors, rescaled_affine, through_plane_factors
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
 from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
 
@@ -267,8 +267,8 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, wind
 def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
                    factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
     """Through-plane enhancement: the whole volume in memory (planes cross every slice)."""
-    from medsr.engine import is_padding
-    from medsr.through_plane import check_factor, default_factor, enhance_through_plane, fill_thin_voxels
+    from medsr.engine import fill_blocks, is_padding
+    from medsr.through_plane import check_factor, default_factor, enhance_through_plane
 
     if factor is None:
         factor = default_factor(scan.affine, scan.slice_axis)
@@ -283,7 +283,7 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
     enhanced = enhance_through_plane(volume, scan.affine, scan.slice_axis, enhancer.model, factor, window,
                                      device, batch_size, precision, progress)
     if padded is not None:  # a thin voxel is padding where its thick voxel was
-        fill_thin_voxels(enhanced.array, np.float32(scan.padding[0]), padded, scan.slice_axis, factor)
+        fill_blocks(enhanced.array, np.float32(scan.padding[0]), padded, through_plane_factors(scan.slice_axis, factor))
     description = f"medsr {__version__} {enhancer.name} through-plane x{factor}: thin slices from thick"
     slabs = np.moveaxis(enhanced.array, scan.slice_axis, 0)
     if output_format == "dicom":

@@ -58,6 +58,16 @@ def in_plane_factors(slice_axis: int, scale: float) -> tuple[float, float, float
     return tuple(factors)  # type: ignore[return-value]
 
 
+def through_plane_factors(slice_axis: int, factor: int) -> tuple[int, int, int]:
+    """Per-axis factors that divide each slice along ``slice_axis`` into ``factor`` thin ones
+    and leave the in-plane axes."""
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, not {slice_axis}")
+    factors = [1, 1, 1]
+    factors[slice_axis] = int(factor)
+    return tuple(factors)  # type: ignore[return-value]
+
+
 def slice_axis_of(affine: np.ndarray) -> int:
     """The slice axis of a volume known only by its voxel sizes (NIfTI).
 

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from medsr.engine import EnhancedVolume, autocast_for, flat_neighbourhoods
+from medsr.engine import EnhancedVolume, autocast_for, fill_blocks, flat_neighbourhoods
 from medsr.errors import MedsrError
-from medsr.geometry import rescaled_affine, voxel_sizes
+from medsr.geometry import rescaled_affine, through_plane_factors, voxel_sizes
 from medsr.model import THROUGH_PLANE_FACTORS, ThroughPlaneNet
 from medsr.transforms import IntensityWindow, bspline_upsample
 
@@ -116,28 +116,16 @@ def enhance_through_plane(volume: np.ndarray, affine: np.ndarray, slice_axis: in
                 done += len(output)
                 if progress is not None:
                     progress(done, total)
-    factors = [1.0, 1.0, 1.0]
-    factors[slice_axis] = float(factor)
-    new_affine = rescaled_affine(affine, factors)
+    thin_per_thick = through_plane_factors(slice_axis, factor)
+    new_affine = rescaled_affine(affine, thin_per_thick)
     enhanced = window.inverse(refined)
     # as in-plane (medsr.engine.keep_flat_regions): a thick voxel whose neighbourhood (7x7
     # in-plane, the thick slices either side) holds one exact value, the empty background of a
     # skull-stripped volume, keeps it in its thin voxels; the network painted up to 52 there on
     # a range of about 1,100 (open_ms_mni patient26 T2, every 4th slice made thin again x4)
-    fill_thin_voxels(enhanced, volume, _flat_across_thick_slices(volume, slice_axis), slice_axis, factor)
+    fill_blocks(enhanced, volume, _flat_across_thick_slices(volume, slice_axis), thin_per_thick)
     return EnhancedVolume(array=enhanced, affine=new_affine, slice_axis=slice_axis,
                           window=window, shape=tuple(refined.shape))
-
-
-def fill_thin_voxels(thin: np.ndarray, values, where: np.ndarray, slice_axis: int, factor: int) -> None:
-    """Set the ``factor`` thin voxels of every thick voxel marked in ``where`` to its value in
-    ``values`` (an array shaped like ``where``, or one number), in place: each thick voxel is
-    broadcast against its thin voxels through a view of ``thin`` (splitting one axis in two
-    never needs a copy), so no thin-sized mask is built."""
-    view = thin.view()
-    view.shape = (*where.shape[:slice_axis], where.shape[slice_axis], factor, *where.shape[slice_axis + 1:])
-    values = np.expand_dims(values, slice_axis + 1) if np.ndim(values) else values
-    np.copyto(view, values, where=np.expand_dims(where, slice_axis + 1))
 
 
 def _flat_across_thick_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:

@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsr.geometry import in_plane_factors, largest_spacing_axis, rescaled_affine, slice_axis_of, voxel_sizes
+from medsr.geometry import (
+    in_plane_factors,
+    largest_spacing_axis,
+    rescaled_affine,
+    slice_axis_of,
+    through_plane_factors,
+    voxel_sizes,
+)
 
 
 def oblique_affine(spacing=(0.8, 0.6, 3.0), angle=0.3, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
@@ -61,6 +68,12 @@ def test_in_plane_factors():
     assert in_plane_factors(0, 2) == (1.0, 2.0, 2.0)
     with pytest.raises(ValueError, match="slice_axis"):
         in_plane_factors(3, 2)
+
+
+def test_through_plane_factors():
+    assert through_plane_factors(1, 4) == (1, 4, 1)
+    with pytest.raises(ValueError, match="slice_axis"):
+        through_plane_factors(3, 4)
 
 
 @pytest.mark.parametrize("spacing, expected", [

@@ -163,22 +163,24 @@ def test_flat_background_stays_flat_in_thin_slices(through_plane_checkpoint, mon
     np.testing.assert_array_equal(kept[~flat], raw[~flat])
 
 
-@pytest.mark.parametrize("slice_axis", [0, 1, 2])
-def test_thin_voxel_fill_matches_a_repeated_mask(slice_axis):
-    """``fill_thin_voxels`` (a broadcast view, used by the flat rule and the padding restore)
-    sets exactly the thin voxels a thick-voxel mask repeated ``factor`` times along the slice
-    axis marks, with the thick voxel's value or one number, and leaves every other voxel."""
-    from medsr.through_plane import fill_thin_voxels
+@pytest.mark.parametrize("factors", [(3, 1, 1), (1, 3, 1), (1, 1, 3), (1, 2, 2)],
+                         ids=["thin-axis0", "thin-axis1", "thin-axis2", "in-plane-tiles"])
+def test_block_fill_matches_a_repeated_mask(factors):
+    """``fill_blocks`` (a broadcast view, used by the flat rule and the padding restore, in-plane
+    and through-plane) sets exactly the fine voxels a coarse mask repeated ``factors`` times
+    along each axis marks, with the coarse voxel's value or one number, and leaves every other
+    voxel."""
+    from medsr.engine import fill_blocks
 
-    rng = np.random.default_rng(slice_axis)
-    thick = rng.normal(size=(5, 6, 7)).astype(np.float32)
-    where = rng.random(thick.shape) < 0.3
-    shape = list(thick.shape)
-    shape[slice_axis] *= 3
-    for values in (thick, np.float32(-2048.0)):
-        thin = rng.normal(size=shape).astype(np.float32)
-        expected = thin.copy()
-        mask = np.repeat(where, 3, axis=slice_axis)
-        expected[mask] = np.repeat(thick, 3, axis=slice_axis)[mask] if np.ndim(values) else values
-        fill_thin_voxels(thin, values, where, slice_axis, 3)
-        np.testing.assert_array_equal(thin, expected)
+    rng = np.random.default_rng(sum(a * f for a, f in enumerate(factors)))
+    coarse = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    where = rng.random(coarse.shape) < 0.3
+    mask, repeated = where, coarse
+    for axis, factor in enumerate(factors):
+        mask, repeated = np.repeat(mask, factor, axis=axis), np.repeat(repeated, factor, axis=axis)
+    for values in (coarse, np.float32(-2048.0)):
+        fine = rng.normal(size=mask.shape).astype(np.float32)
+        expected = fine.copy()
+        expected[mask] = repeated[mask] if np.ndim(values) else values
+        fill_blocks(fine, values, where, factors)
+        np.testing.assert_array_equal(fine, expected)
