@@ -36,9 +36,9 @@ from skimage.metrics import structural_similarity
 
 from medsr.batch_degradation import RandomBatchDegradation
 from medsr.checkpoint import default_weights, safe_torch_load
-from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL, discover_scans, is_ct
-from medsr.evaluation import BASELINES
-from medsr.metrics import SSIM_SIGMA, psnr, scored_slices, ssim, trim_border
+from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL, discover_scans, informative_mask, is_ct
+from medsr.evaluation import BASELINES, slice_scores
+from medsr.metrics import SSIM_SIGMA, scored_slices, trim_border
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
 from medsr.transforms import DEGRADE_SLICE, crop_to_multiple, robust_window
@@ -59,12 +59,10 @@ def cache(scans: Path, out: Path) -> None:
                 scan = read_scan(source.path, source.series_uid)
                 normalised = robust_window(scan.array).forward(scan.array)
                 volume = np.moveaxis(normalised, scan.slice_axis, 0)
-                low, high = float(normalised.min()), float(normalised.max())
-                informative = [(s > low + FOREGROUND_LEVEL * (high - low)).mean() >= FOREGROUND_FRACTION
-                               for s in volume]
                 name = f"{split.split('_')[0]}_{entry.replace('/', '_')}_{number}"
                 np.savez_compressed(out / f"{name}.npz", volume=volume.astype(np.float16),
-                                    informative=np.asarray(informative), is_ct=is_ct(scan.array, scan.modality))
+                                    informative=informative_mask(normalised, scan.slice_axis),
+                                    is_ct=is_ct(scan.array, scan.modality))
                 print(name, volume.shape, flush=True)
 
 
@@ -226,9 +224,9 @@ def score(folder: Path, specs: list[str], threads: int = 2) -> None:
                         parts.append(run(model, stacks, codes, neighbours)[:, 0].float())
                 estimates[name] = torch.cat(parts).numpy()
             for name, estimate in estimates.items():
-                test = trim_border(estimate, 0, SCALE)
-                result = (psnr(reference, test, data_range), ssim(reference, test, 0, data_range, minimum),
-                          *region_ssims(reference, test, data_range, minimum))
+                protocol = slice_scores(high_res, estimate, 0, SCALE).scores()
+                result = (protocol["psnr"], protocol["ssim"],
+                          *region_ssims(reference, trim_border(estimate, 0, SCALE), data_range, minimum))
                 totals.setdefault((degradation, name), []).append(result)
                 print(f"{volume_name} {degradation} {name}: {result[0]:.3f} / {result[1]:.4f} "
                       f"(foreground {result[2]:.4f}, background {result[3]:.4f})", flush=True)

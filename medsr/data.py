@@ -100,13 +100,17 @@ def _cache_key(source: ScanSource, lower: float, upper: float) -> str:
     return hashlib.sha256("|".join(identity).encode()).hexdigest()[:24]
 
 
-def informative_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:
-    """Slices along ``slice_axis`` with enough foreground, shape ``(N, H, W)``."""
-    slices = np.moveaxis(volume, slice_axis, 0)
+def informative_mask(volume: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Which slices along ``slice_axis`` have enough foreground, ``(N,)`` bool."""
     low, high = float(volume.min()), float(volume.max())
     threshold = low + FOREGROUND_LEVEL * (high - low)
-    keep = [(s > threshold).mean() >= FOREGROUND_FRACTION for s in slices]
-    return slices[np.asarray(keep, dtype=bool)]
+    return np.array([(s > threshold).mean() >= FOREGROUND_FRACTION for s in np.moveaxis(volume, slice_axis, 0)],
+                    dtype=bool)
+
+
+def informative_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Slices along ``slice_axis`` with enough foreground, shape ``(N, H, W)``."""
+    return np.moveaxis(volume, slice_axis, 0)[informative_mask(volume, slice_axis)]
 
 
 def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: float) -> CachedScan:
