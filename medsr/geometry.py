@@ -49,6 +49,30 @@ def rescaled_affine(affine: np.ndarray, factors: Sequence[float]) -> np.ndarray:
     return new
 
 
+def enhanced_affine(affine: np.ndarray, slice_axis: int, scale: int, grid: str) -> np.ndarray:
+    """Affine of the in-plane output grid for a scan whose low-res pixels sit on ``grid``.
+
+    ``bicubic`` (a resampled image): the new pixels tile the old ones
+    (:func:`rescaled_affine`). ``kspace`` (k-space truncation): a zero-filled reconstruction
+    keeps the field-of-view centre on pixel N/2, so coarse pixel ``n`` is fine pixel
+    ``scale * n`` and the first pixel keeps its position; only the spacing is divided.
+
+    Args:
+        affine: ``(4, 4)`` voxel-to-world matrix of the low-res scan, mm.
+        slice_axis: the axis left alone.
+        scale: in-plane factor.
+        grid: ``"bicubic"`` or ``"kspace"``.
+    """
+    factors = in_plane_factors(slice_axis, scale)
+    if grid == "bicubic":
+        return rescaled_affine(affine, factors)
+    if grid == "kspace":
+        new = np.asarray(affine, dtype=np.float64).copy()
+        new[:3, :3] = new[:3, :3] / np.asarray(factors)
+        return new
+    raise ValueError(f"grid must be 'bicubic' or 'kspace', not {grid!r}")
+
+
 def in_plane_factors(slice_axis: int, scale: float) -> tuple[float, float, float]:
     """Per-axis factors that scale the two in-plane axes by ``scale`` and leave ``slice_axis``."""
     if slice_axis not in (0, 1, 2):
