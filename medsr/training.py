@@ -62,6 +62,7 @@ from medsr.data import (
     discover_scans,
     load_cached_scan,
 )
+from medsr.degradation import DegradationClassifier
 from medsr.engine import native_bf16
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
@@ -545,6 +546,29 @@ def _below_root(name: str, data_root: str | Path) -> str:
         return Path(name).name
 
 
+def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300) -> DegradationClassifier:
+    """Fit a :class:`~medsr.degradation.DegradationClassifier` to ``(N, 68)`` slice features and
+    their class indices with MONAI's ``SupervisedTrainer`` (AdamW, cross-entropy, a little noise
+    on the standardised features so no single bin is trusted too much); returned in eval mode.
+    Seed first (``monai.utils.set_determinism``) for a reproducible fit."""
+
+    mean = torch.as_tensor(features.mean(axis=0), dtype=torch.float32)
+    std = torch.as_tensor(features.std(axis=0) + 1e-6, dtype=torch.float32)
+    classifier = DegradationClassifier(mean, std)
+    loader = DataLoader(_FeatureExamples(features, labels), batch_size=256, shuffle=True)
+
+    def noisy_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs):
+        image = batch["image"] + 0.05 * std * torch.randn_like(batch["image"])
+        return image, batch["label"]
+
+    SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=classifier,
+        optimizer=torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=1e-3),
+        loss_function=torch.nn.CrossEntropyLoss(), prepare_batch=noisy_batch,
+    ).run()
+    return classifier.eval()
+
+
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
                                  epochs: int = 300) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
@@ -559,7 +583,7 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         MedsrError: no training scans.
     """
     from medsr.data import degradation_examples
-    from medsr.degradation import CLASSES, MAX_SLICES, DegradationClassifier, choose_grid, save_classifier
+    from medsr.degradation import CLASSES, MAX_SLICES, choose_grid, save_classifier
     from medsr.transforms import GRID_OF
 
     if not config.train_scans:
@@ -568,22 +592,7 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
     set_determinism(seed=config.seed)
     features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
                                                slices_per_scan, config.seed)
-    mean = torch.as_tensor(features.mean(axis=0), dtype=torch.float32)
-    std = torch.as_tensor(features.std(axis=0) + 1e-6, dtype=torch.float32)
-    classifier = DegradationClassifier(mean, std)
-    loader = DataLoader(_FeatureExamples(features, labels), batch_size=256, shuffle=True)
-
-    def noisy_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs):
-        # a little noise on the standardised features, so no single bin is trusted too much
-        image = batch["image"] + 0.05 * std * torch.randn_like(batch["image"])
-        return image, batch["label"]
-
-    SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=classifier,
-        optimizer=torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=1e-3),
-        loss_function=torch.nn.CrossEntropyLoss(), prepare_batch=noisy_batch,
-    ).run()
-    classifier.eval()
+    classifier = fit_classifier(features, labels, epochs)
     report = {"train_examples": int(len(labels)), "scale": config.scale, "validation": {}}
     val_scans = _cached(config, "val_scans") if config.val_scans else []
     if val_scans:

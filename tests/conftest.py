@@ -122,7 +122,10 @@ def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2
     for k, header in enumerate(scan.dicom_headers):
         dataset = pydicom.dcmread(files[header.SOPInstanceUID])
         stored = np.uint16 if dataset.PixelRepresentation == 0 else np.int16
-        plane = np.clip(np.rint(low_res[:, :, k].T), 0, None).astype(stored)
+        # original units back to stored values (CT: HU through the inverse of the rescale)
+        slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
+        limits = np.iinfo(stored)
+        plane = np.clip(np.rint((low_res[:, :, k].T - intercept) / slope), limits.min, limits.max).astype(stored)
         for tag in [t for t in dataset.keys() if t.group == 0x0000]:
             del dataset[tag]  # the sample carries a stray command set
         row_step, column_step = (float(v) for v in dataset.PixelSpacing)
