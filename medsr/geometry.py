@@ -12,7 +12,8 @@ the rule for every in-plane output, and :func:`degraded_affine`, its inverse):
   versa when downsampling); the first voxel centre moves by a quarter of a coarse voxel at x2
   (:func:`rescaled_affine`). Through-plane thin slices use the same rule.
 - ``kspace`` (k-space truncation: MR acquired with fewer lines, zero-filled to a larger matrix):
-  public reconstruction frameworks (Gadgetron's DICOM writer, mrpro, SIRF, BART) place the
+  public reconstruction frameworks (Gadgetron's DICOM writer,
+  ``gadgets/dicom/dicom_ismrmrd_utility.cpp``; mrpro, SIRF, BART) place the
   field-of-view centre on pixel ``N/2`` and the first pixel at ``centre - (N/2) x spacing``, so
   an image zero-filled to ``s N`` pixels keeps the first pixel's position and coarse pixel ``n``
   is fine pixel ``s n``. That is also the protocol's ``kspace`` degradation (the centred FFT
