@@ -125,6 +125,8 @@ def test_multiframe_per_frame_positions_follow_the_grid(tmp_path, grid):
     counts = IntensityCounts()
     counts.add(volume)
     affine = enhanced_affine(scan.affine, 2, 2, grid)
+    with pytest.raises(ValueError, match=f"enhanced_affine, {OTHER_GRID[grid]}"):  # the grid told decides
+        DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", counts.window(), grid=OTHER_GRID[grid])
     with DicomSeriesWriter(tmp_path / "out", scan, affine, 2, "test", counts.window(), grid=grid) as writer:
         writer.write(np.repeat(np.repeat(np.moveaxis(volume, 2, 0), 2, axis=1), 2, axis=2))
     (written,) = sorted((tmp_path / "out").glob("*.dcm"))
