@@ -158,7 +158,8 @@ def enhance(
     weights: Annotated[Path | None, typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
     degradation: Annotated[str, typer.Option(
         help="How the scan lost resolution: auto (found from the pixels, the default), kspace (fewer "
-             "k-space lines) or bicubic (resampled).")] = "auto",
+             "k-space lines; the output keeps the first pixel's position) or bicubic (resampled; the "
+             "output pixels tile the input's).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass.")] = None,
     series: Annotated[str | None, typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,

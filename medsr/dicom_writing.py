@@ -3,7 +3,9 @@
 MONAI cannot write DICOM series, so medsr derives each output object from its source header:
 same SOP Class, study, patient, frame of reference and modality; new series and instance UIDs;
 ``DERIVED\\SECONDARY`` image type, a derivation description and references to the source
-images; geometry on the grid that tiles the original pixels (the NIfTI rule of
+images; geometry on the grid of the NIfTI output (in-plane: the grid the model was told,
+:func:`medsr.geometry.enhanced_affine`, whose pixels tile the source's for a resampled scan and
+keep the first pixel's position for a k-space truncated one; through-plane: the tiling rule of
 :func:`medsr.geometry.rescaled_affine`); pixel data in the source's bits and signedness, with a
 rescale chosen so the enhanced values (HU, MR units) fit without clipping.
 
@@ -58,7 +60,7 @@ from pydicom.valuerep import VR
 
 from medsr import __version__
 from medsr.errors import OutputError
-from medsr.geometry import LPS_TO_RAS, rescaled_affine
+from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
 from medsr.reading import OpenScan, functional_group, stored_padding
 from medsr.transforms import IntensityWindow
 from medsr.writing import is_empty_folder, output_taken, staging_folder, sync_file, sync_folder
@@ -424,19 +426,23 @@ def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydi
 
 class _DerivedSeriesWriter:
     """Write a new series derived image by image from an opened DICOM scan, on a grid ``scale``
-    times finer in-plane with ``factor`` thin slices per source slice (one of the two is 1:
-    see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the contract).
+    times finer in-plane (on ``grid``) with ``factor`` thin slices per source slice (one of the
+    two is 1: see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the
+    contract).
     """
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
                  window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
-                 series_suffix: str) -> None:
+                 series_suffix: str, grid: str = "bicubic") -> None:
         if scan.source_format != "dicom" or scan.slice_axis != 2:
             raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
-        grid = rescaled_affine(scan.affine, (scale, scale, factor))
-        if not np.allclose(affine, grid, atol=AFFINE_TOLERANCE):
+        if factor > 1:
+            expected, rule = rescaled_affine(scan.affine, (1, 1, factor)), "medsr.geometry.rescaled_affine"
+        else:
+            expected, rule = enhanced_affine(scan.affine, 2, scale, grid), f"medsr.geometry.enhanced_affine, {grid}"
+        if not np.allclose(affine, expected, atol=AFFINE_TOLERANCE):
             raise ValueError(f"affine must be the source grid divided by ({scale}, {scale}, {factor}) "
-                             f"(medsr.geometry.rescaled_affine), not {np.round(affine, 4).tolist()}")
+                             f"({rule}), not {np.round(affine, 4).tolist()}")
         positions = _per_slice_values(scan, "ImagePositionPatient")
         if factor > 1 and scan.n_slices < 2:
             raise OutputError(f"{scan.path}: thin slices are placed between neighbouring source slices; "
@@ -471,7 +477,8 @@ class _DerivedSeriesWriter:
         self.spacing = _pixel_spacing(affine)
         self.n_images = scan.n_slices * factor
         # the in-plane part of the grid's move is the same for every slice (the origin's move
-        # less the half step the slice axis adds); along the slice axis each image is placed from
+        # less the half step the slice axis adds; none on the k-space grid, where the first
+        # pixel stays); along the slice axis each image is placed from
         # the real positions of its source slices, so uneven or tilted series stay exact
         shift = LPS_TO_RAS[:3, :3] @ ((affine[:3, 3] - scan.affine[:3, 3]) - (affine[:3, 2] - scan.affine[:3, 2]) / 2)
         self.positions = None
@@ -692,21 +699,25 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
 
     One image per source slice (one multi-frame object for multi-frame input) with ``scale``
     times the rows and columns; each keeps its source slice's own position, moved onto the
-    finer grid.
+    finer grid: by a quarter of a source pixel (x2) towards the first pixel's corner on the
+    ``bicubic`` grid, not at all on the ``kspace`` grid.
 
     Args:
         folder: the series folder to create (files ``IM0001.dcm``...).
         scan: the opened source DICOM scan (headers in slice order, or one multi-frame header).
         affine: RAS affine of the enhanced grid (slice axis 2):
-            ``rescaled_affine(scan.affine, (scale, scale, 1))``.
+            ``enhanced_affine(scan.affine, 2, scale, grid)``.
         scale: in-plane factor.
         description: DerivationDescription text.
         window: the intensity window the enhancer used (display window when the source's is
             missing or invalid).
         overwrite: replace an existing ``folder`` (an empty one is replaced without it).
+        grid: the grid of the source's pixels, the one the model was told: ``"bicubic"``
+            (resampled) or ``"kspace"`` (k-space truncated).
 
     Example:
-        >>> with DicomSeriesWriter(out, scan, enhanced_affine, 2, text, window) as writer:
+        >>> affine = enhanced_affine(scan.affine, 2, 2, "kspace")
+        >>> with DicomSeriesWriter(out, scan, affine, 2, text, window, grid="kspace") as writer:
         ...     for slab in slabs:  # (n, I', J') in original units, in slice order
         ...         writer.write(slab)
 
@@ -718,9 +729,10 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
     """
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
-                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+                 description: str, window: IntensityWindow, overwrite: bool = False, *,
+                 grid: str = "bicubic") -> None:
         super().__init__(folder, scan, affine, description, window, overwrite, scale=scale, factor=1,
-                         series_suffix=f" medsr SR x{scale}")
+                         series_suffix=f" medsr SR x{scale}", grid=grid)
 
 
 class ThinSliceSeriesWriter(_DerivedSeriesWriter):

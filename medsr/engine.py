@@ -6,8 +6,10 @@ this one, and a writer thread hands finished slices to a sink. Device, batch siz
 and ``torch.compile`` are decided here. What to enhance, where to write it and how the scan
 lost its resolution is the application's business (:mod:`medsr.enhance`).
 
-The output grid follows :func:`medsr.geometry.rescaled_affine`: in-plane voxel size divided by
-the scale, same physical extent, slice axis untouched.
+The output grid follows the grid the model is told (:func:`medsr.geometry.enhanced_affine`):
+in-plane voxel size divided by the scale, the slice axis untouched; for ``bicubic`` the new
+pixels tile the old ones, for ``kspace`` the first pixel keeps its position (coarse pixel ``n``
+is fine pixel ``scale * n``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from medsr.errors import MedsrError
-from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
+from medsr.geometry import enhanced_affine, nearest_block_start, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import OpenScan, plane_of, refuse_non_finite
 from medsr.transforms import IntensityCounts, IntensityWindow
@@ -148,7 +150,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             ``(B, 1, H, W)`` normalised slices and ``(B,)`` degradation codes to
             ``(B, 1, scale*H, scale*W)``.
         degradation: how the input lost its resolution, ``"bicubic"`` (resampled, CT) or
-            ``"kspace"`` (MR acquired with fewer k-space lines); see :mod:`medsr.model`.
+            ``"kspace"`` (MR acquired with fewer k-space lines); see :mod:`medsr.model`. It
+            is also the grid of the output (:func:`medsr.geometry.enhanced_affine`).
         device: where the model runs; CUDA uses channels-last tensors.
         batch_size: slices per forward pass (default: 4 on CPU; on CUDA as many as fit in
             half of the free GPU memory, at most 256).
@@ -225,9 +228,10 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             high_res = window.inverse(high_res)
             if flat_pixels is not None:
                 values, flat = flat_pixels
-                keep_flat_regions(values[:count], flat[:count], high_res, scale)
+                keep_flat_regions(values[:count], flat[:count], high_res, scale, degradation)
             if padded is not None:
-                fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale))
+                fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale),
+                            in_plane_block_starts(scale, degradation))
             if output is not None:
                 output[start:start + len(high_res)] = high_res
             else:
@@ -238,14 +242,15 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
     shape.insert(axis, shape.pop(0))
     return EnhancedVolume(
         array=None if output is None else np.ascontiguousarray(np.moveaxis(output, 0, axis)),
-        affine=rescaled_affine(scan.affine, in_plane_factors(axis, scale)),
+        affine=enhanced_affine(scan.affine, axis, scale, degradation),
         slice_axis=axis,
         window=window,
         shape=tuple(shape),
     )
 
 
-def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarray, scale: int) -> None:
+def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarray, scale: int,
+                      grid: str = "bicubic") -> None:
     """Give every output pixel whose low-res pixel sits in a flat neighbourhood (one value on
     all of its :data:`FLAT_WINDOW` x :data:`FLAT_WINDOW` low-res pixels, image edges left out:
     :func:`flat_neighbourhoods`) that value, in place: the masked or skull-stripped background,
@@ -256,16 +261,32 @@ def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarra
     almost no zero left, up to 29 in the background and 16.5 on slices that were all zero, on
     a range of about 1,100.
 
+    The output pixels of a low-res pixel are those nearest to it on ``grid``
+    (:func:`in_plane_block_starts`). Where the neighbourhood is flat the value would be right a
+    pixel either way (every low-res pixel within 3 holds it); the block only decides where the
+    kept region ends, and on the k-space grid at x4 the tiling block would end it three quarters
+    of a low-res pixel past the last flat pixel on one side and at it on the other.
+
     Args:
         low_res: ``(n, h, w)`` the input slices in original units.
         flat: ``(n, h, w)`` where their neighbourhood is flat.
         high_res: ``(n, s*h, s*w)`` float32, the output in original units, changed in place.
         scale: ``s``.
+        grid: the grid of the low-res pixels, ``"bicubic"`` or ``"kspace"``.
     """
-    fill_blocks(high_res, low_res, flat, (1, scale, scale))
+    fill_blocks(high_res, low_res, flat, (1, scale, scale), in_plane_block_starts(scale, grid))
 
 
-def fill_blocks(fine: np.ndarray, values, where: np.ndarray, factors: tuple[int, ...]) -> None:
+def in_plane_block_starts(scale: int, grid: str) -> tuple[int, int, int]:
+    """``starts`` of :func:`fill_blocks` for ``(n, h, w)`` slices upscaled by ``scale`` on
+    ``grid``: each low-res pixel's block is the output pixels nearest to it
+    (:func:`medsr.geometry.nearest_block_start`)."""
+    start = nearest_block_start(scale, grid)
+    return (0, start, start)
+
+
+def fill_blocks(fine: np.ndarray, values, where: np.ndarray, factors: tuple[int, ...],
+                starts: tuple[int, ...] | None = None) -> None:
     """Set the block of ``fine`` that each marked element of the coarse ``where`` covers
     (``factors[i]`` fine elements per coarse one along axis ``i``) to ``values``: one value, or
     an array shaped like ``where`` (one per coarse element). In place, through a view of
@@ -274,7 +295,21 @@ def fill_blocks(fine: np.ndarray, values, where: np.ndarray, factors: tuple[int,
 
     The output tiles of low-res pixels in-plane (``factors`` 1, s, s) and the thin voxels of
     thick ones through-plane (``factor`` along the slice axis) are both such blocks.
+
+    ``starts`` (default all 0) moves the blocks: along axis ``i`` the block of coarse element
+    ``n`` begins ``starts[i]`` fine elements before ``factors[i] * n`` (the k-space grid at x4,
+    :func:`in_plane_block_starts`). The first block then loses its first ``starts[i]`` elements
+    (they lie before the image) and the last one gains the ``starts[i]`` fine elements left at
+    the end, so every fine element still belongs to exactly one coarse element.
     """
+    if starts is not None and any(starts):
+        # where each fine element's coarse element is, per axis: an upsampled mask, made only
+        # for moved blocks
+        owners = np.ix_(*[np.minimum((np.arange(size) + start) // factor, coarse - 1)
+                          for size, factor, start, coarse in zip(fine.shape, factors, starts, where.shape,
+                                                                 strict=True)])
+        np.copyto(fine, values[owners] if np.ndim(values) else values, where=where[owners])
+        return
     blocks = fine.view()
     blocks.shape = [n for size, factor in zip(where.shape, factors, strict=True) for n in (size, factor)]
     inside = tuple(range(1, 2 * where.ndim, 2))  # the within-block axes of the view

@@ -34,7 +34,7 @@ from medsr.engine import (
     survey_scan,
 )
 from medsr.errors import MedsrError
-from medsr.geometry import in_plane_factors, rescaled_affine, through_plane_factors
+from medsr.geometry import enhanced_affine, through_plane_factors
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
 from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
 
@@ -138,7 +138,10 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         through_plane: make the slices thinner instead of the in-plane voxels smaller.
         slice_axis: the slice axis (default: DICOM's acquired slices; for NIfTI the odd one out
             of the voxel sizes, :func:`medsr.geometry.slice_axis_of`).
-        degradation: ``auto``, ``bicubic`` or ``kspace`` (in-plane).
+        degradation: ``auto``, ``bicubic`` or ``kspace`` (in-plane). The grid found or told is
+            also the output's geometry (:func:`medsr.geometry.enhanced_affine`): for
+            ``bicubic`` the new pixels tile the input's, for ``kspace`` the first pixel keeps
+            its position and only the spacing is divided.
         device: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
         batch_size: slices per forward pass (default: 4 on the CPU, from free memory on CUDA).
         series_uid: the series to take from a folder that holds several.
@@ -207,8 +210,10 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                             survey=survey, compile_model=compile_model, precision=precision)
     axis = scan.slice_axis
     shape = tuple(n * (model_scale if a != axis else 1) for a, n in enumerate(scan.shape))
-    affine = rescaled_affine(scan.affine, in_plane_factors(axis, model_scale))
-    volume = _write(scan, output, output_format, shape, affine, window, overwrite,
+    # the output grid is the grid found or told: tiling for a resampled scan, the first pixel
+    # kept for k-space truncation
+    affine = enhanced_affine(scan.affine, axis, model_scale, degradation)
+    volume = _write(scan, output, output_format, shape, affine, degradation, window, overwrite,
                     long_description=f"medsr {__version__} {enhancer.name} x{model_scale} in-plane "
                                      f"super-resolution; degradation {told}",
                     short_description=f"medsr x{model_scale} {degradation}"
@@ -245,7 +250,7 @@ def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> Deg
     return estimate
 
 
-def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, window, overwrite: bool,
+def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid: str, window, overwrite: bool,
            long_description: str, short_description: str, run) -> EnhancedVolume:
     """Run ``run(sink=...)`` into the output format's writer; NIfTI ``descrip`` holds 80
     characters, so it gets the short description (the long one goes to DICOM)."""
@@ -256,7 +261,8 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, wind
         from medsr.dicom_writing import DicomSeriesWriter
 
         scale = int(round(shape[0] / scan.shape[0]))
-        with DicomSeriesWriter(output, scan, affine, scale, long_description, window, overwrite) as writer:
+        with DicomSeriesWriter(output, scan, affine, scale, long_description, window, overwrite,
+                               grid=grid) as writer:
             return run(sink=writer.write)
     description = nifti_description(short_description, scan.photometric)
     with NiftiSliceWriter(output, shape, affine, description, overwrite, slice_axis=axis,

@@ -1,9 +1,23 @@
 """Voxel-grid geometry shared by degradation, enhancement and writing.
 
 All affines map voxel indices ``(i, j, k)`` to world millimetres in the RAS+ convention that
-NIfTI and nibabel use. The rule for a resampled grid keeps the physical extent: every new voxel
-tiles the old ones exactly, so voxel centres of the new grid sit symmetrically inside the old
-voxels (and vice versa when downsampling).
+NIfTI and nibabel use.
+
+Two in-plane grids, one per way a scan loses resolution (:func:`enhanced_affine`, the one home of
+the rule for every in-plane output, and :func:`degraded_affine`, its inverse):
+
+- ``bicubic`` (resampling: a resliced or MNI-space volume, an export at a smaller matrix, CT
+  reconstructed coarse): the grid keeps the physical extent, every new voxel tiles the old ones
+  exactly, so voxel centres of the new grid sit symmetrically inside the old voxels (and vice
+  versa when downsampling); the first voxel centre moves by a quarter of a coarse voxel at x2
+  (:func:`rescaled_affine`). Through-plane thin slices use the same rule.
+- ``kspace`` (k-space truncation: MR acquired with fewer lines, zero-filled to a larger matrix):
+  public reconstruction frameworks (Gadgetron's DICOM writer,
+  ``gadgets/dicom/dicom_ismrmrd_utility.cpp``; mrpro, SIRF, BART) place the
+  field-of-view centre on pixel ``N/2`` and the first pixel at ``centre - (N/2) x spacing``, so
+  an image zero-filled to ``s N`` pixels keeps the first pixel's position and coarse pixel ``n``
+  is fine pixel ``s n``. That is also the protocol's ``kspace`` degradation (the centred FFT
+  crop) and the grid the model's zero-filled upsampler restores. Only the spacing changes.
 """
 
 from __future__ import annotations
@@ -49,19 +63,29 @@ def rescaled_affine(affine: np.ndarray, factors: Sequence[float]) -> np.ndarray:
     return new
 
 
-def enhanced_affine(affine: np.ndarray, slice_axis: int, scale: int, grid: str) -> np.ndarray:
+def enhanced_affine(affine: np.ndarray, slice_axis: int, scale: float, grid: str) -> np.ndarray:
     """Affine of the in-plane output grid for a scan whose low-res pixels sit on ``grid``.
 
     ``bicubic`` (a resampled image): the new pixels tile the old ones
     (:func:`rescaled_affine`). ``kspace`` (k-space truncation): a zero-filled reconstruction
     keeps the field-of-view centre on pixel N/2, so coarse pixel ``n`` is fine pixel
-    ``scale * n`` and the first pixel keeps its position; only the spacing is divided.
+    ``scale * n`` and the first pixel keeps its position; only the spacing is divided (see the
+    module docstring for the sources).
 
     Args:
         affine: ``(4, 4)`` voxel-to-world matrix of the low-res scan, mm.
         slice_axis: the axis left alone.
-        scale: in-plane factor.
+        scale: in-plane factor (a fraction gives the coarser grid: :func:`degraded_affine`).
         grid: ``"bicubic"`` or ``"kspace"``.
+
+    Returns:
+        The ``(4, 4)`` affine of the enhanced grid.
+
+    Example:
+        >>> enhanced_affine(np.diag([2.0, 2.0, 5.0, 1.0]), 2, 2, "kspace")[:3, 3]  # first pixel kept
+        array([0., 0., 0.])
+        >>> enhanced_affine(np.diag([2.0, 2.0, 5.0, 1.0]), 2, 2, "bicubic")[:3, 3]  # tiles the old
+        array([-0.5, -0.5,  0. ])
     """
     factors = in_plane_factors(slice_axis, scale)
     if grid == "bicubic":
@@ -70,6 +94,34 @@ def enhanced_affine(affine: np.ndarray, slice_axis: int, scale: int, grid: str) 
         new = np.asarray(affine, dtype=np.float64).copy()
         new[:3, :3] = new[:3, :3] / np.asarray(factors)
         return new
+    raise ValueError(f"grid must be 'bicubic' or 'kspace', not {grid!r}")
+
+
+def degraded_affine(affine: np.ndarray, slice_axis: int, scale: int, grid: str) -> np.ndarray:
+    """Affine of the low-res grid that ``grid``'s degradation by ``scale`` leaves of a high-res
+    scan: in-plane spacing times ``scale``; on the ``bicubic`` grid the coarse pixels tile the
+    fine ones, on the ``kspace`` grid the first pixel stays. The inverse of
+    :func:`enhanced_affine`: enhancing the result by ``scale`` on the same grid gives ``affine``
+    back."""
+    return enhanced_affine(affine, slice_axis, 1.0 / scale, grid)
+
+
+def nearest_block_start(scale: int, grid: str) -> int:
+    """How many fine pixels before fine pixel ``scale * n`` the fine pixels nearest to coarse
+    pixel ``n`` begin, along one in-plane axis (``scale`` of them, a tie going to the lower
+    coarse pixel).
+
+    ``bicubic``: 0, the block ``scale*n .. scale*n + scale - 1`` that the coarse pixel tiles.
+    ``kspace``: coarse pixel ``n`` is fine pixel ``scale*n``, so its nearest fine pixels are
+    ``scale*n - (scale/2 - 1) .. scale*n + scale/2``: 0 at x2 (fine ``2n`` and the tie ``2n+1``),
+    1 at x4 (``4n-1 .. 4n+2``; the block ``4n .. 4n+3`` would give ``4n+3``, nearer to coarse
+    ``n+1``, to ``n``). An even block can never be centred on one fine pixel: half a fine pixel
+    of asymmetry is left either way.
+    """
+    if grid == "bicubic":
+        return 0
+    if grid == "kspace":
+        return max(int(scale) // 2 - 1, 0)
     raise ValueError(f"grid must be 'bicubic' or 'kspace', not {grid!r}")
 
 

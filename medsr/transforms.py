@@ -7,7 +7,8 @@ default path copes with what the protocol does not name. Every degradation puts 
 pixels on one of two grids (:data:`GRID_OF`): resampling centres each low-res pixel on the
 block of high-res pixels it covers (the ``bicubic`` grid); k-space truncation and plain
 decimation sample every ``scale``-th high-res pixel (the ``kspace`` grid). The model is told the
-grid (see :mod:`medsr.model`). Training draws randomised variants of all of them
+grid (see :mod:`medsr.model`), and the low-res affine :func:`degrade_volume` returns is that
+grid's (:func:`medsr.geometry.degraded_affine`). Training draws randomised variants of all of them
 (:class:`RandomDegradePair`), so the model does not overfit one kernel.
 """
 
@@ -22,7 +23,7 @@ from scipy.ndimage import gaussian_filter, zoom
 from skimage.transform import downscale_local_mean, rescale
 
 from medsr.errors import MedsrError
-from medsr.geometry import in_plane_factors, rescaled_affine
+from medsr.geometry import degraded_affine
 
 DEGRADATIONS = ("bicubic", "kspace")  # protocol v1, and the two grids the model knows
 STRESS_DEGRADATIONS = ("area", "gaussian", "lanczos", "rician")
@@ -318,7 +319,11 @@ def degrade_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, scal
 
     Returns:
         ``(low_res, high_res, low_res_affine)``: the degraded volume, the cropped reference
-        and the affine of the low-res grid (voxel size x ``scale`` in-plane, same extent).
+        and the affine of the low-res grid, voxel size x ``scale`` in-plane on the
+        degradation's grid (:data:`GRID_OF`): the same extent on the ``bicubic`` grid (its
+        pixels tile the reference's), the reference's first pixel on the ``kspace`` grid (low-res
+        pixel ``n`` is high-res pixel ``scale * n``). Enhancing on that grid
+        (:func:`medsr.geometry.enhanced_affine`) gives the reference's affine back.
     """
     if degradation not in ALL_DEGRADATIONS:
         raise MedsrError(f"degradation must be one of {', '.join(ALL_DEGRADATIONS)}, not {degradation!r}")
@@ -336,8 +341,7 @@ def degrade_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, scal
         degrade = DEGRADE_SLICE[degradation]
         low_res = np.stack([degrade(s, scale) for s in slices], axis=0)
     low_res = np.moveaxis(low_res, 0, slice_axis)
-    factors = in_plane_factors(slice_axis, 1.0 / scale)
-    return low_res, high_res, rescaled_affine(affine, factors)
+    return low_res, high_res, degraded_affine(affine, slice_axis, scale, GRID_OF[degradation])
 
 
 class DegradeResolution(Transform):

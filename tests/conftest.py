@@ -104,19 +104,33 @@ def session_tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt")
 
 
+def grid_found(cli_output: str) -> str:
+    """The grid ``medsr enhance`` reported (``degradation: kspace ...`` on stderr)."""
+    import re
+
+    found = re.search(r"degradation: (bicubic|kspace)", cli_output)
+    assert found, cli_output
+    return found.group(1)
+
+
 def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2) -> Path:
     """A real DICOM series made coarser in-plane by protocol v1, written as a new series: the
-    pixels as a scanner (kspace) or a resampling export (bicubic) would have left them, on a
-    grid with the same physical extent (pixel spacing x ``scale``, the first pixel's centre
-    moved to the centre of the block of high-res pixels it covers)."""
+    pixels as a scanner (kspace) or a resampling export (bicubic) would have left them, on
+    that degradation's grid (pixel spacing x ``scale``; for ``bicubic`` the same physical
+    extent, the first pixel's centre moved to the centre of the block of high-res pixels it
+    covers; for ``kspace`` the first pixel's centre kept, as a scanner's zero-filled
+    reconstruction places it: :func:`medsr.geometry.degraded_affine`)."""
     import numpy as np
 
+    from medsr.geometry import LPS_TO_RAS
     from medsr.reading import read_scan
     from medsr.transforms import degrade_volume
 
     folder.mkdir()
     scan = read_scan(source)
-    low_res, _, _ = degrade_volume(scan.array, scan.affine, 2, scale, degradation)
+    low_res, _, low_res_affine = degrade_volume(scan.array, scan.affine, 2, scale, degradation)
+    # the in-plane move of every slice's first pixel (the slice axis is untouched), in LPS
+    shift = LPS_TO_RAS[:3, :3] @ (low_res_affine[:3, 3] - scan.affine[:3, 3])
     files = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID: path for path in source.glob("*.dcm")}
     series_uid = pydicom.uid.generate_uid()
     for k, header in enumerate(scan.dicom_headers):
@@ -129,8 +143,6 @@ def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2
         for tag in [t for t in dataset.keys() if t.group == 0x0000]:
             del dataset[tag]  # the sample carries a stray command set
         row_step, column_step = (float(v) for v in dataset.PixelSpacing)
-        along_row, along_column = np.reshape(np.asarray(dataset.ImageOrientationPatient, float), (2, 3))
-        shift = (scale - 1) / 2 * (column_step * along_row + row_step * along_column)
         as_ds = pydicom.valuerep.format_number_as_ds  # DS holds at most 16 characters
         position = np.asarray(dataset.ImagePositionPatient, float) + shift
         dataset.ImagePositionPatient = [as_ds(float(v)) for v in position]

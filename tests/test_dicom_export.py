@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -13,7 +14,7 @@ from pydicom.uid import UID
 from typer.testing import CliRunner
 
 from medsr.cli import app
-from medsr.geometry import in_plane_factors, rescaled_affine
+from medsr.geometry import enhanced_affine
 from medsr.reading import read_scan
 
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors
@@ -85,7 +86,9 @@ def test_round_trip_geometry_and_units(exported, name):
     source, folder, nifti = exported[name]
     original = read_scan(source)
     written = read_scan(folder if name != "multiframe" else _files(folder)[0])
-    expected_affine = rescaled_affine(original.affine, in_plane_factors(2, 2))
+    # on the grid found, which the output records: tiling (resampled) or first pixel kept (k-space)
+    found = re.search(r"degradation (bicubic|kspace)", pydicom.dcmread(_files(folder)[0]).DerivationDescription)
+    expected_affine = enhanced_affine(original.affine, 2, 2, found.group(1))
     np.testing.assert_allclose(written.affine, expected_affine, atol=1e-4)
     enhanced = nib.load(nifti).get_fdata(dtype=np.float32)  # float32, no rounding
     slope = float(pydicom.dcmread(_files(folder)[0]).get("RescaleSlope", 1) or 1)

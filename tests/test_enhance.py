@@ -12,10 +12,10 @@ from medsr.checkpoint import load_model
 from medsr.cli import app
 from medsr.engine import enhance_scan, enhance_volume
 from medsr.errors import MedsrError
-from medsr.geometry import in_plane_factors, rescaled_affine, voxel_sizes
+from medsr.geometry import enhanced_affine, in_plane_factors, rescaled_affine, voxel_sizes
 from medsr.reading import open_scan, read_scan
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, pydicom_test_file
+from conftest import CT_SERIES, MR_MULTIFRAME, MR_NIFTI, MR_SERIES, grid_found, pydicom_test_file
 
 runner = CliRunner()
 
@@ -72,7 +72,8 @@ def test_cli_enhances_every_sample_scan(tmp_path, source, session_tiny_checkpoin
         if axis != scan.slice_axis:
             expected_shape[axis] *= 2
     assert list(image.shape) == expected_shape
-    expected_affine = rescaled_affine(scan.affine, in_plane_factors(scan.slice_axis, 2))
+    # on the grid found: tiling for a resampled scan, the first voxel kept for k-space
+    expected_affine = enhanced_affine(scan.affine, scan.slice_axis, 2, grid_found(result.output))
     np.testing.assert_allclose(image.get_sform(), expected_affine, atol=1e-4)
     # the input's NIfTI codes (scanner for DICOM), never relabelled
     assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == scan.xform_codes

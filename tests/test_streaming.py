@@ -401,7 +401,7 @@ def test_a_real_scans_exact_background_stays_exact(tiny_checkpoint, monkeypatch)
     volume = np.take(scan.array, range(60, 72), axis=axis)
     model, _ = load_model(tiny_checkpoint)
     kept = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
-    monkeypatch.setattr(engine, "keep_flat_regions", lambda low_res, flat, high_res, scale: None)
+    monkeypatch.setattr(engine, "keep_flat_regions", lambda *arguments: None)
     raw = enhance_volume(volume, scan.affine, axis, model, "bicubic", precision="fp32").array
     window = [FLAT_WINDOW] * 3
     window[axis] = 1

@@ -163,6 +163,29 @@ def test_flat_background_stays_flat_in_thin_slices(through_plane_checkpoint, mon
     np.testing.assert_array_equal(kept[~flat], raw[~flat])
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_block_fill_on_the_kspace_grid_gives_each_output_pixel_its_nearest_low_res_pixel(scale):
+    """In-plane on the k-space grid (low-res pixel ``n`` is output pixel ``s n``) each flat or
+    padded low-res pixel fills the output pixels nearest to it, ties to the lower one, and the
+    output pixels past the last low-res pixel go to it: at x4 ``4n-1 .. 4n+2``, not the
+    tiling block ``4n .. 4n+3``."""
+    from medsr.engine import fill_blocks, in_plane_block_starts
+
+    rng = np.random.default_rng(scale)
+    coarse = rng.normal(size=(2, 5, 6)).astype(np.float32)
+    where = rng.random(coarse.shape) < 0.4
+    fine = rng.normal(size=(2, 5 * scale, 6 * scale)).astype(np.float32)
+    expected = fine.copy()
+    for index in np.ndindex(fine.shape):
+        # the nearest low-res pixel of output pixel m is m / s rounded, ties down, within the image
+        owner = [index[0]] + [min(int(np.ceil(m / scale - 0.5)), n - 1)
+                              for m, n in zip(index[1:], coarse.shape[1:], strict=True)]
+        if where[tuple(owner)]:
+            expected[index] = coarse[tuple(owner)]
+    fill_blocks(fine, coarse, where, (1, scale, scale), in_plane_block_starts(scale, "kspace"))
+    np.testing.assert_array_equal(fine, expected)
+
+
 @pytest.mark.parametrize("factors", [(3, 1, 1), (1, 3, 1), (1, 1, 3), (1, 2, 2)],
                          ids=["thin-axis0", "thin-axis1", "thin-axis2", "in-plane-tiles"])
 def test_block_fill_matches_a_repeated_mask(factors):

@@ -6,14 +6,17 @@ from skimage.transform import rescale
 
 from medsr.errors import MedsrError
 from medsr.evaluation import upscale_zero_fill
-from medsr.geometry import voxel_sizes
+from medsr.geometry import enhanced_affine, voxel_sizes
 from medsr.reading import read_scan
 from medsr.transforms import (
+    ALL_DEGRADATIONS,
+    GRID_OF,
     DegradeResolution,
     NormalizeIntensityRobust,
     RandomDegradePair,
     degrade_bicubic,
     degrade_kspace,
+    degrade_volume,
     robust_window,
 )
 
@@ -67,6 +70,19 @@ def test_degrade_resolution_on_a_real_series():
     assert high_res.shape == scan.array.shape
     assert low_res.shape == (256, 256, 3)
     np.testing.assert_allclose(voxel_sizes(low_affine), voxel_sizes(scan.affine) * [2, 2, 1])
+
+
+@pytest.mark.parametrize("degradation", ALL_DEGRADATIONS)
+def test_low_res_affine_is_the_degradations_grid_and_enhancing_on_it_gives_the_reference_back(degradation):
+    """Resampling degradations leave pixels that tile the reference's; k-space truncation and
+    decimation keep the first pixel (low-res pixel ``n`` is high-res pixel ``2 n``)."""
+    affine = np.array([[0.0, -0.9, 0.1, 12.0], [0.8, 0.0, 0.0, -30.0], [0.0, 0.05, 3.0, 7.0], [0, 0, 0, 1]])
+    volume = np.random.default_rng(0).random((16, 12, 3)).astype(np.float32)
+    _, high_res, low_affine = degrade_volume(volume, affine, 2, 2, degradation)
+    grid = GRID_OF[degradation]
+    first_moves = not np.allclose(low_affine[:3, 3], affine[:3, 3])
+    assert first_moves == (grid == "bicubic")
+    np.testing.assert_allclose(enhanced_affine(low_affine, 2, 2, grid), affine, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, message", [
