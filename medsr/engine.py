@@ -5,8 +5,8 @@ slices; then a reader thread decodes and normalises the next batch while the mod
 this one, and a writer thread hands finished slices to a sink. Each output batch is projected,
 when asked, onto the images that reproduce its low-res slices (:mod:`medsr.consistency`, on the
 model's device, in original units), then the flat-background and padding rules run. Device,
-batch size, precision and ``torch.compile`` are decided here. What to enhance, where to write it and how the scan
-lost its resolution is the application's business (:mod:`medsr.enhance`).
+batch size, precision and ``torch.compile`` are decided here. What to enhance, where to write
+it and how the scan lost its resolution is the application's business (:mod:`medsr.enhance`).
 
 The output grid follows :func:`medsr.geometry.rescaled_affine`: in-plane voxel size divided by
 the scale, same physical extent, slice axis untouched.

@@ -179,3 +179,10 @@ def test_evaluate_prints_the_consistency_error_before_and_after(session_tiny_che
     off = runner.invoke(app, ["evaluate", str(CT_SERIES), "--weights", str(session_tiny_checkpoint),
                               "--degradation", "kspace", "--consistency", "off"])
     assert off.exit_code == 0 and "plain" not in off.stdout and "consistency" not in off.stdout
+
+
+def test_through_plane_refuses_the_projection(tmp_path):
+    from medsr.enhance import enhance_file
+
+    with pytest.raises(MedsrError, match="--consistency on is an in-plane choice"):
+        enhance_file(MR_NIFTI, tmp_path / "thin.nii.gz", through_plane=True, consistency="on")
