@@ -186,3 +186,15 @@ def test_through_plane_refuses_the_projection(tmp_path):
 
     with pytest.raises(MedsrError, match="--consistency on is an in-plane choice"):
         enhance_file(MR_NIFTI, tmp_path / "thin.nii.gz", through_plane=True, consistency="on")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grid", GRIDS)
+def test_projection_on_cuda_equals_the_cpu(real_slices, grid):
+    low_res = _as_batch(DEGRADE_SLICE[grid](real_slices[0], 2))
+    estimate = torch.from_numpy(upscale_bicubic(low_res.numpy(), 0, 2))
+    on_cpu = project(estimate, low_res, grid, 2)
+    on_cuda = project(estimate.cuda(), low_res.cuda(), grid, 2)
+    assert on_cuda.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=1e-9 * float(on_cpu.abs().max()))
