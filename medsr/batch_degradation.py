@@ -176,7 +176,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _cached_on(key: tuple, device: torch.device, make) -> torch.Tensor:
+def cached_on(key: tuple, device: torch.device, make) -> torch.Tensor:
     """``make()`` (a host array) on ``device``, made and copied once per ``key`` and device."""
     key = (*key, str(device))
     if key not in _ON_DEVICE:
@@ -187,7 +187,7 @@ def _cached_on(key: tuple, device: torch.device, make) -> torch.Tensor:
 def _matrix_on(kind: str, size: int, scale: int, device: torch.device) -> torch.Tensor:
     """:func:`bicubic_matrix` or :func:`lanczos_matrix` on ``device`` (float64, cached)."""
     make = bicubic_matrix if kind == "bicubic" else lanczos_matrix
-    return _cached_on((kind, size, scale), device, lambda: make(size, scale))
+    return cached_on((kind, size, scale), device, lambda: make(size, scale))
 
 
 def _separable(images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -231,15 +231,24 @@ def area_average(high_res: torch.Tensor, scale: int) -> torch.Tensor:
     return F.avg_pool2d(high_res.double(), scale)
 
 
-def bicubic_downsample(high_res: torch.Tensor, scale: int) -> torch.Tensor:
-    """:func:`medsr.transforms.degrade_bicubic` of every item (scikit-image's anti-aliased
-    cubic spline, see the module docstring), clipped to each item's own range as
-    scikit-image clips. ``(B, 1, H, W)`` -> ``(B, 1, H/s, W/s)`` float64."""
-    _check_batch(high_res, scale)
+def bicubic_linear(high_res: torch.Tensor, scale: int) -> torch.Tensor:
+    """The linear part of :func:`medsr.transforms.degrade_bicubic` (scikit-image's
+    anti-aliased cubic spline, see the module docstring) of every item, before scikit-image's
+    clip to the item's range: ``bicubic_matrix(H) @ image @ bicubic_matrix(W).T``.
+    ``(..., H, W)`` -> ``(..., H/s, W/s)`` float64."""
     images = high_res.double()
     height, width = images.shape[-2:]
-    low_res = _separable(images, _matrix_on("bicubic", height, scale, images.device),
-                         _matrix_on("bicubic", width, scale, images.device))
+    return _separable(images, _matrix_on("bicubic", height, scale, images.device),
+                      _matrix_on("bicubic", width, scale, images.device))
+
+
+def bicubic_downsample(high_res: torch.Tensor, scale: int) -> torch.Tensor:
+    """:func:`medsr.transforms.degrade_bicubic` of every item: :func:`bicubic_linear`,
+    clipped to each item's own range as scikit-image clips.
+    ``(B, 1, H, W)`` -> ``(B, 1, H/s, W/s)`` float64."""
+    _check_batch(high_res, scale)
+    images = high_res.double()
+    low_res = bicubic_linear(images, scale)
     return low_res.clamp(images.amin(dim=(-3, -2, -1), keepdim=True), images.amax(dim=(-3, -2, -1), keepdim=True))
 
 
@@ -267,7 +276,7 @@ def _gaussian_matrices(sigmas: np.ndarray, size: int, step: int, device: torch.d
         own_offsets, own_weights = _gaussian_weights(sigma)
         weights[item, own_offsets + reach] = own_weights
     rows = np.arange(0, size, step)
-    columns = _cached_on(("gaussian columns", size, step, reach), device,
+    columns = cached_on(("gaussian columns", size, step, reach), device,
                          lambda: fold_indices(rows[:, None] + offsets, size, "symmetric"))
     shape = (len(sigmas), len(rows), len(offsets))
     matrices = torch.zeros(len(sigmas), len(rows), size, dtype=torch.float64, device=device)

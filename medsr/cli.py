@@ -171,13 +171,17 @@ def enhance(
         "--compile", help="torch.compile the model: auto, on or off.")] = "auto",
     precision: Annotated[str, typer.Option(
         help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
+    consistency: Annotated[str, typer.Option(
+        help="on: project each enhanced slice onto the images that, degraded as the scan was (the "
+             "degradation found or told), give its low-res slice back exactly; off: the network's output; "
+             "auto: on only where validation found it never worse (today nowhere: see the model card).")] = "auto",
 ) -> None:
     """Enhance every slice of a scan and write the enhanced volume."""
     _setup_logging(verbose=False)
     axis = _slice_axis(slice_axis)
     picked = _select(select)
     options = dict(slice_axis=axis, degradation=degradation, device=device, batch_size=batch_size,
-                   compile_model=compile_model, precision=precision, select=picked)
+                   compile_model=compile_model, precision=precision, select=picked, consistency=consistency)
     with _user_errors():
         from medsr.enhance import enhance_file, folders_for, is_single_scan
 
@@ -292,6 +296,10 @@ def evaluate(
              "slices) gives a 95% interval for each difference between them.")] = 0,
     precision: Annotated[str, typer.Option(
         help="auto (as medsr enhance: bf16 on CUDA and on CPUs with native bf16), fp32 or bf16.")] = "auto",
+    consistency: Annotated[str, typer.Option(
+        help="As medsr enhance --consistency: auto, on or off. Unless off, the relative consistency error "
+             "||D(x) - y|| / ||y|| of each model's output is printed per volume, with and without the "
+             "projection; where it projects, the model is also scored without it ('<model> plain').")] = "auto",
 ) -> None:
     """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
     _setup_logging(verbose=False)
@@ -307,6 +315,7 @@ def evaluate(
         runs, auto = _degradations(degradation)
     with _user_errors():
         from medsr.checkpoint import default_weights, load_model
+        from medsr.consistency import CONSISTENCY_CHOICES
         from medsr.degradation import load_classifier
         from medsr.engine import PRECISIONS, check_choice, pick_device
         from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
@@ -317,6 +326,7 @@ def evaluate(
         scale = scale or (4 if through_plane else 2)
         torch_device = pick_device(device)
         check_choice("precision", precision, PRECISIONS)
+        check_choice("consistency", consistency, CONSISTENCY_CHOICES)
         paths = weights or [default_weights(scale, through_plane)]
         models = {}
         for path in paths:
@@ -347,14 +357,17 @@ def evaluate(
                         z = protocol_slice_axis(scan) if axis is None else axis
                         result = evaluate_scan(scan, models, name, scale, z, torch_device,
                                                keep_images=report is not None, classifier=classifier,
-                                               precision=precision)
+                                               precision=precision, consistency=consistency)
                     if report is not None:
                         write_comparison(report, result, z)
                     results.append(result)
                     progress.advance(task)
         summary = summarise(results)
         names = list(models) + ([m + " auto" for m in models] if auto else [])
+        if any(m + " plain" in r.scores for r in results for m in models):
+            names += [m + " plain" for m in models]
         _print_table(results, summary, names)
+        _print_consistency(results)
         intervals = _print_bootstrap(results, list(models), bootstrap) if bootstrap and len(models) > 1 else {}
         if report is not None:
             write_metrics(report, results, summary, "v1-z" if through_plane else "v1", intervals)
@@ -407,7 +420,7 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             typer.echo(f"{name}: {model} {verdict} the best baseline "
                        f"(PSNR {means[model]['psnr'] - best['psnr']:+.2f} dB, "
                        f"SSIM {means[model]['ssim'] - best['ssim']:+.4f})")
-        told = [m for m in model_names if not m.endswith(" auto")]
+        told = [m for m in model_names if not m.endswith((" auto", " plain"))]
         if len(told) > 1:
             for metric, unit in (("psnr", " dB"), ("ssim", "")):
                 ranked = sorted(told, key=lambda m: means[m][metric], reverse=True)
@@ -422,6 +435,27 @@ def _print_table(results, summary, model_names: list[str]) -> None:
             mine = [d for r, d in decided if r.degradation == name]
             right = sum(d.grid == GRID_OF[name] for d in mine)
             typer.echo(f"{name}: auto found the {GRID_OF[name]} grid on {right} of {len(mine)} scans")
+
+
+def _print_consistency(results) -> None:
+    """Per volume, each model's relative consistency error without and with the projection, and
+    per degradation what the projection changed in the scores."""
+    import numpy as np
+
+    from medsr.transforms import GRID_OF
+
+    for r in results:
+        for model, (plain, projected) in r.consistency.items():
+            typer.echo(f"consistency {Path(r.scan).name} {r.degradation}: {model} ||D(x) - y|| / ||y|| "
+                       f"({GRID_OF[r.degradation]} operator) {plain:.2e} plain, {projected:.2e} as output")
+    for name in sorted({r.degradation for r in results if any(m.endswith(" plain") for m in r.scores)}):
+        rows = [r for r in results if r.degradation == name]
+        for model in rows[0].consistency:
+            gains = np.array([[r.scores[model][m] - r.scores[model + " plain"][m] for m in ("psnr", "ssim")]
+                              for r in rows])
+            typer.echo(f"{name}: {model} minus {model} plain, mean PSNR {gains[:, 0].mean():+.3f} dB "
+                       f"(worst volume {gains[:, 0].min():+.3f}), SSIM {gains[:, 1].mean():+.4f} "
+                       f"(worst {gains[:, 1].min():+.4f})")
 
 
 def main() -> None:

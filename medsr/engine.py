@@ -2,9 +2,11 @@
 
 A survey pass counts values (the exact intensity window, the NaN check) and keeps the first
 slices; then a reader thread decodes and normalises the next batch while the model runs on
-this one, and a writer thread hands finished slices to a sink. Device, batch size, precision
-and ``torch.compile`` are decided here. What to enhance, where to write it and how the scan
-lost its resolution is the application's business (:mod:`medsr.enhance`).
+this one, and a writer thread hands finished slices to a sink. Each output batch is projected,
+when asked, onto the images that reproduce its low-res slices (:mod:`medsr.consistency`, on the
+model's device, in original units), then the flat-background and padding rules run. Device,
+batch size, precision and ``torch.compile`` are decided here. What to enhance, where to write
+it and how the scan lost its resolution is the application's business (:mod:`medsr.enhance`).
 
 The output grid follows the grid the model is told (:func:`medsr.geometry.enhanced_affine`):
 in-plane voxel size divided by the scale, the slice axis untouched; for ``bicubic`` the new
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsr.consistency import project, projects
 from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, nearest_block_start, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
@@ -136,7 +139,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
                  progress: Callable[[int, int], None] | None = None,
                  sink: Callable[[np.ndarray], None] | None = None,
                  survey: Survey | None = None, channels_last: bool | None = None,
-                 compile_model: str = "auto", precision: str = "auto") -> EnhancedVolume:
+                 compile_model: str = "auto", precision: str = "auto", consistency: str = "auto",
+                 plain_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
     """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
 
     A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
@@ -167,6 +171,13 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         precision: ``bf16`` (bfloat16 autocast; the k-space upsampler stays float32), ``fp32``,
             or ``auto``: bf16 on CUDA and on CPUs with native bf16 (:func:`native_bf16`),
             else fp32.
+        consistency: ``on`` projects every output slice, in original units on ``device``, onto
+            the images that ``degradation`` turns into its low-res slice exactly
+            (:func:`medsr.consistency.project`), before the flat-background and padding rules;
+            ``off`` does not; ``auto`` does on the grids where validation found it never worse
+            (:data:`medsr.consistency.AUTO_GRIDS`, today none).
+        plain_sink: if given, receives each batch as it would be without the projection (the
+            same batch when there is none), on this thread: for comparisons (``medsr evaluate``).
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -186,6 +197,7 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         )
     if batch_size is not None and batch_size < 1:
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
+    consistent = projects(consistency, degradation)
     survey = survey if survey is not None else survey_scan(scan)
     window = survey.counts.window(lower_percentile, upper_percentile)
     total, scale = scan.n_slices, model.scale
@@ -217,21 +229,34 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             flat = flat_neighbourhoods(torch.from_numpy(stack)[:, None])[:, 0].numpy()
             low_res = torch.from_numpy(window.forward(stack))[:, None]
             yield (start, stop - start, low_res.pin_memory() if device.type == "cuda" else low_res, padded,
-                   (stack, flat) if flat.any() else None)  # the flat pixels, with their values
+                   stack, flat if flat.any() else None)
+
+    def apply_rules(high_res, stack, padded, flat, count) -> None:  # in place, in original units
+        if flat is not None:
+            keep_flat_regions(stack[:count], flat[:count], high_res, scale, degradation)
+        if padded is not None:
+            fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale),
+                        in_plane_block_starts(scale, degradation))
 
     with (torch.inference_mode(), autocast, _BackgroundSink(sink) as deliver,
           _Prefetch(batches()) as prefetched):
-        for start, count, low_res, padded, flat_pixels in prefetched:
+        for start, count, low_res, padded, stack, flat in prefetched:
             low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
             codes = torch.full((len(low_res),), code, device=device)
-            high_res = forward(low_res, codes).float()[:count, 0].cpu().numpy()
-            high_res = window.inverse(high_res)
-            if flat_pixels is not None:
-                values, flat = flat_pixels
-                keep_flat_regions(values[:count], flat[:count], high_res, scale, degradation)
-            if padded is not None:
-                fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale),
-                            in_plane_block_starts(scale, degradation))
+            normalised = forward(low_res, codes).float()[:count, 0]
+            if consistent:  # against the low-res values in original units, not the normalised ones
+                measured = torch.from_numpy(stack[:count]).to(device)
+                original = normalised.double() * (window.high - window.low) + window.low
+                high_res = project(original, measured, degradation, scale).float().cpu().numpy()
+            else:
+                high_res = window.inverse(normalised.cpu().numpy())
+            apply_rules(high_res, stack, padded, flat, count)
+            if plain_sink is not None:
+                plain = high_res
+                if consistent:
+                    plain = window.inverse(normalised.cpu().numpy())
+                    apply_rules(plain, stack, padded, flat, count)
+                plain_sink(plain)
             if output is not None:
                 output[start:start + len(high_res)] = high_res
             else:
@@ -350,7 +375,9 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                    degradation: str = "bicubic", device: torch.device | str = "cpu",
                    batch_size: int | None = None, lower_percentile: float = 0.5,
                    upper_percentile: float = 99.5, progress: Callable[[int, int], None] | None = None,
-                   sink: Callable[[np.ndarray], None] | None = None, precision: str = "auto") -> EnhancedVolume:
+                   sink: Callable[[np.ndarray], None] | None = None, precision: str = "auto",
+                   consistency: str = "auto",
+                   plain_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
     """:func:`enhance_scan` for a volume already in memory: ``(I, J, K)`` in original units
     with its RAS ``affine``, slices along ``slice_axis``."""
     volume = np.asarray(volume, dtype=np.float32)
@@ -361,7 +388,7 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                     read_plane=functools.partial(plane_of, volume, slice_axis))
     return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
                         upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0),
-                        precision=precision)
+                        precision=precision, consistency=consistency, plain_sink=plain_sink)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from medsr import __version__
+from medsr.consistency import CONSISTENCY_CHOICES, projects
 from medsr.degradation import DegradationEstimate, find_degradation, load_classifier
 from medsr.engine import (
     COMPILE_CHOICES,
@@ -101,6 +102,8 @@ class EnhancedFile:
         degradation: the grid the model was told (in-plane), None for through-plane.
         estimate: how ``degradation`` was found from the pixels; None when it was given.
         factor: thin slices per thick slice (through-plane), else None.
+        consistent: whether every slice was projected onto the images that reproduce the
+            low-res input (``--consistency``, :mod:`medsr.consistency`).
     """
 
     output: Path
@@ -108,6 +111,7 @@ class EnhancedFile:
     degradation: str | None = None
     estimate: DegradationEstimate | None = None
     factor: int | None = None
+    consistent: bool = False
 
 
 def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.Module | Enhancer | None = None,
@@ -116,7 +120,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                  degradation: str = "auto", device: str = "auto", batch_size: int | None = None,
                  series_uid: str | None = None, select: tuple[str, str] | None = None,
                  overwrite: bool = False, output_format: str = "auto", compile_model: str = "auto",
-                 precision: str = "auto", progress: Callable[[int, int], None] | None = None,
+                 precision: str = "auto", consistency: str = "auto",
+                 progress: Callable[[int, int], None] | None = None,
                  reading: Callable[[int, int], None] | None = None) -> EnhancedFile:
     """Enhance one scan and write it: the Python API behind ``medsr enhance``.
 
@@ -151,6 +156,11 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         compile_model: ``torch.compile``: ``auto``, ``on`` or ``off``.
         precision: ``auto`` (bf16 on CUDA and on CPUs with native bf16, else fp32),
             ``fp32`` or ``bf16``.
+        consistency: ``on`` projects every enhanced slice onto the images that, degraded as
+            the scan was (``degradation``, found or given), reproduce its low-res slice
+            (:mod:`medsr.consistency`); ``off`` leaves the network's output; ``auto`` projects
+            on the grids where validation found it never worse (today none: the model card,
+            "Data consistency"). In-plane only.
         progress, reading: called with ``(slices_done, total)`` while enhancing and while
             reading (the survey pass).
 
@@ -175,10 +185,13 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     torch_device = pick_device(device)
     check_choice("precision", precision, PRECISIONS)  # before the slow work
     check_choice("compile", compile_model, COMPILE_CHOICES)
+    check_choice("consistency", consistency, CONSISTENCY_CHOICES)
     if batch_size is not None and batch_size < 1:
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
     if through_plane and degradation != "auto":
         raise MedsrError("--degradation is an in-plane choice; --through-plane makes thick slices thin")
+    if through_plane and consistency == "on":
+        raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
     enhancer = _enhancer(model, weights, scale, through_plane)
     scan = open_scan(input_path, series_uid, select)
     if slice_axis is not None and slice_axis != scan.slice_axis:
@@ -204,10 +217,14 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         degradation = estimate.grid
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
+    consistent = projects(consistency, degradation)
+    projection = (f"consistency projection {'on' if consistent else 'off'} (--consistency {consistency}): "
+                  + ("the output degraded as the input reproduces it" if consistent else "the network's output"))
     model_scale = enhancer.model.scale
     run = functools.partial(enhance_scan, scan, enhancer.model, degradation, torch_device, batch_size,
                             enhancer.lower_percentile, enhancer.upper_percentile, progress,
-                            survey=survey, compile_model=compile_model, precision=precision)
+                            survey=survey, compile_model=compile_model, precision=precision,
+                            consistency=consistency)
     axis = scan.slice_axis
     shape = tuple(n * (model_scale if a != axis else 1) for a, n in enumerate(scan.shape))
     # the output grid is the grid found or told: tiling for a resampled scan, the first pixel
@@ -215,11 +232,12 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     affine = enhanced_affine(scan.affine, axis, model_scale, degradation)
     volume = _write(scan, output, output_format, shape, affine, degradation, window, overwrite,
                     long_description=f"medsr {__version__} {enhancer.name} x{model_scale} in-plane "
-                                     f"super-resolution; degradation {told}",
+                                     f"super-resolution; degradation {told}; {projection}",
                     short_description=f"medsr x{model_scale} {degradation}"
-                                      + ("" if estimate is None else f" auto p={estimate.confidence:.2f}"),
+                                      + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
+                                      + (" consistent" if consistent else ""),
                     run=run)
-    return EnhancedFile(output, volume, degradation, estimate)
+    return EnhancedFile(output, volume, degradation, estimate, consistent=consistent)
 
 
 def _enhancer(model, weights, scale, through_plane: bool) -> Enhancer:

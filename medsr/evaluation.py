@@ -11,6 +11,10 @@ degradations (:data:`medsr.transforms.STRESS_DEGRADATIONS`) count both baselines
 
 Each model runs told the degradation's grid, and with ``auto`` also as the default path does:
 finding the grid from the low-res pixels (:mod:`medsr.degradation`), scored as ``<model> auto``.
+With ``consistency`` as ``medsr enhance --consistency`` has it, each model's output is projected
+onto the images its grid turns into the low-res input where that option projects
+(:mod:`medsr.consistency`); the same forward pass without the projection is then scored as
+``<model> plain``. Unless ``off``, the relative consistency error of both is kept.
 
 v1-z: thick slices simulated along the slice axis (``gaussian`` or ``box`` profile), cubic
 B-spline along that axis as the baseline, PSNR over the volume with ``factor`` slices trimmed at
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import zoom
 
+from medsr.consistency import projects, volume_consistency_error
 from medsr.degradation import DegradationClassifier, DegradationEstimate, find_degradation
 from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
@@ -47,6 +52,7 @@ from medsr.transforms import (
 BASELINES_FOR = {"bicubic": ("bicubic",), "kspace": ("bicubic", "zero_fill"),
                  **{name: ("bicubic", "zero_fill") for name in STRESS_DEGRADATIONS}}
 AUTO_SUFFIX = " auto"
+PLAIN_SUFFIX = " plain"  # a model's output without the consistency projection
 
 
 def upscale_bicubic(low_res: np.ndarray, slice_axis: int, scale: int) -> np.ndarray:
@@ -88,7 +94,9 @@ def best_baseline(scores: dict[str, dict[str, float]], degradation: str) -> dict
 @dataclass
 class ScanResult:
     """Scores for one scan and one degradation: ``scores[method] = {"psnr": dB, "ssim": x}``;
-    ``decisions[method]`` holds what the auto runs found from the pixels."""
+    ``decisions[method]`` holds what the auto runs found from the pixels;
+    ``consistency[model] = (plain, projected)`` the relative consistency errors
+    ``||D(x) - y|| / ||y||`` of the model told the grid, without and with the projection."""
 
     scan: str
     degradation: str
@@ -96,6 +104,7 @@ class ScanResult:
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     decisions: dict[str, DegradationEstimate] = field(default_factory=dict)
     details: dict[str, SliceScores] = field(default_factory=dict, repr=False)
+    consistency: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def best_baseline(self) -> dict[str, float]:
         """Best PSNR and best SSIM among the baselines that count for this degradation."""
@@ -116,11 +125,13 @@ def protocol_slice_axis(scan: Scan) -> int:
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
                   keep_images: bool = False, precision: str = "auto",
-                  classifier: DegradationClassifier | None = None) -> ScanResult:
+                  classifier: DegradationClassifier | None = None, consistency: str = "off") -> ScanResult:
     """Run protocol v1 on one scan for one degradation with every model and baseline.
 
     Each model is told the degradation's grid; with a ``classifier`` it also runs as the
-    default path does (grid found from the low-res pixels), scored as ``<name> auto``.
+    default path does (grid found from the low-res pixels), scored as ``<name> auto``. Where
+    ``consistency`` (as ``medsr enhance --consistency``) projects, the model's output told the
+    grid is also scored without the projection, as ``<name> plain``.
 
     Raises:
         MedsrError: a model upscales by another factor than ``scale``.
@@ -138,12 +149,18 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     if classifier is not None:
         decision = find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
                                     robust_window(low_res), classifier)
+    plain = {}
     for name, model in models.items():
         run = functools.partial(_enhanced, low_res, low_res_affine, axis, model, device=device,
-                                batch_size=batch_size, precision=precision)
-        estimates[name] = run(told)
+                                batch_size=batch_size, precision=precision, consistency=consistency)
+        estimates[name], plain[name] = run(told)
+        if projects(consistency, told):
+            estimates[name + PLAIN_SUFFIX] = plain[name]
+        if consistency != "off":
+            result.consistency[name] = tuple(volume_consistency_error(image, low_res, axis, told, scale)
+                                             for image in (plain[name], estimates[name]))
         if decision is not None:
-            estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)
+            estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)[0]
             result.decisions[name + AUTO_SUFFIX] = decision
     for name, estimate in estimates.items():
         result.details[name] = slice_scores(high_res, estimate, axis, scale)
@@ -181,8 +198,11 @@ def paired_bootstrap(results: list[ScanResult], first: str, second: str, replica
             for i, metric in enumerate(("psnr", "ssim"))}
 
 
-def _enhanced(low_res, low_res_affine, axis, model, grid, **options) -> np.ndarray:
-    return enhance_volume(low_res, low_res_affine, axis, model, grid, **options).array
+def _enhanced(low_res, low_res_affine, axis, model, grid, **options) -> tuple[np.ndarray, np.ndarray]:
+    """The enhanced volume, and the same forward pass without the consistency projection."""
+    plain = []
+    enhanced = enhance_volume(low_res, low_res_affine, axis, model, grid, plain_sink=plain.append, **options)
+    return enhanced.array, np.moveaxis(np.concatenate(plain), 0, axis)
 
 
 def thick_slices_affine(affine: np.ndarray, slice_axis: int, factor: int) -> np.ndarray:

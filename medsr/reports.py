@@ -165,14 +165,18 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
 
 
 def write_metrics(folder: Path, results, summary, protocol: str = "v1", intervals: dict | None = None) -> None:
-    """``metrics.json`` (per scan and mean, the auto runs' decisions, bootstrap intervals) and
+    """``metrics.json`` (per scan and mean, the auto runs' decisions, each model's relative
+    consistency error without and with the projection, bootstrap intervals) and
     ``metrics.csv`` (one row per scan and method)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": f"medsr evaluation protocol {protocol}",
                "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores,
                           "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely}
-                                        for m, d in r.decisions.items()}} for r in results],
+                                        for m, d in r.decisions.items()},
+                          "consistency_error": {m: {"plain": plain, "projected": projected}
+                                                for m, (plain, projected) in r.consistency.items()}}
+                         for r in results],
                "mean": summary, "paired_bootstrap": intervals or {}}
     _write_text(folder / "metrics.json", json.dumps(payload, indent=2))
     table = io.StringIO()
