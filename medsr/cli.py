@@ -272,6 +272,26 @@ def export(
                f"tolerance {check.tolerance:g} (normalised units)")
 
 
+@app.command("export-bundle")
+def export_bundle(
+    out: Annotated[Path, typer.Argument(help="The bundle folder to write, e.g. medsr_srresnet_x2.")],
+    scale: Annotated[int | None, typer.Option(help="In-plane model: 2 (default) or 4.")] = None,
+    through_plane: Annotated[bool, typer.Option(
+        "--through-plane", help="Bundle the through-plane model (one for every factor).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Write a shipped model as a MONAI bundle (configs, model.pt, model.ts, docs, LICENSE)."""
+    _setup_logging(verbose=False)
+    with _user_errors():
+        from medsr.bundle import write_bundle
+
+        written = write_bundle(out, scale, through_plane, overwrite)
+    typer.echo(f"wrote MONAI bundle {written.root} ({written.name}; models/model.ts matches PyTorch within "
+               f"{written.check.max_difference:.2g}); run it with: python -m monai.bundle run --config_file "
+               f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
+               f"--dataset_dir <NIfTI folder> --output_dir <folder>")
+
+
 def _degradations(value: str) -> tuple[list[str], bool]:
     """``--degradation`` of evaluate: names, groups and ``auto`` -> (degradations, auto runs)."""
     from medsr.transforms import ALL_DEGRADATIONS, DEGRADATIONS, STRESS_DEGRADATIONS
