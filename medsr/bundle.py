@@ -203,7 +203,7 @@ def bundle_readme(name: str, model: torch.nn.Module, through_plane: bool) -> str
 A MONAI bundle of medsr {__version__}: it {what}, by the rules of `medsr enhance`
 (`medsr.transforms.SuperResolved`), so it writes the voxels `medsr enhance` writes.
 
-    pip install "medsr=={__version__}"
+    pip install "<medsr {__version__} or later>[bundle]"   # the package this bundle builds its network from
     python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\
         --bundle_root . --dataset_dir <folder of .nii.gz> --output_dir <folder>
 
