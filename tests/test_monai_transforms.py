@@ -30,9 +30,9 @@ def t1_slab(tmp_path_factory):
     return path
 
 
-def _pipeline(output_dir, **kwargs):
+def _pipeline(output_dir, postfix="x2", **kwargs):
     return Compose([LoadImaged("image"), EnsureChannelFirstd("image"), SuperResolved("image", **kwargs),
-                    SaveImaged("image", output_dir=output_dir, output_postfix="x2", separate_folder=False,
+                    SaveImaged("image", output_dir=output_dir, output_postfix=postfix, separate_folder=False,
                                print_log=False)])
 
 
@@ -189,3 +189,17 @@ BAD_INPUTS = [
 def test_bad_inputs_are_refused_when_called(image, message, tiny_checkpoint):
     with pytest.raises(MedsrError, match=message):
         SuperResolve(weights=tiny_checkpoint)(image)
+
+
+def test_through_plane_matches_medsr_enhance(tmp_path):
+    """Through-plane, the transform writes what medsr enhance --through-plane writes: voxels and affine."""
+    volume = _volume((20, 18, 6), (0.9, 0.9, 3.0))
+    nib.save(nib.Nifti1Image(volume[0].numpy(), volume.affine.numpy()), tmp_path / "thick.nii.gz")
+    written = enhance_file(tmp_path / "thick.nii.gz", tmp_path / "thin.nii.gz", model=THROUGH_PLANE, through_plane=True)
+    pipeline = _pipeline(tmp_path, postfix="z3", model=THROUGH_PLANE, through_plane=True)
+    enhanced = pipeline({"image": str(tmp_path / "thick.nii.gz")})["image"]
+    assert written.factor == enhanced.meta["through_plane_factor"] == 3
+    cli, monai = nib.load(tmp_path / "thin.nii.gz"), nib.load(tmp_path / "thick_z3.nii.gz")
+    assert monai.shape == cli.shape == (20, 18, 18)
+    np.testing.assert_array_equal(np.asarray(monai.dataobj), np.asarray(cli.dataobj))
+    np.testing.assert_allclose(monai.affine, cli.affine, atol=1e-6)
