@@ -7,8 +7,8 @@ What is exported is the network alone, float32, on normalised slices: the in-pla
 (planes already B-splined onto the thin grid, the slice axis last) and ``factor`` ``(B,)`` float32
 and returns ``(B, 1, H, Z)``. Batch and plane size are free. The rules around the network
 (intensity window, degradation found from the pixels, flat background, padding, bf16 autocast)
-stay in medsr: run the exported file inside :class:`medsr.transforms.SuperResolve` territory,
-or restate them.
+stay in medsr (:class:`medsr.transforms.SuperResolve`); a runtime that takes the exported file
+alone must apply them itself.
 
 ONNX has no complex tensors, and the exporter cannot turn ``fftshift`` of a complex spectrum of
 free size into ONNX (torch 2.13), so the ONNX export computes the ``kspace`` upsampler without
