@@ -253,6 +253,50 @@ def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, ou
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Argument(help="The file to write, e.g. srresnet_x2.onnx or srresnet_x2.ts.")],
+    format_: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "torchscript",
+    scale: Annotated[int | None, typer.Option(help="In-plane model: 2 (default) or 4.")] = None,
+    through_plane: Annotated[bool, typer.Option(
+        "--through-plane", help="Export the through-plane model (one for every factor).")] = False,
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
+    check_on: Annotated[Path | None, typer.Option(
+        help="A scan whose slices the exported model is checked on (default: a phantom).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Export a network (float32) to TorchScript or ONNX, checked against PyTorch."""
+    _setup_logging(verbose=False)
+    with _user_errors():
+        from medsr.export import export_file
+
+        check = export_file(out, format_, scale, through_plane, weights, check_on, overwrite)
+    model = "through-plane model" if through_plane else f"in-plane x{scale or 2} model"
+    typer.echo(f"wrote {out} ({format_}, {model}); it matches PyTorch on {check.slices} slices of "
+               f"{check.source} ({check.shape[0]}x{check.shape[1]}): max difference {check.max_difference:.2g}, "
+               f"tolerance {check.tolerance:g} (normalised units)")
+
+
+@app.command("export-bundle")
+def export_bundle(
+    out: Annotated[Path, typer.Argument(help="The bundle folder to write, e.g. medsr_srresnet_x2.")],
+    scale: Annotated[int | None, typer.Option(help="In-plane model: 2 (default) or 4.")] = None,
+    through_plane: Annotated[bool, typer.Option(
+        "--through-plane", help="Bundle the through-plane model (one for every factor).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Write a shipped model as a MONAI bundle (configs, model.pt, model.ts, docs, LICENSE)."""
+    _setup_logging(verbose=False)
+    with _user_errors():
+        from medsr.bundle import write_bundle
+
+        written = write_bundle(out, scale, through_plane, overwrite)
+    typer.echo(f"wrote MONAI bundle {written.root} ({written.name}; models/model.ts matches PyTorch within "
+               f"{written.check.max_difference:.2g}); run it with: python -m monai.bundle run --config_file "
+               f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
+               f"--dataset_dir <NIfTI folder> --output_dir <folder>")
+
+
 def _degradations(value: str) -> tuple[list[str], bool]:
     """``--degradation`` of evaluate: names, groups and ``auto`` -> (degradations, auto runs)."""
     from medsr.transforms import ALL_DEGRADATIONS, DEGRADATIONS, STRESS_DEGRADATIONS

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, through_plane_factors
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
 from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
+from medsr.transforms import IntensityWindow
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +194,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         raise MedsrError("--degradation is an in-plane choice; --through-plane makes thick slices thin")
     if through_plane and consistency == "on":
         raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
-    enhancer = _enhancer(model, weights, scale, through_plane)
+    enhancer = enhancer_for(model, weights, scale, through_plane)
     scan = open_scan(input_path, series_uid, select)
     if slice_axis is not None and slice_axis != scan.slice_axis:
         # slices across the acquired ones: the volume is read once, whole
@@ -209,12 +211,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
                               precision, overwrite, progress, reading)
-    survey = survey_scan(scan, progress=reading)
-    window = survey.counts.window(enhancer.lower_percentile, enhancer.upper_percentile)
-    estimate = None
-    if degradation == "auto":
-        estimate = _estimate(scan, survey, enhancer, window)
-        degradation = estimate.grid
+    survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
     consistent = projects(consistency, degradation)
@@ -240,7 +237,15 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     return EnhancedFile(output, volume, degradation, estimate, consistent=consistent)
 
 
-def _enhancer(model, weights, scale, through_plane: bool) -> Enhancer:
+def enhancer_for(model: torch.nn.Module | Enhancer | None, weights: str | Path | None, scale: int | None,
+                 through_plane: bool) -> Enhancer:
+    """The :class:`Enhancer` for ``model`` (a bare module or an Enhancer), else for ``weights``
+    or the shipped weights (in-plane ``scale``, default 2), checked against what was asked.
+
+    Raises:
+        MedsrError: a model of the other kind, or whose scale is not ``scale``;
+            CheckpointError: unreadable weights.
+    """
     if model is None:
         return load_enhancer(weights, scale or 2, through_plane)
     enhancer = model if isinstance(model, Enhancer) else Enhancer(model, name=type(model).__name__)
@@ -254,6 +259,30 @@ def _enhancer(model, weights, scale, through_plane: bool) -> Enhancer:
         if scale is not None and scale != model_scale:
             raise MedsrError(f"--scale {scale} does not match the model, which upscales by {model_scale}")
     return enhancer
+
+
+class InPlanePlan(NamedTuple):
+    """What in-plane enhancement decides before the model runs (:func:`plan_in_plane`)."""
+
+    survey: Survey
+    window: IntensityWindow
+    degradation: str
+    estimate: DegradationEstimate | None
+
+
+def plan_in_plane(scan: OpenScan, enhancer: Enhancer, degradation: str = "auto",
+                  reading: Callable[[int, int], None] | None = None) -> InPlanePlan:
+    """The survey pass, the intensity window the model was trained with, and the grid:
+    ``degradation`` when told (``bicubic`` or ``kspace``), else found from the pixels.
+    ``medsr enhance`` and :class:`medsr.transforms.SuperResolve` both decide here; pass the
+    result's ``survey`` and ``degradation`` on to :func:`~medsr.engine.enhance_scan`."""
+    survey = survey_scan(scan, progress=reading)
+    window = survey.counts.window(enhancer.lower_percentile, enhancer.upper_percentile)
+    estimate = None
+    if degradation == "auto":
+        estimate = _estimate(scan, survey, enhancer, window)
+        degradation = estimate.grid
+    return InPlanePlan(survey, window, degradation, estimate)
 
 
 def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> DegradationEstimate:
@@ -288,9 +317,20 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid
         return run(sink=lambda slab: writer.write(np.moveaxis(slab, 0, axis)))
 
 
-def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
-                   factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
-    """Through-plane enhancement: the whole volume in memory (planes cross every slice)."""
+def thin_slices(scan: OpenScan, enhancer: Enhancer, factor: int | None = None,
+                device: torch.device | str = "cpu", batch_size: int | None = None, precision: str = "auto",
+                progress: Callable[[int, int], None] | None = None,
+                reading: Callable[[int, int], None] | None = None) -> tuple[EnhancedVolume, int]:
+    """Through-plane enhancement of a whole scan in memory (planes cross every slice), as
+    ``medsr enhance --through-plane`` does it: the intensity window, padding shown to the
+    network as the window's low end and put back on the thin voxels of padded thick ones.
+
+    Args:
+        factor: thin slices per thick slice (default: :func:`~medsr.through_plane.default_factor`).
+
+    Returns:
+        The :class:`EnhancedVolume` (``array`` in original units) and the factor used.
+    """
     from medsr.engine import fill_blocks, is_padding
     from medsr.through_plane import check_factor, default_factor, enhance_through_plane
 
@@ -308,6 +348,14 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
                                      device, batch_size, precision, progress)
     if padded is not None:  # a thin voxel is padding where its thick voxel was
         fill_blocks(enhanced.array, np.float32(scan.padding[0]), padded, through_plane_factors(scan.slice_axis, factor))
+    return enhanced, factor
+
+
+def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
+                   factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
+    """Through-plane enhancement into the output file."""
+    enhanced, factor = thin_slices(scan, enhancer, factor, device, batch_size, precision, progress, reading)
+    window = enhanced.window
     description = f"medsr {__version__} {enhancer.name} through-plane x{factor}: thin slices from thick"
     slabs = np.moveaxis(enhanced.array, scan.slice_axis, 0)
     if output_format == "dicom":
@@ -411,7 +459,7 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, we
     for root in inputs:
         if root.resolve().is_dir() and root.resolve() in [out_dir.resolve(), *out_dir.resolve().parents]:
             raise MedsrError(f"{out_dir}: the output folder must not be inside the input {root}")
-    enhancer = _enhancer(None, weights, scale, through_plane)
+    enhancer = enhancer_for(None, weights, scale, through_plane)
     tag = output_tag(through_plane, scale if through_plane else enhancer.model.scale)
     planned = batch_outputs(inputs, out_dir, tag, output_format)
     # under torchrun (or any launcher that sets RANK/WORLD_SIZE) each process takes every

@@ -32,3 +32,7 @@ class CheckpointError(MedsrError):
 
 class OutputError(MedsrError):
     """An output path cannot be written safely."""
+
+
+class ExportError(MedsrError):
+    """A model could not be exported, or the exported file does not reproduce the PyTorch model."""

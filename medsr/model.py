@@ -125,11 +125,16 @@ class SRResNet(nn.Module):
         with torch.autocast(low_res.device.type, enabled=False):
             low_res = low_res.float()
             if grid == "kspace":
-                return zero_fill_upsample(low_res, self.scale)
+                return self.zero_fill(low_res)
             cubic = F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
             if grid == "bicubic":
                 return cubic
-            return torch.where(is_kspace, zero_fill_upsample(low_res, self.scale), cubic)
+            return torch.where(is_kspace, self.zero_fill(low_res), cubic)
+
+    def zero_fill(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The ``kspace`` upsampler, :func:`zero_fill_upsample` (the ONNX export swaps in the
+        same map without complex numbers, :class:`medsr.export.PortableSRResNet`)."""
+        return zero_fill_upsample(low_res, self.scale)
 
 
 class ThroughPlaneNet(nn.Module):

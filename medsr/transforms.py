@@ -34,6 +34,16 @@ FWHM_TO_SIGMA = 1.0 / 2.3548  # 2 sqrt(2 ln 2), rounded as PROTOCOL.md (v1-z) wr
 RICIAN_NOISE_FRACTION = 0.02  # evaluation noise: 2% of the volume's robust intensity range
 
 
+def __getattr__(name: str):
+    # the model as a transform lives in medsr.monai_transforms (it needs the engine, which
+    # imports this module); imported on first use
+    if name in ("SuperResolve", "SuperResolved"):
+        from medsr import monai_transforms
+
+        return getattr(monai_transforms, name)
+    raise AttributeError(f"module 'medsr.transforms' has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------- normalisation
 
 

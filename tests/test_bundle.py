@@ -1,0 +1,171 @@
+"""medsr export-bundle: a MONAI bundle that MONAI's own tools accept and that writes what medsr enhance writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import run as monai_bundle_run
+from typer.testing import CliRunner
+
+from medsr import __version__
+from medsr.cli import app
+from medsr.export import TOLERANCE, check_inputs
+
+from conftest import MR_NIFTI
+
+runner = CliRunner()
+SCHEMA = Path(__file__).parent / "data" / "bundle_meta_schema.json"
+
+
+@pytest.fixture(scope="module")
+def x2_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundles") / "medsr_x2"
+    result = runner.invoke(app, ["export-bundle", str(root)])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def _files(root: Path) -> tuple[str, str]:
+    return str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
+
+
+def _network(root: Path) -> torch.nn.Module:
+    meta, config = _files(root)
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser.read_meta(meta)
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    return network.eval()
+
+
+def test_layout_and_metadata_pass_the_schema(tmp_path, x2_bundle):
+    expected = {"configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
+                "models/model.ts", "docs/README.md", "LICENSE"}
+    assert {str(p.relative_to(x2_bundle)) for p in x2_bundle.rglob("*") if p.is_file()} == expected
+    shutil.copy(SCHEMA, tmp_path / "schema.json")  # an existing schema file is used as it is: no download
+    verify_metadata(meta_file=_files(x2_bundle)[0], filepath=str(tmp_path / "schema.json"))
+    metadata = json.loads((x2_bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] == __version__ and __version__ in metadata["changelog"]
+    assert metadata["required_packages_version"]["medsr"] == __version__
+    readme = (x2_bundle / "docs" / "README.md").read_text()
+    assert "448,234 parameters" in readme and "python -m monai.bundle run" in readme  # the model card's numbers
+    assert "Apache License, Version 2.0" in (x2_bundle / "LICENSE").read_text()
+
+
+def test_metadata_missing_a_mandatory_key_fails_the_schema(tmp_path, x2_bundle):
+    metadata = json.loads((x2_bundle / "configs" / "metadata.json").read_text())
+    del metadata["copyright"]
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
+    shutil.copy(SCHEMA, tmp_path / "schema.json")
+    with pytest.raises(ValueError, match="copyright"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(tmp_path / "schema.json"))
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, (1, 1, 16, 16)), (3, (1, 1, 48, 48))])
+def test_network_in_and_out(x2_bundle, n, expected):
+    meta, config = _files(x2_bundle)
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=n,
+                      bundle_root=str(x2_bundle))
+    with torch.inference_mode():  # and the shape itself: x2 on both sides, one channel
+        assert tuple(_network(x2_bundle)(torch.rand(1, 1, 8 * n, 8 * n)).shape) == expected
+
+
+def test_model_ts_and_ckpt_export_reproduce_model_pt(tmp_path, x2_bundle):
+    """models/model.ts (both inputs) and what MONAI's ckpt_export makes of models/model.pt (the
+    image alone: the bicubic grid) load and answer as the network does, on real slices."""
+    network = _network(x2_bundle)
+    (images, codes), _ = check_inputs(network, MR_NIFTI)
+    images, codes = images[1:3, :, 60:124, 40:104], codes[1:3]  # 64x64 of two slices: kspace, then bicubic
+    with torch.inference_mode():
+        expected, expected_bicubic = network(images, codes), network(images)
+    shipped = torch.jit.load(x2_bundle / "models" / "model.ts")
+    torch.testing.assert_close(shipped(images, codes), expected, atol=TOLERANCE, rtol=0)
+    meta, config = _files(x2_bundle)
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "exported.ts"),
+                ckpt_file=str(x2_bundle / "models" / "model.pt"), meta_file=meta, config_file=config,
+                bundle_root=str(x2_bundle), use_trace=True, input_shape=[1, 1, 16, 16])
+    exported = torch.jit.load(tmp_path / "exported.ts")
+    torch.testing.assert_close(exported(images), expected_bicubic, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["monai.bundle.run",
+                                 pytest.param("python -m monai.bundle run", marks=pytest.mark.slow)])
+def test_bundle_run_writes_what_medsr_enhance_writes(tmp_path, x2_bundle, how):
+    """The bundle run as zoo bundles run, dataset_dir and output_dir given as overrides, on a
+    16-slice crop of the sample T1: the voxels and affine medsr enhance writes (both told
+    bicubic, the grid on which medsr enhance's writer and the transform agree). The function
+    the command calls, in this process; the command itself costs 7 s more to start (slow)."""
+    (tmp_path / "scans").mkdir()
+    nib.save(nib.load(MR_NIFTI).slicer[72:88, 68:164, 32:128], tmp_path / "scans" / "t1.nii.gz")
+    meta, config = _files(x2_bundle)
+    overrides = {"bundle_root": str(x2_bundle), "dataset_dir": str(tmp_path / "scans"),
+                 "output_dir": str(tmp_path / "out"), "inferer#degradation": "bicubic"}
+    if how == "monai.bundle.run":
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            monai_bundle_run(config_file=config, meta_file=meta, **overrides)
+        finally:  # the bundle's logging.conf sets up the root logger: give later tests theirs back
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    else:
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--meta_file", meta,
+                   *[item for key, value in overrides.items() for item in (f"--{key}", value)]]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    result = runner.invoke(app, ["enhance", str(tmp_path / "scans" / "t1.nii.gz"), "-o", str(tmp_path / "cli.nii.gz"),
+                                 "--degradation", "bicubic"])
+    assert result.exit_code == 0, result.output
+    bundle, cli = nib.load(tmp_path / "out" / "t1_x2.nii.gz"), nib.load(tmp_path / "cli.nii.gz")
+    assert bundle.shape == cli.shape == (16, 192, 192)
+    assert bundle.get_data_dtype() == cli.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(bundle.dataobj), np.asarray(cli.dataobj))
+    np.testing.assert_allclose(bundle.affine, cli.affine, atol=1e-6)
+
+
+def test_through_plane_bundle(tmp_path):
+    root = tmp_path / "thin"
+    result = runner.invoke(app, ["export-bundle", str(root), "--through-plane"])
+    assert result.exit_code == 0, result.output
+    shutil.copy(SCHEMA, tmp_path / "schema.json")
+    meta, config = _files(root)
+    verify_metadata(meta_file=meta, filepath=str(tmp_path / "schema.json"))
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=2,
+                      bundle_root=str(root), extra_forward_args={"factor": torch.tensor([4.0])})
+    assert json.loads(Path(config).read_text())["inferer"]["through_plane"] is True
+
+
+BAD_BUNDLES = [
+    (["--through-plane", "--scale", "2"], r"drop --scale with --through-plane"),
+    (["--scale", "3"], r"no shipped weights for scale 3"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_BUNDLES)
+def test_bad_options_are_one_error_line(tmp_path, options, message):
+    result = runner.invoke(app, ["export-bundle", str(tmp_path / "bundle"), *options])
+    assert result.exit_code == 1 and result.output.count("error:") == 1
+    assert re.search(message, result.output), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_bundle_is_kept_without_overwrite(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "keep.txt").write_text("keep")
+    result = runner.invoke(app, ["export-bundle", str(tmp_path / "bundle")])
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+    assert (tmp_path / "bundle" / "keep.txt").read_text() == "keep"

@@ -1,0 +1,205 @@
+"""SuperResolve / SuperResolved: medsr enhance's rules inside a MONAI pipeline."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, SaveImaged
+from typer.testing import CliRunner
+
+from medsr.cli import app
+from medsr.enhance import enhance_file
+from medsr.errors import MedsrError
+from medsr.geometry import enhanced_affine, rescaled_affine, through_plane_factors
+from medsr.model import ThroughPlaneNet
+from medsr.monai_transforms import SuperResolve, SuperResolved
+
+from conftest import MR_NIFTI
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def t1_slab(tmp_path_factory):
+    """16 sagittal slices (1 mm apart, 0.9 mm in-plane) of the sample T1, cropped to 96x96."""
+    path = tmp_path_factory.mktemp("slab") / "t1_slab.nii.gz"
+    nib.save(nib.load(MR_NIFTI).slicer[72:88, 68:164, 32:128], path)
+    return path
+
+
+def _pipeline(output_dir, postfix="x2", **kwargs):
+    return Compose([LoadImaged("image"), EnsureChannelFirstd("image"), SuperResolved("image", **kwargs),
+                    SaveImaged("image", output_dir=output_dir, output_postfix=postfix, separate_folder=False,
+                               print_log=False)])
+
+
+def test_pipeline_writes_what_medsr_enhance_writes(tmp_path, t1_slab):
+    """LoadImaged -> EnsureChannelFirstd -> SuperResolved -> SaveImaged on a real NIfTI: the same
+    voxels, bit for bit, and the same affine as the file ``medsr enhance`` writes (shipped x2
+    model, told bicubic, the grid on which medsr enhance's writer and enhanced_affine agree)."""
+    result = runner.invoke(app, ["enhance", str(t1_slab), "-o", str(tmp_path / "cli.nii.gz"),
+                                 "--degradation", "bicubic"])
+    assert result.exit_code == 0, result.output
+    enhanced = _pipeline(tmp_path, degradation="bicubic")({"image": str(t1_slab)})["image"]
+    assert enhanced.meta["degradation"] == "bicubic"
+    cli, monai = nib.load(tmp_path / "cli.nii.gz"), nib.load(tmp_path / "t1_slab_x2.nii.gz")
+    assert monai.shape == cli.shape == (16, 192, 192)
+    assert monai.get_data_dtype() == cli.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(monai.dataobj), np.asarray(cli.dataobj))
+    np.testing.assert_allclose(monai.affine, cli.affine, atol=1e-6)
+    # the MetaTensor itself carries the grid SaveImage reads, also when asked to resample
+    expected = rescaled_affine(nib.load(t1_slab).affine, (1, 2, 2))
+    np.testing.assert_allclose(enhanced.affine.numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(enhanced.meta["original_affine"], expected, atol=1e-9)
+    assert tuple(enhanced.meta["spatial_shape"]) == (16, 192, 192)
+    np.testing.assert_allclose(enhanced.meta["pixdim"][1:4], [1.0, 0.898437 / 2, 0.898437 / 2], rtol=1e-5)
+
+
+def test_grid_found_from_the_pixels_and_the_kspace_affine(tmp_path, t1_slab, tiny_checkpoint):
+    """Degradation auto: the transform finds the grid medsr enhance finds (kspace on this crop),
+    its voxels are medsr enhance's, and its affine is geometry.enhanced_affine's (first pixel
+    kept), the one rule for the output grid."""
+    transform = SuperResolve(weights=tiny_checkpoint)
+    loaded = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])({"image": str(t1_slab)})["image"]
+    enhanced = transform(loaded)
+    written = enhance_file(t1_slab, tmp_path / "cli.nii.gz", weights=tiny_checkpoint)
+    assert written.degradation == enhanced.meta["degradation"] == "kspace"
+    np.testing.assert_array_equal(enhanced[0].numpy(), np.asarray(nib.load(written.output).dataobj))
+    expected = enhanced_affine(nib.load(t1_slab).affine, 0, 2, "kspace")
+    np.testing.assert_allclose(enhanced.affine.numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(enhanced.affine.numpy()[:3, 3], nib.load(t1_slab).affine[:3, 3])
+
+
+def test_reoriented_input_is_written_on_the_enhanced_grid(tmp_path, t1_slab, tiny_checkpoint):
+    """After Orientationd the ``original_affine`` SaveImage(resample=True) resamples to is the
+    enhanced grid in the file's own axis order, so the header is the enhanced grid's."""
+    pipeline = Compose([LoadImaged("image"), EnsureChannelFirstd("image"),
+                        Orientationd("image", axcodes="LPI", labels=None),
+                        SuperResolved("image", weights=tiny_checkpoint, degradation="bicubic"),
+                        SaveImaged("image", output_dir=tmp_path, output_postfix="x2", separate_folder=False,
+                                   resample=True, print_log=False)])
+    enhanced = pipeline({"image": str(t1_slab)})["image"]
+    assert tuple(enhanced.shape[1:]) == (16, 192, 192)
+    written = nib.load(tmp_path / "t1_slab_x2.nii.gz")
+    assert written.shape == (16, 192, 192)
+    np.testing.assert_allclose(written.affine, rescaled_affine(nib.load(t1_slab).affine, (1, 2, 2)), atol=1e-4)
+
+
+def _volume(shape, spacing):
+    """A smooth synthetic volume with a flat background, ``(1, *shape)``, on a grid of ``spacing`` mm."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    values = np.clip(1.0 - sum(g**2 for g in grids), 0, None) * 800.0 + 100.0 * grids[0]
+    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    return MetaTensor(torch.as_tensor(values[None], dtype=torch.float32), affine=affine)
+
+
+THROUGH_PLANE = ThroughPlaneNet(features=4, num_res_blocks=1).eval()
+
+CASES = [
+    # (kwargs, input shape, spacing mm, expected output shape)
+    ({}, (12, 10, 6), (1, 1, 3), (24, 20, 6)),  # slice axis: the odd voxel size, the last here
+    ({}, (5, 12, 10), (3, 1, 1), (5, 24, 20)),
+    ({"slice_axis": 1}, (12, 5, 10), (1, 1, 1), (24, 5, 20)),
+    ({"degradation": "kspace", "batch_size": 1}, (12, 10, 6), (1, 1, 3), (24, 20, 6)),
+    ({"precision": "fp32", "compile_model": "off"}, (12, 10, 6), (1, 1, 3), (24, 20, 6)),
+    ({"model": THROUGH_PLANE, "through_plane": True}, (12, 10, 6), (1, 1, 3), (12, 10, 18)),
+    ({"model": THROUGH_PLANE, "through_plane": True, "scale": 2}, (12, 10, 6), (1, 1, 3), (12, 10, 12)),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "shape", "spacing", "expected"), CASES)
+def test_output_shape_grid_and_units(kwargs, shape, spacing, expected, tiny_checkpoint):
+    kwargs = {"weights": tiny_checkpoint, **kwargs} if "model" not in kwargs else kwargs
+    volume = _volume(shape, spacing)
+    enhanced = SuperResolve(**kwargs)(volume)
+    assert isinstance(enhanced, MetaTensor) and enhanced.dtype == torch.float32
+    assert tuple(enhanced.shape) == (1, *expected)
+    factors = np.asarray(expected) / np.asarray(shape)
+    np.testing.assert_allclose(np.linalg.norm(enhanced.affine.numpy()[:3, :3], axis=0), np.asarray(spacing) / factors)
+    assert tuple(enhanced.meta["spatial_shape"]) == expected
+    # original units: the near-classical tiny model keeps the range of the input
+    assert abs(float(enhanced.max()) - float(volume.max())) < 0.1 * float(volume.max() - volume.min())
+    if kwargs.get("through_plane"):
+        axis = 2
+        factor = enhanced.meta["through_plane_factor"]
+        expected_affine = rescaled_affine(volume.affine.numpy(), through_plane_factors(axis, factor))
+        np.testing.assert_allclose(enhanced.affine.numpy(), expected_affine)
+
+
+def test_padding_comes_back_exactly(tiny_checkpoint):
+    volume = _volume((12, 10, 6), (1, 1, 3))
+    volume[0, :3] = -2000.0
+    enhanced = SuperResolve(weights=tiny_checkpoint, padding=(-2000, -2000), degradation="bicubic")(volume)
+    assert (enhanced[0, :6] == -2000.0).all()
+    assert float(enhanced[0, 6:].min()) > -1000.0
+
+
+def test_dictionary_version_enhances_each_key_and_skips_missing_ones(tiny_checkpoint):
+    transform = SuperResolved(["t1", "t2"], allow_missing_keys=True, weights=tiny_checkpoint)
+    out = transform({"t1": _volume((12, 10, 6), (1, 1, 3)), "label": "kept"})
+    assert tuple(out["t1"].shape) == (1, 24, 20, 6) and out["label"] == "kept" and "t2" not in out
+
+
+def test_medsr_transforms_re_exports_the_transforms():
+    import medsr.transforms
+
+    assert medsr.transforms.SuperResolve is SuperResolve
+    assert medsr.transforms.SuperResolved is SuperResolved
+
+
+BAD_ARGUMENTS = [
+    ({"scale": 3}, r"`scale` must be one of 2, 4 in-plane, not 3"),
+    ({"through_plane": True, "scale": 12}, r"--scale for --through-plane must be 2 to 8, not 12"),
+    ({"degradation": "nearest"}, r"`degradation` must be one of auto, bicubic, kspace, not 'nearest'"),
+    ({"through_plane": True, "degradation": "kspace"}, r"`degradation` is an in-plane choice"),
+    ({"slice_axis": 3}, r"`slice_axis` must be 0, 1, 2 or None .*not 3"),
+    ({"padding": (5, 1)}, r"`padding` must be a \(low, high\) range with low <= high, not \(5.0, 1.0\)"),
+    ({"batch_size": 0}, r"`batch_size` must be a positive integer or None, not 0"),
+    ({"precision": "fp16"}, r"--precision must be one of auto, fp32, bf16, not 'fp16'"),
+    ({"compile_model": "yes"}, r"--compile must be one of auto, on, off, not 'yes'"),
+    ({"device": "tpu"}, r"--device must be auto, cpu or cuda, not 'tpu'"),
+    ({"model": torch.nn.Identity(), "weights": "x.pt"}, r"pass `model` or `weights`, not both"),
+    ({"model": torch.nn.Identity()}, r"the model given has no integer scale attribute"),
+    ({"model": THROUGH_PLANE}, r"the model given is a through-plane model"),
+    ({"scale": 4, "weights": "tiny"}, r"--scale 4 does not match the weights, which upscale by 2"),
+    ({"weights": "missing.pt"}, r"missing.pt: weights file not found"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_when_made(kwargs, message, tiny_checkpoint):
+    if kwargs.get("weights") == "tiny":
+        kwargs = {**kwargs, "weights": tiny_checkpoint}
+    with pytest.raises(MedsrError, match=message):
+        SuperResolve(**kwargs)
+
+
+BAD_INPUTS = [
+    (np.zeros((2, 12, 10, 6), np.float32), r"one channel-first 3-D volume \(1, I, J, K\), not shape \(2, 12, 10, 6\)"),
+    (np.zeros((12, 10, 6), np.float32), r"not shape \(12, 10, 6\); add EnsureChannelFirst"),
+    (np.random.default_rng(0).random((1, 3, 3, 6), np.float32), r"slices of 3x3 voxels are too small"),
+    (np.full((1, 12, 10, 6), 7.0, np.float32), r"constant"),
+]
+
+
+@pytest.mark.parametrize(("image", "message"), BAD_INPUTS)
+def test_bad_inputs_are_refused_when_called(image, message, tiny_checkpoint):
+    with pytest.raises(MedsrError, match=message):
+        SuperResolve(weights=tiny_checkpoint)(image)
+
+
+def test_through_plane_matches_medsr_enhance(tmp_path):
+    """Through-plane, the transform writes what medsr enhance --through-plane writes: voxels and affine."""
+    volume = _volume((20, 18, 6), (0.9, 0.9, 3.0))
+    nib.save(nib.Nifti1Image(volume[0].numpy(), volume.affine.numpy()), tmp_path / "thick.nii.gz")
+    written = enhance_file(tmp_path / "thick.nii.gz", tmp_path / "thin.nii.gz", model=THROUGH_PLANE, through_plane=True)
+    pipeline = _pipeline(tmp_path, postfix="z3", model=THROUGH_PLANE, through_plane=True)
+    enhanced = pipeline({"image": str(tmp_path / "thick.nii.gz")})["image"]
+    assert written.factor == enhanced.meta["through_plane_factor"] == 3
+    cli, monai = nib.load(tmp_path / "thin.nii.gz"), nib.load(tmp_path / "thick_z3.nii.gz")
+    assert monai.shape == cli.shape == (20, 18, 18)
+    np.testing.assert_array_equal(np.asarray(monai.dataobj), np.asarray(cli.dataobj))
+    np.testing.assert_allclose(monai.affine, cli.affine, atol=1e-6)
