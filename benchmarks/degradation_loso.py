@@ -34,6 +34,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from monai.utils import set_determinism
 
 from medsr.data import degradation_examples, informative_mask
@@ -126,10 +127,29 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int) 
     return {"cases": cases, "train": train}
 
 
-def decide(classifier, features: np.ndarray) -> tuple[str, float]:
-    probability_kspace = float(classifier.probabilities(features).mean(axis=0)[ON_KSPACE].sum())
+def decide(logits: np.ndarray, temperature: float = 1.0) -> tuple[str, float]:
+    """The grid and its confidence from one volume's ``(N, 6)`` slice logits, as
+    :func:`medsr.degradation.estimate_degradation` decides (logits divided by ``temperature``)."""
+    scaled = logits / temperature
+    probabilities = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probability_kspace = float(probabilities.mean(axis=0)[ON_KSPACE].sum())
     grid = choose_grid(probability_kspace)
     return grid, probability_kspace if grid == "kspace" else 1 - probability_kspace
+
+
+def fit_temperature(cases: list[dict]) -> float:
+    """The temperature that makes the stated grid probability of out-of-fold volume decisions
+    honest: the smallest negative log-likelihood of the true grid over a grid of values."""
+    def loss(temperature: float) -> float:
+        total = 0.0
+        for case in cases:
+            grid, confidence = decide(case["logits"], temperature)
+            right = grid == GRID_OF[case["degradation"]]
+            total -= np.log(max(confidence if right else 1 - confidence, 1e-6))
+        return total
+    candidates = np.round(np.exp(np.linspace(np.log(0.5), np.log(20), 60)), 3)
+    return float(min(candidates, key=loss))
 
 
 def report(name: str, decisions: list[dict]) -> None:
@@ -162,6 +182,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test", action="store_true", help="also decide the collection's test split")
     parser.add_argument("--out", type=Path, default=Path(".cache/loso"))
+    parser.add_argument("--figure", type=Path, help="write the reliability diagram here (PNG)")
+    parser.add_argument("--variants", nargs="+", default=["native", "planes"], choices=["native", "planes"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / f"features_x{args.scale}.npz"
@@ -173,6 +195,7 @@ def main() -> None:
         np.savez_compressed(cache, data=np.array(data, dtype=object))
     train, cases = data["train"], data["cases"]
     variants = {"native": lambda acquired: acquired, "planes": lambda acquired: True}
+    variants = {name: variants[name] for name in args.variants}
     results = {}
     for variant, keep in variants.items():
         decisions = []
@@ -185,14 +208,57 @@ def main() -> None:
                                         np.concatenate([v[3] for v in chosen]), args.epochs)
             targets = [c for c in cases if (c["source"] == held_out) or (held_out == "test" and c["source"] in TEST)]
             for case in targets:
-                grid, confidence = decide(classifier, case["features"])
+                with torch.no_grad():
+                    logits = classifier(torch.as_tensor(case["features"], dtype=torch.float32)).double().numpy()
+                grid, confidence = decide(logits)
                 decisions.append({"source": case["source"], "volume": case["volume"], "plane": case["plane"],
-                                  "degradation": case["degradation"], "grid": grid, "confidence": confidence})
+                                  "degradation": case["degradation"], "grid": grid, "confidence": confidence,
+                                  "logits": logits})
             fold_right = sum(d["grid"] == GRID_OF[d["degradation"]] for d in decisions[-len(targets):])
             print(f"[{variant}] fold {held_out}: {fold_right}/{len(targets)}", flush=True)
-        results[variant] = decisions
         report(f"{variant}, leave-one-source-out" + (" + test" if args.test else ""), decisions)
+        # calibrated on the leave-one-source-out decisions only (the test split chose nothing)
+        temperature = fit_temperature([d for d in decisions if d["source"] in SOURCES])
+        calibrated = []
+        for d in decisions:
+            grid, confidence = decide(d.pop("logits"), temperature)
+            calibrated.append({**d, "grid": grid, "confidence": confidence})
+        report(f"{variant}, logits / {temperature:g} (temperature fitted on the leave-one-source-out decisions)",
+               calibrated)
+        results[variant] = {"temperature": temperature, "decisions": decisions, "calibrated": calibrated}
     (args.out / f"decisions_x{args.scale}.json").write_text(json.dumps(results, indent=1))
+    if args.figure:
+        reliability_figure(results, args.figure)
+
+
+def reliability_figure(results: dict, path: Path) -> None:
+    """Stated confidence against the share right, per confidence bin, before and after the
+    temperature (marker area: how many volume views)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.array([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0001])
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6), squeeze=False)
+    for axis, (variant, result) in zip(axes[0], results.items(), strict=True):
+        axis.plot([0.5, 1], [0.5, 1], color="grey", linestyle=":", label="honest")
+        for key, label in (("decisions", "as fitted"), ("calibrated", f"logits / {result['temperature']:g}")):
+            stated, right, counts = [], [], []
+            for low, high in zip(edges[:-1], edges[1:], strict=True):
+                inside = [d for d in result[key] if low <= d["confidence"] < high]
+                if inside:
+                    stated.append(np.mean([d["confidence"] for d in inside]))
+                    right.append(np.mean([d["grid"] == GRID_OF[d["degradation"]] for d in inside]))
+                    counts.append(len(inside))
+            axis.plot(stated, right, marker="o", label=label)
+            axis.scatter(stated, right, s=np.asarray(counts) * 3, alpha=0.3)
+        axis.set(xlabel="stated confidence in the grid chosen", ylabel="share of volume views right",
+                 title=f"{variant}: leave one source out + test, x2", xlim=(0.48, 1.01), ylim=(0.3, 1.01))
+        axis.legend(loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def _axis_profile(power: np.ndarray, along: np.ndarray, near_axis: np.ndarray) -
 
 
 class DegradationClassifier(nn.Module):
-    """Names the degradation of a slice from :func:`slice_features` (six classes, logits).
+    """Names the degradation of a slice from :func:`slice_features` (six classes, logits;
+    :meth:`probabilities` divides them by the calibrated ``temperature`` buffer first).
 
     Args:
         feature_mean, feature_std: ``(68,)`` standardisation learnt with the weights.
@@ -120,6 +121,9 @@ class DegradationClassifier(nn.Module):
         super().__init__()
         self.register_buffer("feature_mean", torch.zeros(N_FEATURES) if feature_mean is None else feature_mean)
         self.register_buffer("feature_std", torch.ones(N_FEATURES) if feature_std is None else feature_std)
+        # logits are divided by this before the softmax: fitted so that the stated confidence
+        # matches how often the grid is right on sources the classifier never saw (model card)
+        self.register_buffer("temperature", torch.ones(()))
         self.layers = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                     nn.GELU(), nn.Linear(hidden, len(CLASSES)))
 
@@ -130,7 +134,7 @@ class DegradationClassifier(nn.Module):
         """``(N, 6)`` class probabilities of ``(N, 68)`` features."""
         with torch.no_grad():
             logits = self(torch.as_tensor(np.asarray(features), dtype=torch.float32))
-        return torch.softmax(logits, dim=1).double().numpy()
+        return torch.softmax(logits / self.temperature, dim=1).double().numpy()
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,9 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
         raise CheckpointError(f"{path}: a classifier for scale {payload.get('scale')}, not {scale}")
     classifier = DegradationClassifier()
     try:
-        classifier.load_state_dict(payload["state_dict"])
+        state = dict(payload["state_dict"])
+        state.setdefault("temperature", torch.ones(()))  # classifiers saved before calibration
+        classifier.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: classifier weights do not fit ({str(exc).splitlines()[0]})") from None
     return classifier.eval()

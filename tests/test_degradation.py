@@ -165,3 +165,34 @@ def test_monochrome1_and_padding_do_not_change_the_decision():
     padded = low_res.copy()
     padded[:, :6, :] = -3024.0  # a band of padding at the edge of every slice
     assert decide(padded, padding=(-3024.0, -3024.0)).grid == plain.grid == "kspace"
+
+
+def test_the_temperature_softens_the_probabilities_and_older_files_load_without_it(tmp_path):
+    """The calibrated temperature divides the logits; a classifier saved before calibration
+    (no temperature in its weights) loads with 1, i.e. as it was fitted."""
+    from medsr.degradation import save_classifier
+
+    classifier = load_classifier(None, 2)
+    features = np.stack([slice_features(np.asarray(pydicom.dcmread(p).pixel_array, np.float32)[::2, ::2])
+                         for p in sorted(MR_SERIES.glob("*.dcm"))[8:12]])
+    state = {k: v.clone() for k, v in classifier.state_dict().items()}
+    state["temperature"] = torch.tensor(1.0)
+    classifier.load_state_dict(state)
+    sharp = classifier.probabilities(features)
+    state["temperature"] = torch.tensor(4.0)
+    classifier.load_state_dict(state)
+    soft = classifier.probabilities(features)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.all(soft.max(axis=1) < sharp.max(axis=1))  # less sure, same features
+    np.testing.assert_array_equal(soft.argmax(axis=1), sharp.argmax(axis=1))  # same ranking
+
+    state["temperature"] = torch.tensor(1.0)
+    classifier.load_state_dict(state)
+    save_classifier(tmp_path / "old.pt", classifier, 2, {})
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    payload["state_dict"].pop("temperature", None)
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_classifier(tmp_path / "old.pt", 2)
+    assert float(loaded.temperature) == 1.0
+    np.testing.assert_allclose(loaded.probabilities(features), sharp, rtol=1e-6)
+
