@@ -77,6 +77,7 @@ from medsr.transforms import (
     crop_to_multiple,
     thick_slices,
 )
+from medsr.writing import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         torch_device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(torch_device)
     if processes.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with write_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=config.seed + processes.rank)
 
     train_scans = _cached(config, "train_scans")
@@ -514,7 +516,7 @@ def _validator(config: TrainConfig, model, device, trainer, out_dir: Path,
 
 def _append_history(path: Path, row: dict) -> None:
     new = not path.exists()
-    with path.open("a", newline="") as handle:
+    with write_errors(path), path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
             writer.writeheader()
