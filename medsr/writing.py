@@ -47,8 +47,18 @@ def write_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-        raise OutputError(f"{path}: cannot write it: {reason}") from exc
+        raise OutputError(f"{path}: cannot write it: {_reason(exc)}") from exc
+
+
+def _reason(error: OSError) -> str:
+    """The system's words for ``error`` ("No space left on device"), also when a library
+    re-raised it with its own message (pydicom adds the tag and a whole traceback)."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 @contextmanager
