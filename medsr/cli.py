@@ -101,9 +101,16 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _not_ignite_terminating(record: logging.LogRecord) -> bool:
+    """Drops ignite's "Engine run is terminating due to exception" line: the exception itself
+    follows, reported as every command reports it (one line, or a traceback for a bug)."""
+    return not (record.name.startswith("ignite") and record.getMessage().startswith("Engine run is terminating"))
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_ShortFormatter())
+    handler.addFilter(_not_ignite_terminating)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

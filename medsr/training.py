@@ -363,6 +363,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         epoch_length=config.iterations_per_epoch,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), *main_only_handlers],
     )
+    for handler in main_only_handlers:
+        if isinstance(handler, StatsHandler):
+            # it logs every exception with its traceback, an interruption or a full disk too; the
+            # CLI reports them (one line for those, the traceback for a bug). Replaced, not just
+            # removed: with an empty list of handlers ignite would swallow the exception
+            trainer.remove_event_handler(handler.exception_raised, Events.EXCEPTION_RAISED)
+            trainer.add_event_handler(Events.EXCEPTION_RAISED, _raise)
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: patches.set_epoch(engine.state.epoch))
     epoch_losses: list[float] = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: epoch_losses.clear())
@@ -512,6 +519,10 @@ def _validator(config: TrainConfig, model, device, trainer, out_dir: Path,
     EarlyStopHandler(patience=config.early_stop_patience, trainer=trainer,
                      score_function=lambda engine: engine.state.metrics["val_ssim"]).attach(evaluator)
     return evaluator
+
+
+def _raise(engine, error: BaseException) -> None:
+    raise error
 
 
 def _append_history(path: Path, row: dict) -> None:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from medsr.cli import app
 
-from conftest import MR_SERIES, ROOT
+from conftest import MR_SERIES, ROOT, SAMPLES
 
 runner = CliRunner()
 FAST = ["--degradation", "bicubic", "--device", "cpu", "--compile", "off", "--precision", "fp32"]
@@ -238,3 +238,29 @@ def test_sigterm_while_evaluate_writes_its_report_leaves_no_temporary(tmp_path, 
                                  "bicubic", "--device", "cpu", "--report", str(report)])
     assert result.exit_code == 143 and result.stderr.splitlines() == [INTERRUPTED], result.output
     assert list(report.iterdir()) == []
+
+
+def test_sigterm_while_train_writes_a_checkpoint_stops_it_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """Inside MONAI's engine too (whose StatsHandler would log the traceback, and which would
+    swallow the interruption if its exception handler were merely removed)."""
+    import medsr.writing
+
+    commit = medsr.writing.commit
+
+    def terminated(temporary, path):  # the first checkpoint, complete under its temporary name
+        if path.suffix != ".pt":
+            return commit(temporary, path)  # the slice cache, the config
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    monkeypatch.setattr("medsr.writing.commit", terminated)
+    monkeypatch.chdir(SAMPLES.parent)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "--config", "configs/srresnet_l1_x2.yaml", "--out", str(out), "--set", f"data_root={SAMPLES}",
+        "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train_scans=[ct_chest_3slice_dicom]",
+        "--set", "val_scans=[]", "--set", "model.features=4", "--set", "model.num_res_blocks=1",
+        "--set", "batch_size=2", "--set", "patch_size=16", "--set", "iterations_per_epoch=2", "--set", "epochs=1"])
+    assert result.exit_code == 143, result.output
+    assert [line for line in result.stderr.splitlines() if not line.startswith("info: ")] == [INTERRUPTED]
+    assert not [p.name for p in out.rglob(".*")]
