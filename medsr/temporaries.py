@@ -25,7 +25,6 @@ removed before it is released.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -39,6 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsr.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so nothing is ever provably dead and nothing is swept
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,8 @@ class _Owner:
 _HELD: dict[str, _Owner] = {}  # absolute folder -> the lock this process holds there
 _HELD_LOCK = threading.Lock()
 # a forked child (a DataLoader worker) keeps its parent's locks alive but owns none of them
-os.register_at_fork(after_in_child=_HELD.clear)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HELD.clear)
 
 
 @contextmanager
@@ -124,6 +129,8 @@ def _take_lock(folder: Path) -> _Owner:
 def _lock(descriptor: int, blocking: bool) -> bool:
     """flock ``descriptor`` exclusively; False if another holds it (non-blocking). A file
     system without locks counts as locked: nothing can be proven there."""
+    if fcntl is None:
+        return blocking
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         return True
