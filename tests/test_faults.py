@@ -153,6 +153,36 @@ def test_a_failing_disk_is_one_error_line_and_leaves_nothing(tmp_path, tiny_chec
     assert list(out.iterdir()) == []
 
 
+def tiny_training(out: Path, cache: Path) -> list[str]:
+    """``medsr train`` arguments for two iterations of a tiny model on one sample series (run
+    from the repository root)."""
+    return ["train", "--config", "configs/srresnet_l1_x2.yaml", "--out", str(out), "--set", f"data_root={SAMPLES}",
+            "--set", f"cache_dir={cache}", "--set", "train_scans=[ct_chest_3slice_dicom]",
+            "--set", "val_scans=[]", "--set", "model.features=4", "--set", "model.num_res_blocks=1",
+            "--set", "batch_size=2", "--set", "patch_size=16", "--set", "iterations_per_epoch=2", "--set", "epochs=1"]
+
+
+def test_a_quota_reached_by_a_checkpoint_is_one_error_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """EDQUOT when a checkpoint is renamed into place, inside MONAI's engine."""
+    import errno
+
+    replace = os.replace
+
+    def over_quota(source, target):
+        if str(target).endswith(".pt"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", over_quota)
+    monkeypatch.chdir(SAMPLES.parent)
+    out = tmp_path / "run"
+    result = runner.invoke(app, tiny_training(out, tmp_path / "cache"))
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.stderr.splitlines() if not line.startswith("info: ")] == [
+        f"error: {out / 'best.pt'}: cannot write it: Disk quota exceeded"]
+    assert not [p.name for p in out.rglob("*.pt*")]
+
+
 # ------------------------------------------------------------------ SIGTERM and SIGKILL
 
 def test_sigterm_mid_write_stops_like_ctrl_c_and_leaves_nothing(tmp_path, tiny_checkpoint):
@@ -256,11 +286,7 @@ def test_sigterm_while_train_writes_a_checkpoint_stops_it_and_leaves_no_temporar
     monkeypatch.setattr("medsr.writing.commit", terminated)
     monkeypatch.chdir(SAMPLES.parent)
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "train", "--config", "configs/srresnet_l1_x2.yaml", "--out", str(out), "--set", f"data_root={SAMPLES}",
-        "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train_scans=[ct_chest_3slice_dicom]",
-        "--set", "val_scans=[]", "--set", "model.features=4", "--set", "model.num_res_blocks=1",
-        "--set", "batch_size=2", "--set", "patch_size=16", "--set", "iterations_per_epoch=2", "--set", "epochs=1"])
+    result = runner.invoke(app, tiny_training(out, tmp_path / "cache"))
     assert result.exit_code == 143, result.output
     assert [line for line in result.stderr.splitlines() if not line.startswith("info: ")] == [INTERRUPTED]
     assert not [p.name for p in out.rglob(".*")]
