@@ -6,12 +6,14 @@ A run stopped by Ctrl-C, SIGTERM or an error removes its own temporaries (the wr
 across its slices leaves a full-size raw scratch file, a DICOM series a staging folder. So:
 
 - every process writing into a folder holds an exclusive ``flock`` on its own lock file there,
-  ``.medsr-<pid>-<random>.lock`` (content: ``<host> <pid>``), while it has temporaries there;
+  ``.medsr-<pid>-<random>.lock`` (content: ``<host> <pid> <boot id>``), while it has
+  temporaries there;
 - every temporary's name carries that owner tag:
   ``.scan_x2.nii.gz.medsr-<pid>-<random>.<random>.tmp.nii.gz``;
 - the first time a process writes into a folder, it sweeps: an owner's files are removed only
   when its lock can be taken (the kernel releases a lock when its process dies, however it
-  dies) *and* the lock file says this host and a pid that is not running. A lock held, another
+  dies) *and* the lock file says this host and a pid that is not running, or a boot before this
+  one (after a power cut, its pid may be another process's now). A lock held, another
   host (a network folder: that host's next run sweeps), a pid alive (reused or not), a lock file
   that cannot be opened or locked (another user's, a file system without locks) keeps the files;
   a name without an owner tag (a user's file, an older medsr's temporary) is never touched.
@@ -116,7 +118,7 @@ def _take_lock(folder: Path) -> _Owner:
             if os.fstat(descriptor).st_nlink == 0:  # swept before we locked it: start again
                 os.close(descriptor)
                 continue
-            os.write(descriptor, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.write(descriptor, f"{socket.gethostname()} {os.getpid()} {_boot_id()}\n".encode())
         except BaseException:
             with suppress(OSError):
                 path.unlink()
@@ -170,10 +172,11 @@ def _sweep_owner(folder: Path, names: list[str], tag: str, pid: int) -> None:
                 return  # swept and made again in between
         except FileNotFoundError:
             return
-        host, _, written_pid = os.pread(descriptor, 300, 0).decode(errors="replace").strip().partition(" ")
+        host, written_pid, boot = (os.pread(descriptor, 300, 0).decode(errors="replace").split() + ["", "", ""])[:3]
         if host and host != socket.gethostname():
             return  # another host's run: its lock may not reach us, so only its host sweeps
-        if _running(int(written_pid) if written_pid.isdigit() else pid):
+        earlier_boot = bool(boot) and bool(_boot_id()) and boot != _boot_id()
+        if not earlier_boot and _running(int(written_pid) if written_pid.isdigit() else pid):
             return
         mark = f".medsr-{tag}."
         leftovers = [n for n in names if n.startswith(".") and mark in n and n != lock_path.name]
@@ -187,6 +190,14 @@ def _sweep_owner(folder: Path, names: list[str], tag: str, pid: int) -> None:
         logger.debug("%s: leftovers of pid %d not swept: %s", folder, pid, exc)
     finally:
         os.close(descriptor)
+
+
+def _boot_id() -> str:
+    """This boot's random id (Linux), or "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _running(pid: int) -> bool:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from medsr.temporaries import owned, sweep
+from medsr.temporaries import _boot_id, owned, sweep
 from medsr.writing import atomic_output
 
 
@@ -47,8 +47,14 @@ def test_a_dead_runs_leftovers_are_swept_and_nothing_else(tmp_path, caplog):
         f".series.medsr-{tag}.8c9d0e1f.tmp"]
 
 
+def test_a_run_from_before_a_reboot_is_dead_even_if_its_pid_now_runs(tmp_path):
+    leave_run(tmp_path, f"{os.getpid()}-00c0ffee", f"{socket.gethostname()} {os.getpid()} an-earlier-boot\n")
+    sweep(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("why, content", [
-    ("its pid is running (this process)", f"{socket.gethostname()} {os.getpid()}\n"),
+    ("its pid is running (this process), this boot", f"{socket.gethostname()} {os.getpid()} {_boot_id()}\n"),
     ("it ran on another host", "some-other-host {pid}\n"),
 ])
 def test_leftovers_whose_owner_may_live_are_kept(tmp_path, why, content):
