@@ -360,6 +360,7 @@ def evaluate(
     from medsr.checkpoint import default_weights, load_model
     from medsr.degradation import load_classifier
     from medsr.engine import PRECISIONS, check_choice, pick_device
+    from medsr.enhance import folders_for
     from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
     from medsr.model import ThroughPlaneNet
     from medsr.reading import read_scan
@@ -383,33 +384,35 @@ def evaluate(
             raise typer.BadParameter(f"--weights {path} is given twice")
         models[name] = model
     classifier = load_classifier(None, scale) if auto else None
-    results = []
-    with _progress() as progress:
-        task = progress.add_task("evaluating", total=len(scans) * len(runs))
-        for scan_path in scans:
-            scan = read_scan(scan_path)
-            for name in runs:
-                if through_plane:
-                    z = 2 if axis is None else axis
-                    result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
-                                                         keep_images=report is not None, precision=precision)
-                    z = next(a for a in range(3) if a != z)  # figures show planes across the slices
-                else:
-                    z = protocol_slice_axis(scan) if axis is None else axis
-                    result = evaluate_scan(scan, models, name, scale, z, torch_device,
-                                           keep_images=report is not None, classifier=classifier,
-                                           precision=precision)
-                if report is not None:
-                    write_comparison(report, result, z)
-                results.append(result)
-                progress.advance(task)
-    summary = summarise(results)
-    names = list(models) + ([m + " auto" for m in models] if auto else [])
-    _print_table(results, summary, names)
-    intervals = _print_bootstrap(results, list(models), bootstrap) if bootstrap and len(models) > 1 else {}
-    if report is not None:
-        write_metrics(report, results, summary, "v1-z" if through_plane else "v1", intervals)
-        typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
+    # a report folder made here is removed again if the run fails before anything is in it
+    with folders_for(report / "metrics.json") if report is not None else nullcontext():
+        results = []
+        with _progress() as progress:
+            task = progress.add_task("evaluating", total=len(scans) * len(runs))
+            for scan_path in scans:
+                scan = read_scan(scan_path)
+                for name in runs:
+                    if through_plane:
+                        z = 2 if axis is None else axis
+                        result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
+                                                             keep_images=report is not None, precision=precision)
+                        z = next(a for a in range(3) if a != z)  # figures show planes across the slices
+                    else:
+                        z = protocol_slice_axis(scan) if axis is None else axis
+                        result = evaluate_scan(scan, models, name, scale, z, torch_device,
+                                               keep_images=report is not None, classifier=classifier,
+                                               precision=precision)
+                    if report is not None:
+                        write_comparison(report, result, z)
+                    results.append(result)
+                    progress.advance(task)
+        summary = summarise(results)
+        names = list(models) + ([m + " auto" for m in models] if auto else [])
+        _print_table(results, summary, names)
+        intervals = _print_bootstrap(results, list(models), bootstrap) if bootstrap and len(models) > 1 else {}
+        if report is not None:
+            write_metrics(report, results, summary, "v1-z" if through_plane else "v1", intervals)
+            typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
 
 
 def _print_bootstrap(results, model_names: list[str], replicates: int) -> dict:
