@@ -86,6 +86,8 @@ def owned(folder: Path) -> Iterator[str]:
             owner.users -= 1
             if owner.users == 0:
                 del _HELD[key]
+                with suppress(OSError):  # an interruption between naming a temporary and guarding it
+                    _remove_tagged(Path(key), os.listdir(key), owner.tag)
                 # unlinked before it is unlocked: no sweeper ever sees it free while it exists
                 with suppress(OSError):
                     owner.lock_path.unlink()
@@ -178,10 +180,7 @@ def _sweep_owner(folder: Path, names: list[str], tag: str, pid: int) -> None:
         earlier_boot = bool(boot) and bool(_boot_id()) and boot != _boot_id()
         if not earlier_boot and _running(int(written_pid) if written_pid.isdigit() else pid):
             return
-        mark = f".medsr-{tag}."
-        leftovers = [n for n in names if n.startswith(".") and mark in n and n != lock_path.name]
-        for leftover in leftovers:
-            _remove(folder / leftover)
+        leftovers = _remove_tagged(folder, names, tag)
         lock_path.unlink(missing_ok=True)
         if leftovers:
             logger.warning("%s: removed %d temporary file(s) left by an interrupted medsr run (pid %d): %s",
@@ -212,8 +211,15 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def _remove_tagged(folder: Path, names: list[str], tag: str) -> list[str]:
+    """Remove the temporaries among ``names`` in ``folder`` that carry owner ``tag`` (not its
+    lock file); returns their names."""
+    mark, lock_name = f".medsr-{tag}.", f".medsr-{tag}.lock"
+    tagged = [name for name in names if name.startswith(".") and mark in name and name != lock_name]
+    for name in tagged:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return tagged

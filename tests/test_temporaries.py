@@ -75,3 +75,12 @@ def test_a_live_runs_temporaries_are_kept_while_it_holds_its_lock(tmp_path):
         assert temporary.exists() and lock.exists()
         temporary.write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]  # the lock goes with the last use
+
+
+def test_what_an_interruption_left_unguarded_goes_with_the_last_use_of_the_lock(tmp_path):
+    """A temporary named under the lock whose cleanup never ran (an interruption right after
+    it was made) is removed when the process lets the lock go."""
+    with owned(tmp_path) as tag:
+        (tmp_path / f".out.nii.gz.medsr-{tag}.0a1b2c3d.tmp.nii.gz").write_bytes(b"\0")
+        (tmp_path / "kept.nii.gz").write_bytes(b"\0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.nii.gz"]
