@@ -10,7 +10,8 @@ across its slices leaves a full-size raw scratch file, a DICOM series a staging 
   temporaries there;
 - every temporary's name carries that owner tag:
   ``.scan_x2.nii.gz.medsr-<pid>-<random>.<random>.tmp.nii.gz``;
-- the first time a process writes into a folder, it sweeps: an owner's files are removed only
+- whenever a process takes its lock in a folder (its first temporary there), it sweeps the
+  folder first: an owner's files are removed only
   when its lock can be taken (the kernel releases a lock when its process dies, however it
   dies) *and* the lock file says this host and a pid that is not running, or a boot before this
   one (after a power cut, its pid may be another process's now). A lock held, another
@@ -20,8 +21,9 @@ across its slices leaves a full-size raw scratch file, a DICOM series a staging 
 
 The lock file is created, then locked, then checked to still be linked: a sweeper that removed
 it in between (it was not locked yet, so it looked dead) had no temporaries of it to remove,
-and the owner starts again under a new tag. Temporaries are created only under a held lock and
-removed before it is released.
+and the owner starts again under a new tag. Temporaries are created only under a held lock, and
+whatever still carries the tag when the lock is let go (an interruption between naming a
+temporary and guarding it) is removed before it is unlocked.
 """
 
 from __future__ import annotations
