@@ -68,7 +68,7 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
             folder is missing; ExportError: the TorchScript file does not reproduce the model.
     """
     from medsr.checkpoint import default_weights, load_model
-    from medsr.writing import output_taken, staging_folder
+    from medsr.writing import output_taken, staging_folder, write_errors
 
     output = Path(output)
     if through_plane and scale is not None:
@@ -80,8 +80,8 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
         raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
     model, config = load_model(default_weights(scale or 2, through_plane))
     name = "medsr_through_plane" if through_plane else f"medsr_srresnet_x{model.scale}"
-    staging = staging_folder(output)
-    try:
+    # written under a hidden name its run owns (removed on any failure), renamed into place at the end
+    with write_errors(output), staging_folder(output) as staging:
         for folder in ("configs", "models", "docs"):
             (staging / folder).mkdir()
         torch.save(model.state_dict(), staging / "models" / "model.pt")
@@ -97,9 +97,6 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return WrittenBundle(output, name, check)
 
 

@@ -24,7 +24,7 @@ import torch
 from medsr.config import TrainConfig, from_dict
 from medsr.errors import CheckpointError, ConfigError
 from medsr.model import SRResNet, ThroughPlaneNet
-from medsr.writing import atomic_output
+from medsr.writing import save_torch, write_errors
 
 FORMAT = "medsr-checkpoint"
 VERSION = 1
@@ -49,9 +49,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, config: TrainConfig, epo
         **training_state,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        torch.save(payload, temporary)
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch(payload, path)
 
 
 def safe_torch_load(path: Path) -> Any:

@@ -1,14 +1,21 @@
 """The ``medsr`` command line: parses arguments, calls the pipeline, reports.
 
-Every :class:`medsr.errors.MedsrError` becomes one ``error: ...`` line on stderr and exit
-code 1; anything else is a bug and keeps its traceback.
+Every command, by construction (:class:`_Commands`, the group every command is registered on),
+runs under the same rules: a :class:`medsr.errors.MedsrError` (a failure to write an output
+among them: a full disk, a quota, a read-only or failing file system) becomes one
+``error: ...`` line on stderr and exit code 1; Ctrl-C (SIGINT) and SIGTERM (what ``timeout``,
+systemd, container runtimes and batch schedulers send) stop it the same way, through the
+cleanup that removes every temporary, with one line and exit code 130 or 143 (128 + the
+signal). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,13 +24,67 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from medsr.errors import MedsrError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Super-resolution for DICOM and NIfTI scans, built on MONAI.")
 stderr = Console(stderr=True)
 logger = logging.getLogger("medsr")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises :class:`KeyboardInterrupt`, so the
+    same ``finally`` blocks and context managers remove every temporary."""
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """For the block, SIGTERM raises :class:`Terminated` in the main thread. A second SIGTERM
+    while the first one's cleanup runs is ignored, so the cleanup is not cut short (SIGKILL
+    still ends the process; the next run sweeps what it left: :mod:`medsr.temporaries`).
+    Worker threads (the engine's reader and writer) are daemons whose owners stop and join them
+    on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (an embedding application's)
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _user_errors():
+    """Turn medsr's domain errors into one line and exit code 1, an interruption into one line
+    and exit code 128 + the signal."""
+    try:
+        yield
+    except MedsrError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        typer.echo(f"error: interrupted ({signum.name}); no partial output was left behind", err=True)
+        raise typer.Exit(128 + signum) from None
+
+
+class _Commands(TyperGroup):
+    """The group every ``medsr`` command is registered on: each one (and any added later) runs
+    under :func:`_terminate_as_interrupt` and :func:`_user_errors`."""
+
+    def invoke(self, ctx):
+        with _terminate_as_interrupt(), _user_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  help="Super-resolution for DICOM and NIfTI scans, built on MONAI.")
 
 
 class _ShortFormatter(logging.Formatter):
@@ -40,9 +101,16 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _not_ignite_terminating(record: logging.LogRecord) -> bool:
+    """Drops ignite's "Engine run is terminating due to exception" line: the exception itself
+    follows, reported as every command reports it (one line, or a traceback for a bug)."""
+    return not (record.name.startswith("ignite") and record.getMessage().startswith("Engine run is terminating"))
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_ShortFormatter())
+    handler.addFilter(_not_ignite_terminating)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -54,19 +122,6 @@ def _setup_logging(verbose: bool) -> None:
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings (pydicom on odd files, ...) as one ``warning:`` line, no source dump."""
     logger.warning("%s", " ".join(str(message).split()))
-
-
-@contextmanager
-def _user_errors():
-    """Turn medsr's domain errors into one line and exit code 1."""
-    try:
-        yield
-    except MedsrError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; no partial output was left behind", err=True)
-        raise typer.Exit(130) from None
 
 
 def _progress() -> Progress:
@@ -94,12 +149,11 @@ def train(
 ) -> None:
     """Train an SRResNet on the scans a config lists (MONAI SupervisedTrainer)."""
     _setup_logging(verbose=True)
-    with _user_errors():
-        from medsr.config import load_config
-        from medsr.training import train as run_training
+    from medsr.config import load_config
+    from medsr.training import train as run_training
 
-        resolved = load_config(config, set_ or [])
-        result = run_training(resolved, out, resume=resume, device=device)
+    resolved = load_config(config, set_ or [])
+    result = run_training(resolved, out, resume=resume, device=device)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         typer.echo(f"trained {result.epochs} epochs ({result.iterations} iterations); "
                    f"best model: {result.out_dir / 'best.pt'}")
@@ -116,14 +170,13 @@ def fit_degradation(
 ) -> None:
     """Fit the classifier that tells from the pixels how a scan lost its resolution."""
     _setup_logging(verbose=True)
-    with _user_errors():
-        from medsr.config import load_config
-        from medsr.errors import OutputError
-        from medsr.training import train_degradation_classifier
+    from medsr.config import load_config
+    from medsr.errors import OutputError
+    from medsr.training import train_degradation_classifier
 
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-        report = train_degradation_classifier(load_config(config, set_ or []), out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    report = train_degradation_classifier(load_config(config, set_ or []), out)
     typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
     for name, result in report["validation"].items():
         typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "
@@ -182,28 +235,27 @@ def enhance(
     picked = _select(select)
     options = dict(slice_axis=axis, degradation=degradation, device=device, batch_size=batch_size,
                    compile_model=compile_model, precision=precision, select=picked, consistency=consistency)
-    with _user_errors():
-        from medsr.enhance import enhance_file, folders_for, is_single_scan
+    from medsr.enhance import enhance_file, folders_for, is_single_scan
 
-        if len(inputs) > 1 or not is_single_scan(inputs[0]):
-            _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
-            return
-        target = _nifti_into_folder(inputs[0], output, output_format, scale, through_plane)
-        # only the folder of a NIfTI input's -o is made here (and removed if the run fails); any
-        # other output's folder must exist, as enhance_file checks
-        folders = folders_for(target) if target != output else nullcontext()
-        output = target
-        with _progress() as progress:
-            task = progress.add_task("reading slices", total=None)
+    if len(inputs) > 1 or not is_single_scan(inputs[0]):
+        _enhance_batch(inputs, output, scale, through_plane, weights, overwrite, output_format, options)
+        return
+    target = _nifti_into_folder(inputs[0], output, output_format, scale, through_plane)
+    # only the folder of a NIfTI input's -o is made here (and removed if the run fails); any
+    # other output's folder must exist, as enhance_file checks
+    folders = folders_for(target) if target != output else nullcontext()
+    output = target
+    with _progress() as progress:
+        task = progress.add_task("reading slices", total=None)
 
-            def stage(name: str):
-                return lambda done, total: progress.update(task, completed=done, total=total,
-                                                           description=f"{name} slices")
+        def stage(name: str):
+            return lambda done, total: progress.update(task, completed=done, total=total,
+                                                       description=f"{name} slices")
 
-            with folders:
-                result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
-                                      series_uid=series, overwrite=overwrite, output_format=output_format,
-                                      reading=stage("reading"), progress=stage("enhancing"), **options)
+        with folders:
+            result = enhance_file(inputs[0], output, scale=scale, weights=weights, through_plane=through_plane,
+                                  series_uid=series, overwrite=overwrite, output_format=output_format,
+                                  reading=stage("reading"), progress=stage("enhancing"), **options)
     if result.estimate is not None:
         typer.echo(f"degradation: {result.estimate.describe()}", err=True)
     shape = "x".join(str(n) for n in result.volume.shape)
@@ -267,10 +319,9 @@ def export(
 ) -> None:
     """Export a network (float32) to TorchScript or ONNX, checked against PyTorch."""
     _setup_logging(verbose=False)
-    with _user_errors():
-        from medsr.export import export_file
+    from medsr.export import export_file
 
-        check = export_file(out, format_, scale, through_plane, weights, check_on, overwrite)
+    check = export_file(out, format_, scale, through_plane, weights, check_on, overwrite)
     model = "through-plane model" if through_plane else f"in-plane x{scale or 2} model"
     typer.echo(f"wrote {out} ({format_}, {model}); it matches PyTorch on {check.slices} slices of "
                f"{check.source} ({check.shape[0]}x{check.shape[1]}): max difference {check.max_difference:.2g}, "
@@ -287,10 +338,9 @@ def export_bundle(
 ) -> None:
     """Write a shipped model as a MONAI bundle (configs, model.pt, model.ts, docs, LICENSE)."""
     _setup_logging(verbose=False)
-    with _user_errors():
-        from medsr.bundle import write_bundle
+    from medsr.bundle import write_bundle
 
-        written = write_bundle(out, scale, through_plane, overwrite)
+    written = write_bundle(out, scale, through_plane, overwrite)
     typer.echo(f"wrote MONAI bundle {written.root} ({written.name}; models/model.ts matches PyTorch within "
                f"{written.check.max_difference:.2g}); run it with: python -m monai.bundle run --config_file "
                f"{out}/configs/inference.json --meta_file {out}/configs/metadata.json --bundle_root {out} "
@@ -357,35 +407,37 @@ def evaluate(
         runs, auto = (["gaussian", "box"] if profile == "both" else [profile]), False
     else:
         runs, auto = _degradations(degradation)
-    with _user_errors():
-        from medsr.checkpoint import default_weights, load_model
-        from medsr.consistency import CONSISTENCY_CHOICES
-        from medsr.degradation import load_classifier
-        from medsr.engine import PRECISIONS, check_choice, pick_device
-        from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
-        from medsr.model import ThroughPlaneNet
-        from medsr.reading import read_scan
-        from medsr.reports import write_comparison, write_metrics
+    from medsr.checkpoint import default_weights, load_model
+    from medsr.consistency import CONSISTENCY_CHOICES
+    from medsr.degradation import load_classifier
+    from medsr.engine import PRECISIONS, check_choice, pick_device
+    from medsr.enhance import folders_for
+    from medsr.evaluation import evaluate_scan, evaluate_through_plane_scan, protocol_slice_axis, summarise
+    from medsr.model import ThroughPlaneNet
+    from medsr.reading import read_scan
+    from medsr.reports import write_comparison, write_metrics
 
-        scale = scale or (4 if through_plane else 2)
-        torch_device = pick_device(device)
-        check_choice("precision", precision, PRECISIONS)
-        check_choice("consistency", consistency, CONSISTENCY_CHOICES)
-        paths = weights or [default_weights(scale, through_plane)]
-        models = {}
-        for path in paths:
-            model, _ = load_model(path)
-            if isinstance(model, ThroughPlaneNet) != through_plane:
-                kind = "through" if isinstance(model, ThroughPlaneNet) else "in"
-                raise typer.BadParameter(f"--weights {path} are {kind}-plane weights"
-                                         + ("" if through_plane else "; add --through-plane"))
-            # runs/l1_x2/best.pt and runs/mse_x2/best.pt are told apart by their run folder
-            stems = [p.stem for p in paths]
-            name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
-            if name in models:
-                raise typer.BadParameter(f"--weights {path} is given twice")
-            models[name] = model
-        classifier = load_classifier(None, scale) if auto else None
+    scale = scale or (4 if through_plane else 2)
+    torch_device = pick_device(device)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("consistency", consistency, CONSISTENCY_CHOICES)
+    paths = weights or [default_weights(scale, through_plane)]
+    models = {}
+    for path in paths:
+        model, _ = load_model(path)
+        if isinstance(model, ThroughPlaneNet) != through_plane:
+            kind = "through" if isinstance(model, ThroughPlaneNet) else "in"
+            raise typer.BadParameter(f"--weights {path} are {kind}-plane weights"
+                                     + ("" if through_plane else "; add --through-plane"))
+        # runs/l1_x2/best.pt and runs/mse_x2/best.pt are told apart by their run folder
+        stems = [p.stem for p in paths]
+        name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
+        if name in models:
+            raise typer.BadParameter(f"--weights {path} is given twice")
+        models[name] = model
+    classifier = load_classifier(None, scale) if auto else None
+    # a report folder made here is removed again if the run fails before anything is in it
+    with folders_for(report / "metrics.json") if report is not None else nullcontext():
         results = []
         with _progress() as progress:
             task = progress.add_task("evaluating", total=len(scans) * len(runs))

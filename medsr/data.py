@@ -24,7 +24,7 @@ from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, dicom_series_in_folder, read_scan
 from medsr.transforms import RandomDegradePair, RandomThickSlices, robust_window
-from medsr.writing import atomic_output
+from medsr.writing import atomic_output, write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def informative_slices(volume: np.ndarray, slice_axis: int) -> np.ndarray:
 
 def load_cached_scan(source: ScanSource, cache_dir: Path, lower: float, upper: float) -> CachedScan:
     """Read a scan's normalised informative slices from the cache, building it on a miss."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with write_errors(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"{_cache_key(source, lower, upper)}.npz"
     if cache_file.exists():
         with np.load(cache_file) as stored:

@@ -257,12 +257,11 @@ def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, l
 
 def save_classifier(path: Path, classifier: DegradationClassifier, scale: int, report: dict) -> None:
     """Write the classifier (plain tensors and data: loads with ``weights_only=True``)."""
-    from medsr.writing import atomic_output
+    from medsr.writing import save_torch
 
     payload = {"format": FORMAT, "version": 1, "scale": scale, "classes": list(CLASSES),
                "state_dict": classifier.state_dict(), "report": report}
-    with atomic_output(Path(path)) as temporary:
-        torch.save(payload, temporary)
+    save_torch(payload, Path(path))
 
 
 def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifier:

@@ -48,6 +48,7 @@ import os
 import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
 from medsr.reading import OpenScan, functional_group, stored_padding
 from medsr.transforms import IntensityWindow
-from medsr.writing import is_empty_folder, output_taken, staging_folder, sync_file, sync_folder
+from medsr.writing import is_empty_folder, output_taken, staging_folder, sync_file, sync_folder, write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -499,14 +500,26 @@ class _DerivedSeriesWriter:
         self._scratch = None  # _stored_pixels' float64 buffer, one for the whole series
 
     def __enter__(self) -> _DerivedSeriesWriter:
-        self.staging = staging_folder(self.folder)
+        self._cleanup = ExitStack()
+        with write_errors(self.folder):
+            self.staging = self._cleanup.enter_context(staging_folder(self.folder))
         self._syncs = _Syncs()
+        self._frames = None
         if self.scan.multiframe:
-            self._frames = open(self.staging / "frames.raw", "wb")
+            try:
+                with write_errors(self.folder):
+                    self._frames = open(self.staging / "frames.raw", "wb")
+            except BaseException as failure:
+                self.__exit__(type(failure), failure, failure.__traceback__)
+                raise
         return self
 
     def write(self, slab: np.ndarray) -> None:
         """Store the next ``n`` enhanced images, ``(n, I, J)`` float32 in original units."""
+        with write_errors(self.folder):
+            self._write(slab)
+
+    def _write(self, slab: np.ndarray) -> None:
         for plane in slab:
             padded = plane == self.padding_value if self.padding is not None else None
             values = plane if padded is None else plane[~padded]
@@ -559,22 +572,32 @@ class _DerivedSeriesWriter:
         self._syncs.add(target)
 
     def __exit__(self, kind, error, traceback) -> bool:
-        try:
-            if self.scan.multiframe:
-                self._frames.close()
-            if kind is None:
-                if self.written != self.n_images:
-                    raise OutputError(f"{self.folder}: only {self.written} of {self.n_images} slices were written")
-                if self.scan.multiframe:
-                    self._write_multiframe()
-                self._syncs.wait()  # every file is on disk before the folder is
-                sync_folder(self.staging)
-                _move_into_place(self.staging, self.folder)
-        finally:
-            self._syncs.close()
-            if self.staging.exists():
-                shutil.rmtree(self.staging)
+        """Rename the complete series into place; on any failure (in the block or here) remove
+        the staging folder and leave ``folder`` as it was."""
+        with self._cleanup:  # removes the staging folder, whatever happens
+            try:
+                if kind is not None:
+                    with suppress(OSError):  # a failing disk fails the close too; the first error counts
+                        self._close_frames()
+                    return False
+                with write_errors(self.folder):
+                    self._close_frames()
+                    if self.written != self.n_images:
+                        raise OutputError(f"{self.folder}: only {self.written} of {self.n_images} slices "
+                                          "were written")
+                    if self.scan.multiframe:
+                        self._write_multiframe()
+                    self._syncs.wait()  # every file is on disk before the folder is
+                    sync_folder(self.staging)
+                    _move_into_place(self.staging, self.folder)
+            finally:
+                self._syncs.close()
         return False
+
+    def _close_frames(self) -> None:
+        frames, self._frames = self._frames, None
+        if frames is not None:
+            frames.close()
 
     def _write_multiframe(self) -> None:
         raw = self.staging / "frames.raw"
@@ -788,11 +811,14 @@ def _move_into_place(staging: Path, folder: Path) -> None:
     """Rename the complete series folder to ``folder``: in one step onto nothing or an empty
     folder; a previous output is first moved aside, then removed. The rename is synced."""
     if folder.exists() and not is_empty_folder(folder):
-        retired = staging_folder(folder, ".old")
-        os.replace(folder, retired / folder.name)
-        os.replace(staging, folder)
-        sync_folder(folder.parent)
-        shutil.rmtree(retired)
+        with staging_folder(folder, ".old") as retired:  # removed with the previous output in it
+            os.replace(folder, retired / folder.name)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(retired / folder.name, folder)  # the previous output stays
+                raise
+            sync_folder(folder.parent)
     else:
         os.replace(staging, folder)
         sync_folder(folder.parent)

@@ -487,11 +487,14 @@ def should_compile(device: torch.device, n_slices: int) -> bool:
 class _BackgroundSink:
     """Hands batches to ``sink`` on a writer thread (compression overlaps the next forward
     pass; zlib and PyTorch both release the GIL). At most two batches wait, so memory stays
-    bounded; an error in the sink is raised in the caller when the block ends."""
+    bounded; an error in the sink is raised in the caller when the block ends. When the block
+    fails (an error, Ctrl-C, SIGTERM) the batches still waiting are dropped: the caller waits
+    for the one being written, not for the queue."""
 
     def __init__(self, sink: Callable[[np.ndarray], None] | None) -> None:
         self.sink, self.error = sink, None
         self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.cancelled = False
 
     def __enter__(self) -> Callable[[np.ndarray], None]:
         if self.sink is not None:
@@ -506,7 +509,7 @@ class _BackgroundSink:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self.cancelled:
                 try:
                     self.sink(item)
                 except BaseException as exc:  # handed to the caller's thread
@@ -514,6 +517,11 @@ class _BackgroundSink:
 
     def __exit__(self, kind, error, traceback) -> bool:
         if self.sink is not None:
+            if kind is not None:
+                self.cancelled = True
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self.queue.get_nowait()
             self.queue.put(None)
             self.thread.join()
             if kind is None and self.error is not None:

@@ -40,6 +40,7 @@ from medsr.geometry import enhanced_affine, through_plane_factors
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
 from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
 from medsr.transforms import IntensityWindow
+from medsr.writing import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +469,8 @@ def enhance_many(inputs: list[Path], out_dir: Path, scale: int | None = None, we
     planned = planned[rank::world_size]
     if world_size > 1 and torch.cuda.is_available() and options.get("device", "auto") in ("auto", "cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    out_dir.mkdir(exist_ok=True)
+    with write_errors(out_dir):
+        out_dir.mkdir(exist_ok=True)
     outcomes = []
     for source, output, fmt in planned:
         if on_scan is not None:
@@ -488,7 +490,8 @@ def folders_for(output: Path):
     """Make the folders ``output`` needs that do not exist yet; if the block fails, remove them
     again (those still empty), so a failed scan leaves no trace."""
     made = [folder for folder in [output.parent, *output.parent.parents] if not folder.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
+    with write_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield
     except BaseException:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from medsr.reading import plane_of
-from medsr.writing import atomic_output
+from medsr.writing import atomic_output, write_errors
 
 CURVES = (("train_loss", "val_loss", "loss"), ("val_psnr", None, "validation PSNR (dB)"),
           ("val_ssim", None, "validation SSIM"), ("learning_rate", None, "learning rate"))
@@ -152,7 +152,8 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
     from medsr.metrics import scored_slices
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with write_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     reference = result.images["high_res"]
     candidates = scored_slices(reference, slice_axis, float(reference.min()), float(np.ptp(reference)))
     index = candidates[len(candidates) // 2] if candidates else reference.shape[slice_axis] // 2
@@ -169,7 +170,8 @@ def write_metrics(folder: Path, results, summary, protocol: str = "v1", interval
     consistency error without and with the projection, bootstrap intervals) and
     ``metrics.csv`` (one row per scan and method)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with write_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": f"medsr evaluation protocol {protocol}",
                "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores,
                           "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely}

@@ -77,6 +77,7 @@ from medsr.transforms import (
     crop_to_multiple,
     thick_slices,
 )
+from medsr.writing import write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         torch_device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(torch_device)
     if processes.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with write_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=config.seed + processes.rank)
 
     train_scans = _cached(config, "train_scans")
@@ -361,6 +363,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
         epoch_length=config.iterations_per_epoch,
         train_handlers=[LrScheduleHandler(scheduler, print_lr=False, epoch_level=False), *main_only_handlers],
     )
+    for handler in main_only_handlers:
+        if isinstance(handler, StatsHandler):
+            # it logs every exception with its traceback, an interruption or a full disk too; the
+            # CLI reports them (one line for those, the traceback for a bug). Replaced, not just
+            # removed: with an empty list of handlers ignite would swallow the exception
+            trainer.remove_event_handler(handler.exception_raised, Events.EXCEPTION_RAISED)
+            trainer.add_event_handler(Events.EXCEPTION_RAISED, _raise)
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: patches.set_epoch(engine.state.epoch))
     epoch_losses: list[float] = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: epoch_losses.clear())
@@ -512,9 +521,13 @@ def _validator(config: TrainConfig, model, device, trainer, out_dir: Path,
     return evaluator
 
 
+def _raise(engine, error: BaseException) -> None:
+    raise error
+
+
 def _append_history(path: Path, row: dict) -> None:
     new = not path.exists()
-    with path.open("a", newline="") as handle:
+    with write_errors(path), path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
             writer.writeheader()

@@ -3,6 +3,11 @@ renamed only when complete, so an interruption never leaves half a file under th
 and the file and its folder are synced to disk before and after the rename, so a power cut
 leaves the old output or the new one, never an empty or partial file under the real name.
 
+A failure to write (a full disk, a quota, a read-only or failing file system: any ``OSError``
+of the writing itself) is an :class:`~medsr.errors.OutputError` naming the output, and every
+temporary is removed; the temporaries of a run that could not remove them (SIGKILL) are swept
+by the next run writing into the same folder (:mod:`medsr.temporaries`).
+
 Temporary files and folders are created with the usual permissions (0666 / 0777 less the
 umask, which the kernel applies): the umask is never read, because reading it means setting it
 for the whole process, a race with other threads creating files.
@@ -13,11 +18,9 @@ from __future__ import annotations
 import errno
 import io
 import os
-import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +29,7 @@ from isal import igzip_threaded
 
 from medsr.errors import OutputError
 from medsr.reading import NIFTI_SUFFIXES, SCANNER_XFORM_CODES, affines_agree
+from medsr.temporaries import new_name, owned
 
 # what a MONOCHROME1 volume's NIfTI description says first: NIfTI has no photometric
 # interpretation and viewers show low values dark, while the DICOM showed them white
@@ -35,40 +39,88 @@ MONOCHROME1_NOTE = "MONOCHROME1 values (low=white)"
 
 
 @contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` in the block (a full disk, a quota, a read-only or failing file
+    system) into an :class:`OutputError` naming ``path``, the output the user asked for: one
+    ``error: <path>: cannot write it: No space left on device`` line. Wrap only writing: an
+    ``OSError`` from anything else is not about ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write it: {_reason(exc)}") from exc
+
+
+def _reason(error: OSError) -> str:
+    """The system's words for ``error`` ("No space left on device"), also when a library
+    re-raised it with its own message (pydicom adds the tag and a whole traceback)."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+@contextmanager
+def temporary_beside(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A new empty file beside ``path`` under a hidden name its run owns
+    (:mod:`medsr.temporaries`), with the usual permissions (0666 less the umask, not mkstemp's
+    private 0600); removed when the block ends, however it ends (:func:`commit` first to keep
+    it as ``path``)."""
+    with owned(path.parent) as tag:
+        temporary = new_name(path, suffix, tag, lambda candidate: os.close(
+            os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+        try:
+            yield temporary
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def commit(temporary: Path, path: Path) -> None:
+    """Rename a complete ``temporary`` to ``path``: the file is synced to disk before the
+    rename and its folder after it."""
+    sync_file(temporary)
+    os.replace(temporary, path)
+    sync_folder(path.parent)
+
+
+@contextmanager
 def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
     On any failure or interruption the temporary file is removed and ``path`` is untouched. On
-    success the file is synced to disk before the rename and its folder after it. The file gets
-    the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    success the file is synced to disk before the rename and its folder after it. The block
+    only writes the temporary: an ``OSError`` in it, as in the rename, is an
+    :class:`OutputError` naming ``path`` (:func:`write_errors`).
     """
-    temporary = _new_name(path, suffix, lambda candidate: os.close(
-        os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
-    try:
+    with write_errors(path), temporary_beside(path, suffix) as temporary:
         yield temporary
-        sync_file(temporary)
-        os.replace(temporary, path)
-        sync_folder(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
+        commit(temporary, path)
 
 
-def staging_folder(destination: Path, suffix: str = ".tmp") -> Path:
-    """A new, empty folder beside ``destination`` under a hidden temporary name, with the usual
-    permissions (0777 less the umask), to be filled and renamed into place."""
-    return _new_name(destination, suffix, lambda candidate: os.mkdir(candidate, 0o777))
+def save_torch(payload, path: Path) -> None:
+    """``torch.save`` ``payload`` to ``path`` atomically. It is serialised in memory first:
+    torch's own file writer reports a full disk as a ``RuntimeError``, not an ``OSError``."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(buffer.getbuffer())
 
 
-def _new_name(destination: Path, suffix: str, create) -> Path:
-    """``create`` a hidden name beside ``destination`` that did not exist (retrying on a clash)."""
-    for _ in range(100):
-        candidate = destination.parent / f".{destination.name}.{secrets.token_hex(4)}{suffix}"
+@contextmanager
+def staging_folder(destination: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A new, empty folder beside ``destination`` under a hidden name its run owns, with the
+    usual permissions (0777 less the umask), to be filled and renamed into place; whatever is
+    still under that name when the block ends is removed."""
+    with owned(destination.parent) as tag:
+        folder = new_name(destination, suffix, tag, lambda candidate: os.mkdir(candidate, 0o777))
         try:
-            create(candidate)
-            return candidate
-        except FileExistsError:
-            continue
-    raise OutputError(f"{destination}: no free temporary name beside it after 100 tries")
+            yield folder
+        finally:
+            if os.path.lexists(folder):
+                shutil.rmtree(folder)
 
 
 def sync_file(path: Path) -> None:
@@ -228,25 +280,33 @@ class NiftiSliceWriter:
         self.compressed = self.path.name.lower().endswith(".nii.gz")
 
     def __enter__(self) -> NiftiSliceWriter:
-        self._atomic = atomic_output(self.path, suffix=".tmp.nii.gz" if self.compressed else ".tmp.nii")
-        temporary = self._temporary = self._atomic.__enter__()
+        self._temporaries = ExitStack()
+        try:
+            with write_errors(self.path):
+                self._open()
+        except BaseException:
+            with self._temporaries, suppress(OSError):
+                self._close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        self._temporary = self._temporaries.enter_context(
+            temporary_beside(self.path, ".tmp.nii.gz" if self.compressed else ".tmp.nii"))
         self._scratch = None
         if self.slice_axis == 2:
-            self._file = gzip_writer(temporary) if self.compressed else open(temporary, "wb")
+            self._file = (gzip_writer(self._temporary) if self.compressed
+                          else open(self._temporary, "wb"))  # noqa: SIM115 (closed by __exit__)
             self._write_header(self._file)
-            return self
+            return
         if self.compressed:  # the scratch holds the uncompressed file until the end
-            handle, scratch = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".scratch.nii",
-                                               dir=self.path.parent)
-            os.close(handle)
-            self._scratch = Path(scratch)
-        target = self._scratch or temporary
-        with open(target, "wb") as file:
+            self._scratch = self._temporaries.enter_context(temporary_beside(self.path, ".scratch.nii"))
+        target = self._scratch or self._temporary
+        with open(target, "r+b") as file:
             self._write_header(file)
-            file.truncate(self.VOX_OFFSET + 4 * int(np.prod(self.shape)))
+            _allocate(file, self.VOX_OFFSET + 4 * int(np.prod(self.shape)))
         self._voxels = np.memmap(target, dtype="<f4", mode="r+", offset=self.VOX_OFFSET,
                                  shape=self.shape, order="F")
-        return self
 
     def _write_header(self, file) -> None:
         encoded = io.BytesIO()
@@ -259,35 +319,38 @@ class NiftiSliceWriter:
         expected[self.slice_axis] = slab.shape[self.slice_axis]
         if list(slab.shape) != expected or self.written + slab.shape[self.slice_axis] > self.shape[self.slice_axis]:
             raise ValueError(f"slab {slab.shape} does not continue a volume of {self.shape}")
-        if self.slice_axis == 2:
-            self._file.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
-        else:
-            where = [slice(None)] * 3
-            where[self.slice_axis] = slice(self.written, self.written + slab.shape[self.slice_axis])
-            self._voxels[tuple(where)] = slab
+        with write_errors(self.path):
+            if self.slice_axis == 2:
+                self._file.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
+            else:
+                where = [slice(None)] * 3
+                where[self.slice_axis] = slice(self.written, self.written + slab.shape[self.slice_axis])
+                self._voxels[tuple(where)] = slab
         self.written += slab.shape[self.slice_axis]
 
     def __exit__(self, kind, error, traceback) -> bool:
-        try:
-            self._finish(complete=kind is None)
-        except BaseException as failure:
-            # an incomplete volume or a failed compression: the temporary file goes
-            self._atomic.__exit__(type(failure), failure, failure.__traceback__)
-            raise
-        finally:
-            if self._scratch is not None:
-                self._scratch.unlink(missing_ok=True)
-        self._atomic.__exit__(kind, error, traceback)  # renames on success, removes on failure
+        """Rename the complete file into place; on any failure (in the block or here) remove
+        every temporary and leave ``path`` as it was."""
+        with self._temporaries:  # removes the temporary file and the scratch, whatever happens
+            if kind is not None:
+                with suppress(OSError):  # a failing disk fails the close too; the first error counts
+                    self._close()
+                return False
+            with write_errors(self.path):
+                self._close()
+                self._finish()
+                commit(self._temporary, self.path)
         return False
 
-    def _finish(self, complete: bool) -> None:
-        if self.slice_axis == 2:
-            self._file.close()
-        else:
-            self._voxels.flush()
-            del self._voxels
-        if not complete:
-            return
+    def _close(self) -> None:
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            file.close()
+        voxels, self._voxels = getattr(self, "_voxels", None), None  # unmapped once unreferenced
+        if voxels is not None:
+            voxels.flush()
+
+    def _finish(self) -> None:
         if self.written != self.shape[self.slice_axis]:
             raise ValueError(f"{self.path}: only {self.written} of {self.shape[self.slice_axis]} "
                              "slices were written")
@@ -295,3 +358,15 @@ class NiftiSliceWriter:
             with open(self._scratch, "rb") as source, \
                     gzip_writer(self._temporary) as compressed:
                 shutil.copyfileobj(source, compressed, 16 * 2**20)
+
+
+def _allocate(file, size: int) -> None:
+    """Give ``file`` its full ``size`` on disk now, so a full disk is an ``OSError`` here rather
+    than a SIGBUS (which kills the process, leaving its temporaries) when a page of the
+    memory-mapped file is first written. File systems without ``fallocate`` get a sparse file."""
+    file.truncate(size)
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise

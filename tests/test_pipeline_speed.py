@@ -72,9 +72,9 @@ def test_a_failed_sync_fails_the_series_and_leaves_nothing(tmp_path, monkeypatch
         real_fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", failing)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(OutputError, match=r"/out: cannot write it: Input/output error$"):
         write_upsampled(CT_SERIES, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []  # no output, no staging folder
+    assert list(tmp_path.iterdir()) == []  # no output, no staging folder, no lock file
 
 
 def test_a_failed_series_stops_its_sync_threads(tmp_path):
