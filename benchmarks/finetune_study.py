@@ -36,9 +36,9 @@ from skimage.metrics import structural_similarity
 
 from medsr.batch_degradation import RandomBatchDegradation
 from medsr.checkpoint import default_weights, safe_torch_load
-from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL, discover_scans, informative_mask, is_ct
+from medsr.data import discover_scans, informative_mask, is_ct
 from medsr.evaluation import BASELINES, slice_scores
-from medsr.metrics import SSIM_SIGMA, scored_slices, trim_border
+from medsr.metrics import FOREGROUND_FRACTION, FOREGROUND_LEVEL, SSIM_SIGMA, scored_slices, trim_border
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
 from medsr.transforms import DEGRADE_SLICE, crop_to_multiple, robust_window

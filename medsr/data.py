@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medsr.batch_degradation import RandomBatchDegradation
+from medsr.degradation import CLASSES, slice_features
 from medsr.errors import MedsrError
+from medsr.metrics import FOREGROUND_FRACTION, FOREGROUND_LEVEL
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import NIFTI_SUFFIXES, dicom_series_in_folder, read_scan
 from medsr.transforms import RandomDegradePair, RandomThickSlices, robust_window
@@ -28,10 +30,8 @@ from medsr.writing import atomic_output, write_errors
 
 logger = logging.getLogger(__name__)
 
-# A slice is worth training on when voxels above min + 10% of the range cover >= 5% of it,
-# the same rule the evaluation protocol uses to pick the slices it scores.
-FOREGROUND_LEVEL = 0.10
-FOREGROUND_FRACTION = 0.05
+# A slice is worth training on by the rule the evaluation protocol uses to pick the slices it
+# scores (medsr.metrics.FOREGROUND_LEVEL, FOREGROUND_FRACTION).
 CACHE_FORMAT_VERSION = 2
 
 
@@ -342,7 +342,6 @@ def degradation_examples(scans: list[CachedScan], scale: int, per_scan: int, see
     Returns:
         ``(features (N, 68), class index (N,), scan index (N,))``.
     """
-    from medsr.degradation import CLASSES, slice_features
     from medsr.transforms import (
         DEGRADE_SLICE,
         RICIAN_NOISE_FRACTION,

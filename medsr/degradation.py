@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from medsr.errors import CheckpointError
+from medsr.metrics import FOREGROUND_FRACTION, FOREGROUND_LEVEL
 from medsr.transforms import GRID_OF
 
 logger = logging.getLogger(__name__)
@@ -239,8 +240,6 @@ def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, l
     ``high - low`` on at least 5% of the slice (the protocol's foreground rule, here on the
     scan's intensity window rather than its min and max, which padding and outliers set).
     When no slice qualifies, the evenly spaced candidates (at most ``4 * limit``) are used."""
-    from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
-
     threshold = low + FOREGROUND_LEVEL * (high - low)
     chosen = []
     # walk the slices from evenly spaced starting points so long series read few of them

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.metrics import structural_similarity
 
-from medsr.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
-
+# The protocol's foreground rule (step 4): a slice counts when voxels above min + 10% of the
+# range cover at least 5% of it. Training (which slices to cache) and the degradation finder
+# (which slices to look at) use the same rule and import it from here.
+FOREGROUND_LEVEL = 0.10
+FOREGROUND_FRACTION = 0.05
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # what scikit-image uses with gaussian_weights
 
