@@ -231,8 +231,11 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             yield (start, stop - start, low_res.pin_memory() if device.type == "cuda" else low_res, padded,
                    stack, flat if flat.any() else None)
 
-    def apply_rules(high_res, stack, padded, flat, count) -> None:  # in place, in original units
-        if flat is not None:
+    def apply_rules(high_res, stack, padded, flat, count, keep_flat: bool = True) -> None:  # in place
+        # a projected output keeps no flat-background rule: the k-space projection moves every
+        # pixel of the slice, so resetting the flat ones would undo it (padding is not image data
+        # and is restored either way)
+        if flat is not None and keep_flat:
             keep_flat_regions(stack[:count], flat[:count], high_res, scale, degradation)
         if padded is not None:
             fill_blocks(high_res, np.float32(scan.padding[0]), padded[:count], (1, scale, scale),
@@ -250,7 +253,7 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
                 high_res = project(original, measured, degradation, scale).float().cpu().numpy()
             else:
                 high_res = window.inverse(normalised.cpu().numpy())
-            apply_rules(high_res, stack, padded, flat, count)
+            apply_rules(high_res, stack, padded, flat, count, keep_flat=not consistent)
             if plain_sink is not None:
                 plain = high_res
                 if consistent:
