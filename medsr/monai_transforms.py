@@ -36,7 +36,7 @@ from monai.utils import TransformBackends
 from medsr.engine import COMPILE_CHOICES, PRECISIONS, check_choice, enhance_scan, pick_device
 from medsr.enhance import Enhancer, enhancer_for, plan_in_plane, thin_slices
 from medsr.errors import MedsrError
-from medsr.geometry import enhanced_affine, slice_axis_of
+from medsr.geometry import slice_axis_of
 from medsr.model import DEGRADATION_CODES, SCALES
 from medsr.reading import OpenScan, plane_of
 
@@ -133,7 +133,11 @@ class SuperResolve(Transform):
             raise MedsrError(f"SuperResolve takes one channel-first 3-D volume (1, I, J, K), not shape "
                              f"{tuple(img.shape)}; add EnsureChannelFirst, or split channels with SplitDim")
         affine = img.affine.detach().cpu().numpy().astype(np.float64)
-        axis = self.slice_axis if self.slice_axis is not None else img.meta.get("slice_axis")
+        axis = self.slice_axis
+        if axis is None and not img.applied_operations:
+            # the reader's acquired axis holds only while no spatial transform has moved the axes
+            # (Orientation and friends leave the key as it was)
+            axis = img.meta.get("slice_axis")
         axis = int(axis) if axis is not None else slice_axis_of(affine)
         volume = img.detach().cpu().numpy()[0].astype(np.float32)
         scan = OpenScan(shape=tuple(volume.shape), affine=affine, slice_axis=axis,
@@ -150,7 +154,7 @@ class SuperResolve(Transform):
                                     survey=plan.survey, compile_model=self.compile_model,
                                     precision=self.precision)
             array, facts = enhanced.array, {"degradation": plan.degradation}
-            new_affine = enhanced_affine(affine, axis, self.enhancer.model.scale, plan.degradation)
+            new_affine = enhanced.affine
         return _on_grid(img, array, new_affine, facts)
 
 

@@ -203,3 +203,17 @@ def test_through_plane_matches_medsr_enhance(tmp_path):
     assert monai.shape == cli.shape == (20, 18, 18)
     np.testing.assert_array_equal(np.asarray(monai.dataobj), np.asarray(cli.dataobj))
     np.testing.assert_allclose(monai.affine, cli.affine, atol=1e-6)
+
+
+def test_a_reoriented_volume_is_enhanced_across_its_thick_slices_not_the_stale_meta_axis(tiny_checkpoint):
+    """The reader's ``slice_axis`` in the meta dictionary is stale once Orientation has moved the
+    axes: the 3 mm axis, now first, stays the slice axis; the two 1 mm axes are upscaled."""
+    from monai.transforms import Orientation
+
+    volume = MetaTensor(torch.rand(1, 12, 10, 6) * 100, affine=torch.diag(torch.tensor([-1.0, 1.0, 3.0, 1.0])),
+                        meta={"slice_axis": 2})
+    reoriented = Orientation("SRA")(volume)  # the 3 mm axis first
+    assert tuple(reoriented.shape) == (1, 6, 12, 10) and reoriented.meta["slice_axis"] == 2
+    enhanced = SuperResolve(weights=tiny_checkpoint, degradation="bicubic")(reoriented)
+    assert tuple(enhanced.shape) == (1, 6, 24, 20)
+    np.testing.assert_allclose(np.linalg.norm(enhanced.affine.numpy()[:3, :3], axis=0), [3.0, 0.5, 0.5])
