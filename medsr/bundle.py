@@ -167,7 +167,7 @@ def inference_config(model: torch.nn.Module, config, through_plane: bool) -> dic
         "bundle_root": ".",
         "dataset_dir": "/workspace/data",
         "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "device": "auto",  # auto, cpu or cuda: the device SuperResolved runs on
         "datalist": "$sorted(glob.glob(@dataset_dir + '/*.nii.gz') + glob.glob(@dataset_dir + '/*.nii'))",
         "network_def": network,
         "checkpoint": "$torch.load(@bundle_root + '/models/model.pt', map_location='cpu', weights_only=True)",
@@ -181,7 +181,7 @@ def inference_config(model: torch.nn.Module, config, through_plane: bool) -> dic
         "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
                     "transform": "@preprocessing"},
         "inferer": {"_target_": "medsr.monai_transforms.SuperResolved", "keys": "image", "model": "@enhancer",
-                    "through_plane": through_plane, "device": "auto"},
+                    "through_plane": through_plane, "device": "@device"},
         "postprocessing": {"_target_": "SaveImaged", "keys": "image", "output_dir": "@output_dir",
                            "output_postfix": postfix, "separate_folder": False, "output_dtype": "$torch.float32",
                            "resample": False, "print_log": False},

@@ -408,7 +408,7 @@ def evaluate(
     else:
         runs, auto = _degradations(degradation)
     from medsr.checkpoint import default_weights, load_model
-    from medsr.consistency import CONSISTENCY_CHOICES
+    from medsr.consistency import check_consistency
     from medsr.degradation import load_classifier
     from medsr.engine import PRECISIONS, check_choice, pick_device
     from medsr.enhance import folders_for
@@ -420,7 +420,7 @@ def evaluate(
     scale = scale or (4 if through_plane else 2)
     torch_device = pick_device(device)
     check_choice("precision", precision, PRECISIONS)
-    check_choice("consistency", consistency, CONSISTENCY_CHOICES)
+    check_consistency(consistency, through_plane)
     paths = weights or [default_weights(scale, through_plane)]
     models = {}
     for path in paths:

@@ -58,6 +58,19 @@ TOLERANCE = 1e-5  # relative consistency error reached after the projection (flo
 GRIDS = ("bicubic", "kspace")
 
 
+def check_consistency(consistency: str, through_plane: bool) -> None:
+    """Refuse what no command can do: an unknown choice, or ``on`` through-plane (no projection
+    exists for the thick-slice profile yet). ``enhance`` and ``evaluate`` both call this.
+
+    Raises:
+        MedsrError: the choice and the rule.
+    """
+    if consistency not in CONSISTENCY_CHOICES:
+        raise MedsrError(f"--consistency must be one of {', '.join(CONSISTENCY_CHOICES)}, not {consistency!r}")
+    if through_plane and consistency == "on":
+        raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
+
+
 def projects(consistency: str, grid: str) -> bool:
     """Whether ``--consistency`` (``auto``, ``on`` or ``off``) projects a scan on ``grid``."""
     if consistency not in CONSISTENCY_CHOICES:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medsr import __version__
-from medsr.consistency import CONSISTENCY_CHOICES, projects
+from medsr.consistency import check_consistency, projects
 from medsr.degradation import DegradationEstimate, find_degradation, load_classifier
 from medsr.engine import (
     COMPILE_CHOICES,
@@ -188,13 +188,11 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     torch_device = pick_device(device)
     check_choice("precision", precision, PRECISIONS)  # before the slow work
     check_choice("compile", compile_model, COMPILE_CHOICES)
-    check_choice("consistency", consistency, CONSISTENCY_CHOICES)
     if batch_size is not None and batch_size < 1:
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
     if through_plane and degradation != "auto":
         raise MedsrError("--degradation is an in-plane choice; --through-plane makes thick slices thin")
-    if through_plane and consistency == "on":
-        raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
+    check_consistency(consistency, through_plane)
     enhancer = enhancer_for(model, weights, scale, through_plane)
     scan = open_scan(input_path, series_uid, select)
     if slice_axis is not None and slice_axis != scan.slice_axis:

@@ -202,3 +202,9 @@ def test_projection_on_cuda_equals_the_cpu(real_slices, grid):
     on_cuda = project(estimate.cuda(), low_res.cuda(), grid, 2)
     assert on_cuda.device.type == "cuda"
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=0, atol=1e-9 * float(on_cpu.abs().max()))
+
+
+def test_evaluate_through_plane_refuses_the_projection_too():
+    result = runner.invoke(app, ["evaluate", str(MR_NIFTI), "--through-plane", "--consistency", "on"])
+    assert result.exit_code == 1
+    assert "error: --consistency on is an in-plane choice" in result.stderr
