@@ -15,7 +15,8 @@ The network definition is not copied into ``scripts/``: ``inference.json`` build
 ``optional_packages_version``), because the network alone is not the product. The rules around
 it (intensity window, degradation found from the pixels, flat background, original units, the
 output grid) live in :class:`medsr.transforms.SuperResolved`, and a copy of them in the bundle
-would drift from ``medsr enhance``. So the bundle's output is ``medsr enhance``'s.
+would drift from ``medsr enhance``. So the bundle's voxels and affine are ``medsr enhance``'s;
+its NIfTI header is MONAI's ``SaveImage``'s (qform/sform code 1, no description).
 
 Run it as zoo bundles run, ``dataset_dir`` (a folder of NIfTI files) and ``output_dir`` given on
 the command line::

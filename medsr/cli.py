@@ -308,7 +308,8 @@ def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, ou
 @app.command("export")
 def export(
     out: Annotated[Path, typer.Argument(help="The file to write, e.g. srresnet_x2.onnx or srresnet_x2.ts.")],
-    format_: Annotated[str, typer.Option("--format", help="torchscript or onnx.")] = "torchscript",
+    format_: Annotated[str, typer.Option(
+        "--format", help="auto (from the name: .ts or .onnx), torchscript or onnx.")] = "auto",
     scale: Annotated[int | None, typer.Option(help="In-plane model: 2 (default) or 4.")] = None,
     through_plane: Annotated[bool, typer.Option(
         "--through-plane", help="Export the through-plane model (one for every factor).")] = False,
@@ -319,8 +320,9 @@ def export(
 ) -> None:
     """Export a network (float32) to TorchScript or ONNX, checked against PyTorch."""
     _setup_logging(verbose=False)
-    from medsr.export import export_file
+    from medsr.export import export_file, format_for
 
+    format_ = format_for(out, format_)
     check = export_file(out, format_, scale, through_plane, weights, check_on, overwrite)
     model = "through-plane model" if through_plane else f"in-plane x{scale or 2} model"
     typer.echo(f"wrote {out} ({format_}, {model}); it matches PyTorch on {check.slices} slices of "

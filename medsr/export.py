@@ -250,6 +250,28 @@ def _require(module: str):
         raise MedsrError(f"ONNX export needs {module}; install it with pip install 'medsr[export]'") from None
 
 
+def format_for(output: Path, fmt: str) -> str:
+    """The export format: ``fmt``, or with ``auto`` the one the file name ends with
+    (:data:`SUFFIXES`). A name that ends with the other format's suffix is refused, so
+    ``model.onnx`` never holds TorchScript.
+
+    Raises:
+        MedsrError: an unknown format, a name that tells none with ``auto``, or one that
+            contradicts ``fmt``.
+    """
+    named = next((name for name, suffix in SUFFIXES.items() if output.name.lower().endswith(suffix)), None)
+    if fmt == "auto":
+        if named is None:
+            raise MedsrError(f"{output}: the name ends with neither {' nor '.join(SUFFIXES.values())}; "
+                             "pass --format torchscript or --format onnx")
+        return named
+    if fmt not in FORMATS:
+        raise MedsrError(f"--format must be auto or one of {', '.join(FORMATS)}, not {fmt!r}")
+    if named is not None and named != fmt:
+        raise MedsrError(f"{output}: the name says {named} but --format is {fmt}; rename it or change --format")
+    return fmt
+
+
 def export_file(output: str | Path, fmt: str, scale: int | None = None, through_plane: bool = False,
                 weights: str | Path | None = None, check_on: str | Path | None = None,
                 overwrite: bool = False) -> ExportCheck:
@@ -264,8 +286,7 @@ def export_file(output: str | Path, fmt: str, scale: int | None = None, through_
     from medsr.writing import check_output_path
 
     output = Path(output)
-    if fmt not in FORMATS:
-        raise MedsrError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    fmt = format_for(output, fmt)
     if through_plane and scale is not None:
         raise MedsrError("--scale picks the in-plane model; the through-plane model serves every factor, "
                          "so drop --scale with --through-plane")

@@ -9,7 +9,9 @@ and apply it by the rules of ``medsr enhance``, by calling the code ``medsr enha
 (:func:`medsr.enhance.plan_in_plane`, :func:`medsr.engine.enhance_scan`,
 :func:`medsr.enhance.thin_slices`): the intensity window the model was trained with, the
 degradation found from the pixels or told, flat background kept, padding put back, the result
-in the input's units. So the voxels equal those ``medsr enhance`` writes for the same file.
+in the input's units. So the voxels equal those ``medsr enhance`` writes for the same file, as
+long as no spatial transform (``Orientationd``) reordered them first; the header ``SaveImage``
+writes is MONAI's (qform/sform code 1, no description), not ``medsr enhance``'s.
 
 The output grid follows :func:`medsr.geometry.enhanced_affine` (in-plane; for the ``kspace`` grid
 the first pixel keeps its place) or the thin-slice tiling (through-plane). A network whose output

@@ -107,7 +107,7 @@ def test_model_ts_and_ckpt_export_reproduce_model_pt(tmp_path, x2_bundle):
 def test_bundle_run_writes_what_medsr_enhance_writes(tmp_path, x2_bundle, how):
     """The bundle run as zoo bundles run, dataset_dir and output_dir given as overrides, on a
     16-slice crop of the sample T1: the voxels and affine medsr enhance writes (both told
-    bicubic, the grid on which medsr enhance's writer and the transform agree). The function
+    bicubic, the bundle's default; both grids are checked in test_monai_transforms). The function
     the command calls, in this process; the command itself costs 7 s more to start (slow)."""
     (tmp_path / "scans").mkdir()
     nib.save(nib.load(MR_NIFTI).slicer[72:88, 68:164, 32:128], tmp_path / "scans" / "t1.nii.gz")

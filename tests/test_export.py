@@ -75,7 +75,8 @@ def test_cli_export_reports_the_check(tmp_path, tiny_checkpoint):
 
 
 BAD_EXPORTS = [
-    (["--format", "tflite"], r"--format must be one of torchscript, onnx, not 'tflite'"),
+    (["--format", "tflite"], r"--format must be auto or one of torchscript, onnx, not 'tflite'"),
+    (["--format", "onnx"], r"out.ts: the name says torchscript but --format is onnx"),
     (["--through-plane", "--scale", "4"], r"drop --scale with --through-plane"),
     (["--scale", "3"], r"no shipped weights for scale 3"),
     (["--check-on", "missing.nii.gz"], r"missing.nii.gz"),
@@ -89,6 +90,14 @@ def test_cli_refuses_bad_exports_in_one_line(tmp_path, options, message):
     assert result.output.count("error:") == 1
     assert re.search(message, result.output), result.output
     assert not (tmp_path / "out.ts").exists()
+
+
+def test_the_format_follows_the_name_and_a_name_that_tells_none_is_refused(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "model.bin")])
+    assert result.exit_code == 1 and "ends with neither .ts nor .onnx; pass --format" in result.output
+    assert not (tmp_path / "model.bin").exists()
+    result = runner.invoke(app, ["export", str(tmp_path / "model.onnx"), "--format", "torchscript"])
+    assert result.exit_code == 1 and "the name says onnx but --format is torchscript" in result.output
 
 
 def test_existing_output_is_kept_without_overwrite(tmp_path, tiny_checkpoint):
