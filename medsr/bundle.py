@@ -28,7 +28,6 @@ the command line::
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -69,7 +68,7 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
             folder is missing; ExportError: the TorchScript file does not reproduce the model.
     """
     from medsr.checkpoint import default_weights, load_model
-    from medsr.writing import output_taken, staging_folder, write_errors
+    from medsr.writing import move_into_place, output_taken, staging_folder, write_errors
 
     output = Path(output)
     if through_plane and scale is not None:
@@ -95,9 +94,9 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
         (staging / "docs" / "README.md").write_text(bundle_readme(name, model, through_plane), encoding="utf-8")
         (staging / "configs" / "logging.conf").write_text(LOGGING, encoding="utf-8")
         (staging / "LICENSE").write_text(LICENSE, encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
+        if output.exists() and not output.is_dir():
+            output.unlink()
+        move_into_place(staging, output)  # a previous bundle is moved aside, removed only once replaced
     return WrittenBundle(output, name, check)
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-import os
 import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,7 +63,7 @@ from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
 from medsr.reading import OpenScan, functional_group, stored_padding
 from medsr.transforms import IntensityWindow
-from medsr.writing import is_empty_folder, output_taken, staging_folder, sync_file, sync_folder, write_errors
+from medsr.writing import move_into_place, output_taken, staging_folder, sync_file, sync_folder, write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -589,7 +588,7 @@ class _DerivedSeriesWriter:
                         self._write_multiframe()
                     self._syncs.wait()  # every file is on disk before the folder is
                     sync_folder(self.staging)
-                    _move_into_place(self.staging, self.folder)
+                    move_into_place(self.staging, self.folder)
             finally:
                 self._syncs.close()
         return False
@@ -805,23 +804,6 @@ def _check_destination(folder: Path, overwrite: bool) -> None:
         raise OutputError(f"{folder}: exists and is not a folder")
     if not folder.parent.is_dir():
         raise OutputError(f"{folder}: folder {folder.parent} does not exist; create it first")
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Rename the complete series folder to ``folder``: in one step onto nothing or an empty
-    folder; a previous output is first moved aside, then removed. The rename is synced."""
-    if folder.exists() and not is_empty_folder(folder):
-        with staging_folder(folder, ".old") as retired:  # removed with the previous output in it
-            os.replace(folder, retired / folder.name)
-            try:
-                os.replace(staging, folder)
-            except BaseException:
-                os.replace(retired / folder.name, folder)  # the previous output stays
-                raise
-            sync_folder(folder.parent)
-    else:
-        os.replace(staging, folder)
-        sync_folder(folder.parent)
 
 
 def _evidence(header: pydicom.Dataset) -> pydicom.Dataset:

@@ -148,6 +148,23 @@ def sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def move_into_place(staging: Path, folder: Path) -> None:
+    """Rename a complete staged folder (a DICOM series, a bundle) to ``folder``: in one step onto nothing or an empty
+    folder; a previous output is first moved aside, then removed. The rename is synced."""
+    if folder.exists() and not is_empty_folder(folder):
+        with staging_folder(folder, ".old") as retired:  # removed with the previous output in it
+            os.replace(folder, retired / folder.name)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(retired / folder.name, folder)  # the previous output stays
+                raise
+            sync_folder(folder.parent)
+    else:
+        os.replace(staging, folder)
+        sync_folder(folder.parent)
+
+
 def is_empty_folder(path: Path) -> bool:
     """Whether ``path`` is an existing folder with nothing in it."""
     try:
