@@ -30,6 +30,7 @@ about half a minute).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -186,7 +187,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["native", "planes"], choices=["native", "planes"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.out / f"features_x{args.scale}.npz"
+    # keyed on everything the features depend on, so a changed list or seed never reuses stale
+    # ones; the file is this script's own (pickled dictionaries): keep --out private
+    key = hashlib.sha256(json.dumps([str(args.data_root.resolve()), SOURCES, TEST, args.seed,
+                                     TRAIN_SLICES_PER_VIEW, MAX_SLICES]).encode()).hexdigest()[:12]
+    cache = args.out / f"features_x{args.scale}_{key}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=True)["data"].item()
     else:
