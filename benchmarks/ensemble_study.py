@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
 
 from medsr.checkpoint import load_model
-from medsr.detail_map import MEASURES
+from medsr.detail_map import MEASURES, map_quality
 from medsr.engine import classical_answer, enhance_volume, survey_scan
 from medsr.ensemble import SYMMETRIES, ensemble_passes
 from medsr.evaluation import ScanResult, paired_bootstrap, protocol_slice_axis
@@ -38,21 +37,6 @@ from medsr.metrics import slice_scores, trim_border
 from medsr.model import DEGRADATION_CODES
 from medsr.reading import OpenScan, plane_of, read_scan
 from medsr.transforms import GRID_OF, degrade_volume
-
-TOP_FRACTION = 0.05
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties averaged)."""
-    ranks = rankdata(scores)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def map_quality(detail: np.ndarray, error: np.ndarray) -> dict[str, float]:
-    """Spearman of ``detail`` with ``error`` and AUROC for the top :data:`TOP_FRACTION` errors."""
-    positive = error >= np.quantile(error, 1 - TOP_FRACTION)
-    return {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
 
 
 def middle_slices(volume: np.ndarray, axis: int, count: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
+from itertools import combinations
 from pathlib import Path
 from typing import Annotated
 
@@ -407,6 +408,11 @@ def evaluate(
         help="As medsr enhance --consistency: auto, on or off. Unless off, the relative consistency error "
              "||D(x) - y|| / ||y|| of each model's output is printed per volume, with and without the "
              "projection; where it projects, the model is also scored without it ('<model> plain').")] = "auto",
+    ensemble: Annotated[bool, typer.Option(
+        "--ensemble", help="Also score each model as medsr enhance --ensemble runs it ('<model> ensemble'), "
+                           "and its --detail-map against the real error (Spearman, AUROC for the 5% largest "
+                           "errors); with --bootstrap, ensemble against plain; with --report, a figure "
+                           "of input, output, error and map.")] = False,
 ) -> None:
     """Score models against classical baselines (protocol v1 in-plane, v1-z through-plane)."""
     _setup_logging(verbose=False)
@@ -414,8 +420,8 @@ def evaluate(
     if through_plane:
         if profile not in ("gaussian", "box", "both"):
             raise typer.BadParameter(f"--profile must be gaussian, box or both, not {profile!r}")
-        if degradation != "both" or bootstrap:
-            raise typer.BadParameter("--degradation and --bootstrap are in-plane options; "
+        if degradation != "both" or bootstrap or ensemble:
+            raise typer.BadParameter("--degradation, --bootstrap and --ensemble are in-plane options; "
                                      "--through-plane takes --profile")
         runs, auto = (["gaussian", "box"] if profile == "both" else [profile]), False
     else:
@@ -466,7 +472,8 @@ def evaluate(
                         z = protocol_slice_axis(scan) if axis is None else axis
                         result = evaluate_scan(scan, models, name, scale, z, torch_device,
                                                keep_images=report is not None, classifier=classifier,
-                                               precision=precision, consistency=consistency)
+                                               precision=precision, consistency=consistency,
+                                               ensemble=ensemble)
                     if report is not None:
                         write_comparison(report, result, z)
                     results.append(result)
@@ -475,24 +482,35 @@ def evaluate(
         names = list(models) + ([m + " auto" for m in models] if auto else [])
         if any(m + " plain" in r.scores for r in results for m in models):
             names += [m + " plain" for m in models]
+        if ensemble:
+            names += [m + " ensemble" for m in models]
         _print_table(results, summary, names)
         _print_consistency(results)
-        intervals = _print_bootstrap(results, list(models), bootstrap) if bootstrap and len(models) > 1 else {}
+        _print_map_quality(results)
+        pairs = list(combinations(models, 2)) + ([(m + " ensemble", m) for m in models] if ensemble else [])
+        intervals = _print_bootstrap(results, pairs, bootstrap) if bootstrap and pairs else {}
         if report is not None:
             write_metrics(report, results, summary, "v1-z" if through_plane else "v1", intervals)
             typer.echo(f"wrote {report / 'metrics.json'}, {report / 'metrics.csv'} and comparison figures")
 
 
-def _print_bootstrap(results, model_names: list[str], replicates: int) -> dict:
-    """Each pair of models, per degradation: the mean difference and its 95% interval."""
-    from itertools import combinations
+def _print_map_quality(results) -> None:
+    """Per volume, how well each model's detail map predicts the ensemble output's error."""
+    for r in results:
+        for model, quality in r.map_quality.items():
+            typer.echo(f"detail map {Path(r.scan).name} {r.degradation}: {model} Spearman with |error| "
+                       f"{quality['spearman']:.3f}, AUROC for the 5% largest errors {quality['auroc']:.3f}")
 
+
+def _print_bootstrap(results, pairs: list[tuple[str, str]], replicates: int) -> dict:
+    """Each pair of methods (``(first, second)``: two models, or a model's ensemble and its
+    plain run), per degradation: the mean difference and its 95% interval."""
     from medsr.evaluation import paired_bootstrap
 
     intervals = {}
     for name in sorted({r.degradation for r in results}):
         rows = [r for r in results if r.degradation == name]
-        for first, second in combinations(model_names, 2):
+        for first, second in pairs:
             found = paired_bootstrap(rows, first, second, replicates)
             intervals[f"{name}: {first} - {second}"] = found
             for metric, unit, digits in (("psnr", " dB", 3), ("ssim", "", 4)):

@@ -8,14 +8,23 @@ model's normalised units:
   answer the model itself starts from, :meth:`medsr.model.SRResNet.classical_upsample`);
 - spread: the standard deviation of the eight passes, where the network cannot make up its mind.
 
-Which of them predicts the real error best was measured on the test split (the model card,
-"Detail map"); :data:`MEASURE` is the one shipped, :data:`MEASURES` the candidates.
+Which of them predicts the real error best was chosen on the validation split and measured
+on the test split (the model card, "Detail map"): :data:`MEASURE` (the spread, averaged over
+3 x 3 output pixels) is the one shipped, :data:`MEASURES` the candidates. :func:`map_quality`
+scores a map against the real error: Spearman correlation, and the AUROC for flagging the
+:data:`TOP_FRACTION` of voxels with the largest error.
+
+What it does not promise: the spread is the network disagreeing with itself, not the error.
+Where the error comes from something the eight passes share (noise in the reference no method
+can predict, a structure the low-res input lost altogether), the map stays quiet.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import rankdata, spearmanr
 
 
 def _spread(passes: torch.Tensor) -> torch.Tensor:
@@ -57,3 +66,26 @@ def detail_map(passes: torch.Tensor, classical: torch.Tensor, measure: str = MEA
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, not {measure!r}")
     return MEASURES[measure](passes.float(), classical.float())
+
+
+TOP_FRACTION = 0.05  # the share of voxels with the largest error the AUROC asks the map to flag
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (Mann-Whitney U,
+    ties ranked by their mean); NaN without both classes."""
+    scores, positive = np.ravel(scores), np.ravel(positive)
+    n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
+
+
+def map_quality(detail: np.ndarray, error: np.ndarray) -> dict[str, float]:
+    """How well ``detail`` predicts ``error`` (same shape, e.g. ``|output - reference|`` with
+    the protocol's border removed): ``spearman`` (rank correlation over all voxels) and
+    ``auroc`` (flagging the :data:`TOP_FRACTION` of voxels with the largest error)."""
+    detail, error = np.ravel(detail).astype(np.float64), np.ravel(error).astype(np.float64)
+    positive = error >= np.quantile(error, 1 - TOP_FRACTION)
+    return {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
