@@ -4,7 +4,10 @@ A survey pass counts values (the exact intensity window, the NaN check) and keep
 slices; then a reader thread decodes and normalises the next batch while the model runs on
 this one, and a writer thread hands finished slices to a sink. Each output batch is projected,
 when asked, onto the images that reproduce its low-res slices (:mod:`medsr.consistency`, on the
-model's device, in original units), then the flat-background and padding rules run. Device,
+model's device, in original units), then the flat-background and padding rules run. With the
+self-ensemble (:mod:`medsr.ensemble`) the eight flips/transposes of a batch go through the model
+as one larger batch and the output is their mean; a detail map (:mod:`medsr.detail_map`) made
+from the same passes follows the same rules (flat: 0, padding: the padding value). Device,
 batch size, precision and ``torch.compile`` are decided here. What to enhance, where to write
 it and how the scan lost its resolution is the application's business (:mod:`medsr.enhance`).
 

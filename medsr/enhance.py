@@ -172,8 +172,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
             "Data consistency"). In-plane only.
         ensemble: write the mean of the model's answers to the eight flips and transposes of
             every slice, each undone on the output grid (:mod:`medsr.ensemble`): about 8 times
-            the compute, +0.15-0.18 dB on validation (the model card, "Self-ensemble").
-            In-plane only.
+            the compute, +0.08-0.15 dB PSNR on average on validation and test (the model card,
+            "Self-ensemble and detail map"). In-plane only.
         detail_map: also write, at this path and in the output's format (a NIfTI file, or a
             second DICOM series of the same study), a volume on the output's grid showing how
             unsure the network is at each voxel (:mod:`medsr.detail_map`: the spread of the

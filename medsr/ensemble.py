@@ -4,7 +4,7 @@ its output, and average.
 The eight in-plane symmetries of the square (transpose or not, flip the rows or not, flip the
 columns or not) map a slice onto another slice the model could have been given; the network
 is not exactly equivariant, so the eight answers differ, and their mean is a better estimate
-than any one of them (the model card, "Self-ensemble"). Their spread says where the network
+than any one of them (the model card, "Self-ensemble and detail map"). Their spread says where the network
 is unsure (:mod:`medsr.detail_map`).
 
 The grid matters when a flip is undone (:func:`medsr.geometry.nearest_block_start`):
