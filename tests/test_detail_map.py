@@ -164,3 +164,25 @@ def test_evaluate_scores_the_ensemble_and_its_map(tmp_path, session_tiny_checkpo
     assert -1 <= quality["spearman"] <= 1 and 0 <= quality["auroc"] <= 1
     assert "tiny ensemble" in metrics["scans"][0]["scores"]
     assert (tmp_path / "report" / "small_kspace_tiny_detail_map.png").stat().st_size > 0
+
+
+def test_dicom_map_keeps_monochrome1_padding_and_the_stored_type(tmp_path, unsure_model):
+    """The map series follows the enhanced one: MONOCHROME1 stays (values never inverted),
+    padded pixels are stored as the source's PixelPaddingValue, the stored type and bits are
+    the source's, and the display window is the map's own (0 to a tenth of the window)."""
+    from test_viewer_semantics import monochrome1_ct, padded_ct
+
+    for name, make in (("m1", monochrome1_ct), ("padded", padded_ct)):
+        source, _ = make(tmp_path / f"{name}.dcm")
+        enhance_file(source, tmp_path / f"{name}_sr", model=unsure_model, degradation="bicubic",
+                     detail_map=tmp_path / f"{name}_map", device="cpu")
+        (output,) = [pydicom.dcmread(p) for p in (tmp_path / f"{name}_sr").glob("*.dcm")]
+        (detail,) = [pydicom.dcmread(p) for p in (tmp_path / f"{name}_map").glob("*.dcm")]
+        for keyword in ("PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                        "PixelPaddingValue"):
+            assert detail.get(keyword) == output.get(keyword), (name, keyword)
+        assert float(detail.WindowCenter) == pytest.approx(float(detail.WindowWidth) / 2)
+        if name == "padded":
+            padding = output.PixelPaddingValue
+            np.testing.assert_array_equal(detail.pixel_array == padding, output.pixel_array == padding)
+            assert (detail.pixel_array == padding).any()
