@@ -231,7 +231,8 @@ def enhance(
              "auto: on only where validation found it never worse (today nowhere: see the model card).")] = "auto",
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Write the mean of the model's answers to the 8 flips/transposes of each slice "
-                           "(about 8x the compute; +0.08-0.15 dB on validation and test). In-plane only.")] = False,
+                           "(about 8x the compute; +0.08-0.15 dB on validation and test). With --through-plane: "
+                           "the 4 flips of each plane.")] = False,
     detail_map: Annotated[Path | None, typer.Option(
         help="Also write a map of how unsure the network is at each voxel (the spread of the 8 "
              "flipped/transposed passes, in the output's units), on the output's grid and in its format: "
@@ -420,8 +421,8 @@ def evaluate(
     if through_plane:
         if profile not in ("gaussian", "box", "both"):
             raise typer.BadParameter(f"--profile must be gaussian, box or both, not {profile!r}")
-        if degradation != "both" or bootstrap or ensemble:
-            raise typer.BadParameter("--degradation, --bootstrap and --ensemble are in-plane options; "
+        if degradation != "both" or bootstrap:
+            raise typer.BadParameter("--degradation and --bootstrap are in-plane options; "
                                      "--through-plane takes --profile")
         runs, auto = (["gaussian", "box"] if profile == "both" else [profile]), False
     else:
@@ -466,7 +467,8 @@ def evaluate(
                     if through_plane:
                         z = 2 if axis is None else axis
                         result = evaluate_through_plane_scan(scan, models, name, scale, z, torch_device,
-                                                             keep_images=report is not None, precision=precision)
+                                                             keep_images=report is not None, precision=precision,
+                                                             ensemble=ensemble)
                         z = next(a for a in range(3) if a != z)  # figures show planes across the slices
                     else:
                         z = protocol_slice_axis(scan) if axis is None else axis

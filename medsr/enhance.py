@@ -173,7 +173,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         ensemble: write the mean of the model's answers to the eight flips and transposes of
             every slice, each undone on the output grid (:mod:`medsr.ensemble`): about 8 times
             the compute, +0.08-0.15 dB PSNR on average on validation and test (the model card,
-            "Self-ensemble and detail map"). In-plane only.
+            "Self-ensemble and detail map"). Through-plane: the four flips of each plane (a
+            transpose would swap the thin axis with an untouched one).
         detail_map: also write, at this path and in the output's format (a NIfTI file, or a
             second DICOM series of the same study), a volume on the output's grid showing how
             unsure the network is at each voxel (:mod:`medsr.detail_map`: the spread of the
@@ -219,8 +220,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         raise MedsrError("--degradation is an in-plane choice; --through-plane makes thick slices thin")
     if through_plane and consistency == "on":
         raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
-    if through_plane and (ensemble or detail_map is not None):
-        raise MedsrError("--ensemble and --detail-map are in-plane choices; --through-plane has neither yet")
+    if through_plane and detail_map is not None:
+        raise MedsrError("--detail-map is an in-plane choice; --through-plane has no map yet")
     enhancer = enhancer_for(model, weights, scale, through_plane)
     scan = open_scan(input_path, series_uid, select)
     if slice_axis is not None and slice_axis != scan.slice_axis:
@@ -237,7 +238,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                        input_path)
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
-                              precision, overwrite, progress, reading)
+                              precision, overwrite, progress, reading, ensemble)
     survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
@@ -366,7 +367,8 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid
 def thin_slices(scan: OpenScan, enhancer: Enhancer, factor: int | None = None,
                 device: torch.device | str = "cpu", batch_size: int | None = None, precision: str = "auto",
                 progress: Callable[[int, int], None] | None = None,
-                reading: Callable[[int, int], None] | None = None) -> tuple[EnhancedVolume, int]:
+                reading: Callable[[int, int], None] | None = None,
+                ensemble: bool = False) -> tuple[EnhancedVolume, int]:
     """Through-plane enhancement of a whole scan in memory (planes cross every slice), as
     ``medsr enhance --through-plane`` does it: the intensity window, padding shown to the
     network as the window's low end and put back on the thin voxels of padded thick ones.
@@ -391,18 +393,21 @@ def thin_slices(scan: OpenScan, enhancer: Enhancer, factor: int | None = None,
     if padded is not None:
         volume = np.where(padded, np.float32(window.low), volume)
     enhanced = enhance_through_plane(volume, scan.affine, scan.slice_axis, enhancer.model, factor, window,
-                                     device, batch_size, precision, progress)
+                                     device, batch_size, precision, progress, ensemble)
     if padded is not None:  # a thin voxel is padding where its thick voxel was
         fill_blocks(enhanced.array, np.float32(scan.padding[0]), padded, through_plane_factors(scan.slice_axis, factor))
     return enhanced, factor
 
 
 def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
-                   factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
+                   factor: int | None, device, batch_size, precision, overwrite, progress, reading,
+                   ensemble: bool = False) -> EnhancedFile:
     """Through-plane enhancement into the output file."""
-    enhanced, factor = thin_slices(scan, enhancer, factor, device, batch_size, precision, progress, reading)
+    enhanced, factor = thin_slices(scan, enhancer, factor, device, batch_size, precision, progress, reading,
+                                   ensemble)
     window = enhanced.window
-    description = f"medsr {__version__} {enhancer.name} through-plane x{factor}: thin slices from thick"
+    description = (f"medsr {__version__} {enhancer.name} through-plane x{factor}: thin slices from thick"
+                   + ("; mean of the 4 flips of each plane (--ensemble)" if ensemble else ""))
     slabs = np.moveaxis(enhanced.array, scan.slice_axis, 0)
     if output_format == "dicom":
         from medsr.dicom_writing import ThinSliceSeriesWriter
@@ -417,7 +422,7 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
                               overwrite, slice_axis=scan.slice_axis, xform_codes=scan.xform_codes,
                               display_range=scan.display_range) as writer:
             writer.write(enhanced.array)
-    return EnhancedFile(output, dataclasses.replace(enhanced, array=None), factor=factor)
+    return EnhancedFile(output, dataclasses.replace(enhanced, array=None), factor=factor, ensemble=ensemble)
 
 
 @dataclass(frozen=True)

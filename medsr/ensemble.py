@@ -21,9 +21,14 @@ The grid matters when a flip is undone (:func:`medsr.geometry.nearest_block_star
   network's detail there is an edge guess either way; the protocol leaves a border of ``s``
   pixels out of the score).
 
-A transpose maps either grid onto itself. Through-plane, only the in-plane flips and
-transposes make sense (the slice profile is not symmetric under a swap of axes); this module
-is in-plane.
+A transpose maps either grid onto itself.
+
+Through-plane (:func:`flipped_mean`), each plane holds an in-plane axis and the slice axis,
+already B-splined onto the thin grid. A transpose would swap the thin axis with an untouched
+one, which the network never sees, so only the four flips make sense. Both are exact: the
+in-plane axis keeps its grid, and the thin slices tile the thick ones symmetrically (thick
+slice ``k`` covers thin ``s k .. s k + s - 1``; reversed, thick ``K - 1 - k``). With the two
+plane orientations :mod:`medsr.through_plane` already averages, that makes eight passes.
 """
 
 from __future__ import annotations
@@ -111,3 +116,17 @@ def ensemble_passes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 def _layout(tensor: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) and \
         not tensor.is_contiguous() else torch.contiguous_format
+
+
+PLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))
+
+
+def flipped_mean(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], planes: torch.Tensor,
+                 factors: torch.Tensor) -> torch.Tensor:
+    """The mean of the model's answers to the four flips of ``(B, 1, H, Z)`` planes (each
+    flipped back), the four copies in one forward pass; ``factors`` ``(B,)``. Float32
+    ``(B, 1, H, Z)``."""
+    copies = torch.cat([planes.flip(dims) if dims else planes for dims in PLANE_FLIPS])
+    outputs = forward(copies.contiguous(memory_format=_layout(planes)), factors.repeat(len(PLANE_FLIPS))).float()
+    return torch.stack([output.flip(dims) if dims else output
+                        for output, dims in zip(outputs.chunk(len(PLANE_FLIPS)), PLANE_FLIPS, strict=True)]).mean(0)

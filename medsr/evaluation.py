@@ -239,9 +239,11 @@ def thick_slices_affine(affine: np.ndarray, slice_axis: int, factor: int) -> np.
 def evaluate_through_plane_scan(scan: Scan, models: dict[str, ThroughPlaneNet], profile: str, factor: int,
                                 slice_axis: int = 2, device="cpu", batch_size: int | None = None,
                                 keep_images: bool = False, lower_percentile: float = 0.5,
-                                upper_percentile: float = 99.5, precision: str = "auto") -> ScanResult:
+                                upper_percentile: float = 99.5, precision: str = "auto",
+                                ensemble: bool = False) -> ScanResult:
     """Protocol v1-z on one ~1 mm volume: thicken along ``slice_axis`` with ``profile`` at
-    ``factor``, restore with the B-spline baseline and every model, score."""
+    ``factor``, restore with the B-spline baseline and every model, score; with ``ensemble``
+    each model also as the mean of the four flips of each plane, ``<name> ensemble``."""
     n_thin = scan.array.shape[slice_axis] - scan.array.shape[slice_axis] % factor
     high_res = np.take(scan.array, np.arange(n_thin), axis=slice_axis)
     low_res = thick_slices(high_res, slice_axis, factor, profile)
@@ -251,6 +253,10 @@ def evaluate_through_plane_scan(scan: Scan, models: dict[str, ThroughPlaneNet], 
     for name, model in models.items():
         estimates[name] = enhance_through_plane(low_res, thick_affine, slice_axis, model, factor, window,
                                                 device, batch_size, precision).array
+        if ensemble:
+            estimates[name + ENSEMBLE_SUFFIX] = enhance_through_plane(
+                low_res, thick_affine, slice_axis, model, factor, window, device, batch_size, precision,
+                ensemble=True).array
     result = ScanResult(scan=str(scan.path), degradation=f"{profile} x{factor}")
     for name, estimate in estimates.items():
         result.scores[name] = score_through_plane(high_res, estimate, slice_axis, factor)

@@ -127,8 +127,8 @@ def test_map_options_are_checked_before_the_work(tmp_path, unsure_model, session
     with pytest.raises(MedsrError, match="is the output itself"):
         enhance_file(CT_SERIES, tmp_path / "ct.nii.gz", model=unsure_model,
                      detail_map=tmp_path / "ct.nii.gz")
-    with pytest.raises(MedsrError, match="--ensemble and --detail-map are in-plane choices"):
-        enhance_file(CT_SERIES, tmp_path / "ct.nii.gz", through_plane=True, ensemble=True,
+    with pytest.raises(MedsrError, match="--detail-map is an in-plane choice"):
+        enhance_file(CT_SERIES, tmp_path / "ct.nii.gz", through_plane=True, detail_map=tmp_path / "map.nii.gz",
                      weights=session_tiny_checkpoint)
     assert not list(tmp_path.iterdir())
 

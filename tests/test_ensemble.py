@@ -102,3 +102,36 @@ def test_engine_ensemble_is_the_mean_of_the_eight_plain_passes(unsure_model, gri
     np.testing.assert_allclose(ensemble, np.mean(passes, axis=0), atol=1e-3 * np.ptp(volume), rtol=0)
     assert np.abs(ensemble - plain).max() > 1e-2 * np.ptp(volume)  # the passes really differ
     np.testing.assert_allclose(passes[0], plain, atol=1e-4 * np.ptp(volume), rtol=0)
+
+
+def test_through_plane_ensemble_is_the_mean_of_the_eight_flipped_volumes():
+    """Through-plane, the four flips of each plane in both orientations are the eight flips
+    of the volume (in-plane axes and the slice axis): the ensemble equals the mean of the plain
+    runs on the eight flipped volumes, each flipped back (exact: B-spline and thick slices are
+    symmetric)."""
+    import itertools
+
+    from medsr.model import ThroughPlaneNet
+    from medsr.reading import read_scan
+    from medsr.through_plane import enhance_through_plane
+    from medsr.transforms import robust_window, thick_slices
+
+    from conftest import MR_NIFTI
+
+    torch.manual_seed(0)
+    model = ThroughPlaneNet(features=4, num_res_blocks=1)
+    torch.nn.init.normal_(model.tail.conv.weight, std=0.05)
+    model.eval()
+    volume = read_scan(MR_NIFTI).array[40:64, 60:92, 30:70]
+    thick = thick_slices(volume, 2, 4, "gaussian")
+    window = robust_window(thick)
+    options = dict(affine=np.diag([1.0, 1.0, 4.0, 1.0]), slice_axis=2, model=model, factor=4, window=window,
+                   precision="fp32")
+    ensemble = enhance_through_plane(thick, ensemble=True, **options).array
+    runs = []
+    for axes in itertools.chain.from_iterable(itertools.combinations(range(3), n) for n in range(4)):
+        flipped = np.flip(thick, axes) if axes else thick
+        output = enhance_through_plane(np.ascontiguousarray(flipped), **options).array
+        runs.append(np.flip(output, axes) if axes else output)
+    np.testing.assert_allclose(ensemble, np.mean(runs, axis=0), atol=1e-3 * np.ptp(thick), rtol=0)
+    assert np.abs(ensemble - runs[0]).max() > 1e-3 * np.ptp(thick)
