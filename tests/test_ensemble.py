@@ -135,3 +135,22 @@ def test_through_plane_ensemble_is_the_mean_of_the_eight_flipped_volumes():
         runs.append(np.flip(output, axes) if axes else output)
     np.testing.assert_allclose(ensemble, np.mean(runs, axis=0), atol=1e-3 * np.ptp(thick), rtol=0)
     assert np.abs(ensemble - runs[0]).max() > 1e-3 * np.ptp(thick)
+
+
+def test_enhance_file_runs_the_through_plane_ensemble(tmp_path):
+    """``enhance_file(through_plane=True, ensemble=True)`` writes the thin grid and says so."""
+    import nibabel as nib
+
+    from medsr.enhance import enhance_file
+    from medsr.model import ThroughPlaneNet
+
+    torch.manual_seed(0)
+    model = ThroughPlaneNet(features=4, num_res_blocks=1)
+    rng = np.random.default_rng(0)
+    source = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image((rng.random((16, 12, 5)) * 100).astype(np.float32), np.diag([1.0, 1.0, 4.0, 1.0])),
+             source)
+    result = enhance_file(source, tmp_path / "thin.nii.gz", model=model, through_plane=True, scale=4,
+                          ensemble=True, device="cpu")
+    assert result.ensemble and result.factor == 4
+    assert nib.load(tmp_path / "thin.nii.gz").shape == (16, 12, 20)
