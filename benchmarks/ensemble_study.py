@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from medsr.checkpoint import load_model
-from medsr.detail_map import MEASURES, map_quality
-from medsr.engine import classical_answer, enhance_volume, survey_scan
+from medsr.detail_map import MEASURES, classical_answer, map_quality
+from medsr.engine import enhance_volume, survey_scan
 from medsr.ensemble import SYMMETRIES, ensemble_passes
 from medsr.evaluation import ScanResult, paired_bootstrap, protocol_slice_axis
 from medsr.metrics import slice_scores, trim_border

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
+from medsr.model import zero_fill_upsample
+
 
 def _spread(passes: torch.Tensor) -> torch.Tensor:
     return passes.std(0, correction=0)
@@ -47,6 +49,18 @@ MEASURES = {
 # against 0.878/0.913 for the spread alone, 0.779/0.872 for the departure, 0.847/0.900 for both
 # combined; benchmarks/ensemble_study.py)
 MEASURE = "smoothed spread"
+
+
+def classical_answer(model: torch.nn.Module, low_res: torch.Tensor, grid: str) -> torch.Tensor:
+    """The classical upsampler of ``grid`` for ``(B, 1, H, W)`` normalised slices: the
+    model's own (:meth:`medsr.model.SRResNet.classical_upsample`: bicubic on the tiling grid,
+    zero-filled k-space on the ``kspace`` grid), float32 ``(B, 1, s H, s W)``."""
+    if hasattr(model, "classical_upsample"):
+        is_kspace = torch.full((len(low_res), 1, 1, 1), grid == "kspace", device=low_res.device)
+        return model.classical_upsample(low_res, is_kspace, grid).float()
+    if grid == "kspace":
+        return zero_fill_upsample(low_res.float(), model.scale)
+    return F.interpolate(low_res.float(), scale_factor=model.scale, mode="bicubic", align_corners=False)
 
 
 def detail_map(passes: torch.Tensor, classical: torch.Tensor, measure: str = MEASURE) -> torch.Tensor:

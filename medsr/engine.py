@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from medsr.consistency import project, projects
-from medsr.detail_map import detail_map
+from medsr.detail_map import classical_answer, detail_map
 from medsr.ensemble import IDENTITY, SYMMETRIES, ensemble_passes
 from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, nearest_block_start, voxel_sizes
-from medsr.model import DEGRADATION_CODES, SRResNet, zero_fill_upsample
+from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import OpenScan, plane_of, refuse_non_finite
 from medsr.transforms import IntensityCounts, IntensityWindow
 
@@ -300,18 +300,6 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         window=window,
         shape=tuple(shape),
     )
-
-
-def classical_answer(model: torch.nn.Module, low_res: torch.Tensor, grid: str) -> torch.Tensor:
-    """The classical upsampler of ``grid`` for ``(B, 1, H, W)`` normalised slices: the
-    model's own (:meth:`medsr.model.SRResNet.classical_upsample`: bicubic on the tiling grid,
-    zero-filled k-space on the ``kspace`` grid), float32 ``(B, 1, s H, s W)``."""
-    if hasattr(model, "classical_upsample"):
-        is_kspace = torch.full((len(low_res), 1, 1, 1), grid == "kspace", device=low_res.device)
-        return model.classical_upsample(low_res, is_kspace, grid).float()
-    if grid == "kspace":
-        return zero_fill_upsample(low_res.float(), model.scale)
-    return F.interpolate(low_res.float(), scale_factor=model.scale, mode="bicubic", align_corners=False)
 
 
 def keep_flat_regions(low_res: np.ndarray, flat: np.ndarray, high_res: np.ndarray, scale: int,
