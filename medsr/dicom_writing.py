@@ -318,12 +318,13 @@ def _kept_copy(header: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, series_suffix: str,
-                   now: datetime.datetime) -> pydicom.Dataset:
+                   now: datetime.datetime, series_number_offset: int = SERIES_NUMBER_OFFSET) -> pydicom.Dataset:
     """A copy of a source header as an image of the new series (its pixel module, geometry and
-    rescale are the writer's to set); ``series_suffix`` ends the SeriesDescription."""
+    rescale are the writer's to set); ``series_suffix`` ends the SeriesDescription, the
+    SeriesNumber is the source's plus ``series_number_offset``."""
     dataset = _kept_copy(header)
     dataset.SeriesInstanceUID = series_uid
-    dataset.SeriesNumber = min(int(header.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET, IS_MAX)
+    dataset.SeriesNumber = min(int(header.get("SeriesNumber", 0) or 0) + series_number_offset, IS_MAX)
     original = str(header.get("SeriesDescription", "") or "")
     dataset.SeriesDescription = (original[:64 - len(series_suffix)] + series_suffix).strip()
     image_type = list(header.get("ImageType", []) or [])
@@ -366,12 +367,12 @@ def _file_meta(dataset: pydicom.Dataset) -> None:
     dataset.file_meta = meta
 
 
-def _window(dataset: pydicom.Dataset, window: IntensityWindow) -> None:
-    """Keep the source window (same units) if it is valid; else show the robust percentile
-    range the enhancer normalised with."""
+def _window(dataset: pydicom.Dataset, window: IntensityWindow, keep_source: bool = True) -> None:
+    """Keep the source window (same units) if it is valid and ``keep_source``; else show
+    ``window`` (the robust percentile range the enhancer normalised with, or the detail map's)."""
     width = dataset.get("WindowWidth")
     widths = list(width) if isinstance(width, pydicom.multival.MultiValue) else [width]
-    if dataset.get("WindowCenter") is not None and width is not None and all(
+    if keep_source and dataset.get("WindowCenter") is not None and width is not None and all(
             w is not None and float(w) >= 1 for w in widths):
         return
     low, high = window.low, window.high
@@ -433,7 +434,9 @@ class _DerivedSeriesWriter:
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
                  window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
-                 series_suffix: str, grid: str = "bicubic") -> None:
+                 series_suffix: str, grid: str = "bicubic", series_number_offset: int = SERIES_NUMBER_OFFSET,
+                 keep_source_window: bool = True) -> None:
+        self.series_number_offset, self.keep_source_window = series_number_offset, keep_source_window
         if scan.source_format != "dicom" or scan.slice_axis != 2:
             raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
         if factor > 1:
@@ -546,7 +549,8 @@ class _DerivedSeriesWriter:
     def _write_image(self, index: int, stored: np.ndarray, mapping: tuple[float, float]) -> None:
         sources = self._source_slices(index)
         header = self.scan.dicom_headers[sources[0]]
-        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now)
+        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
+                                 self.series_number_offset)
         dataset.SOPInstanceUID = generate_uid()
         # only the geometry the source had: an absent position or orientation stays absent
         if self.scale > 1:
@@ -562,7 +566,7 @@ class _DerivedSeriesWriter:
         if "RescaleType" not in dataset and self.scan.modality != "CT":
             dataset.RescaleType = "US"  # unspecified units: MR signal
         dataset.SourceImageSequence = Sequence([_source_reference(self.scan.dicom_headers[k]) for k in sources])
-        _window(dataset, self.window)
+        _window(dataset, self.window, self.keep_source_window)
         _file_meta(dataset)
         dataset.set_pixel_data(stored, self.photometric, 8 * self.dtype.itemsize, generate_instance_uid=False)
         _set_padding(dataset, self.padding, self.dtype)
@@ -620,7 +624,8 @@ class _DerivedSeriesWriter:
         """The multi-frame header (everything but the pixel data) for the frames written, stored
         with the per-frame rescale of :attr:`mappings`."""
         scan, header = self.scan, self.scan.dicom_headers[0]
-        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now)
+        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
+                                 self.series_number_offset)
         for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
             del dataset[tag]  # the pixel data goes last, appended by the writer
         dataset.SOPInstanceUID = generate_uid()
@@ -671,7 +676,7 @@ class _DerivedSeriesWriter:
                 frame_type = list(groups.get(name)[0].FrameType)
                 groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
             if groups.get("FrameVOILUTSequence"):
-                _window(groups.FrameVOILUTSequence[0], self.window)
+                _window(groups.FrameVOILUTSequence[0], self.window, self.keep_source_window)
             if self.scale > 1 and groups.get("PixelMeasuresSequence"):
                 groups.PixelMeasuresSequence[0].PixelSpacing = self.spacing
             if one_mapping and groups.get("PixelValueTransformationSequence"):
@@ -736,6 +741,10 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
         overwrite: replace an existing ``folder`` (an empty one is replaced without it).
         grid: the grid of the source's pixels, the one the model was told: ``"bicubic"``
             (resampled) or ``"kspace"`` (k-space truncated).
+        detail_map: the series is the detail map of an enhanced series (:mod:`medsr.detail_map`),
+            a second series of the same study on the same grid: SeriesDescription ending
+            ``medsr detail map x<scale>``, SeriesNumber one past the enhanced series', and
+            ``window`` as its display window (the source's would not fit a map of differences).
 
     Example:
         >>> affine = enhanced_affine(scan.affine, 2, 2, "kspace")
@@ -752,9 +761,12 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
                  description: str, window: IntensityWindow, overwrite: bool = False, *,
-                 grid: str = "bicubic") -> None:
+                 grid: str = "bicubic", detail_map: bool = False) -> None:
+        suffix = f" medsr detail map x{scale}" if detail_map else f" medsr SR x{scale}"
         super().__init__(folder, scan, affine, description, window, overwrite, scale=scale, factor=1,
-                         series_suffix=f" medsr SR x{scale}", grid=grid)
+                         series_suffix=suffix, grid=grid,
+                         series_number_offset=SERIES_NUMBER_OFFSET + (1 if detail_map else 0),
+                         keep_source_window=not detail_map)
 
 
 class ThinSliceSeriesWriter(_DerivedSeriesWriter):

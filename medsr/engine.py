@@ -4,7 +4,10 @@ A survey pass counts values (the exact intensity window, the NaN check) and keep
 slices; then a reader thread decodes and normalises the next batch while the model runs on
 this one, and a writer thread hands finished slices to a sink. Each output batch is projected,
 when asked, onto the images that reproduce its low-res slices (:mod:`medsr.consistency`, on the
-model's device, in original units), then the flat-background and padding rules run. Device,
+model's device, in original units), then the flat-background and padding rules run. With the
+self-ensemble (:mod:`medsr.ensemble`) the eight flips/transposes of a batch go through the model
+as one larger batch and the output is their mean; a detail map (:mod:`medsr.detail_map`) made
+from the same passes follows the same rules (flat: 0, padding: the padding value). Device,
 batch size, precision and ``torch.compile`` are decided here. What to enhance, where to write
 it and how the scan lost its resolution is the application's business (:mod:`medsr.enhance`).
 
@@ -31,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from medsr.consistency import project, projects
+from medsr.detail_map import classical_answer, detail_map
+from medsr.ensemble import IDENTITY, SYMMETRIES, ensemble_passes
 from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, nearest_block_start, voxel_sizes
 from medsr.model import DEGRADATION_CODES, SRResNet
@@ -140,7 +145,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
                  sink: Callable[[np.ndarray], None] | None = None,
                  survey: Survey | None = None, channels_last: bool | None = None,
                  compile_model: str = "auto", precision: str = "auto", consistency: str = "auto",
-                 plain_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+                 plain_sink: Callable[[np.ndarray], None] | None = None, ensemble: bool = False,
+                 detail_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
     """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
 
     A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
@@ -178,6 +184,15 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             (:data:`medsr.consistency.AUTO_GRIDS`, today none).
         plain_sink: if given, receives each batch as it would be without the projection (the
             same batch when there is none), on this thread: for comparisons (``medsr evaluate``).
+        ensemble: the output is the mean of the model's answers to the eight flips and
+            transposes of each slice, each undone on the output grid
+            (:mod:`medsr.ensemble`); the eight go through the model together, so a forward
+            pass holds eight times the slices of a batch (the batch shrinks to keep
+            ``batch_size`` images per pass).
+        detail_sink: if given, receives each batch's detail map ``(n, I', J')``
+            (:func:`medsr.detail_map.detail_map`, original units of intensity difference), on
+            this thread: flat regions 0, padded pixels ``scan.padding[0]``. It needs the eight
+            passes, which run whether or not the output is their mean (``ensemble``).
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -208,6 +223,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
     code = DEGRADATION_CODES[degradation]
     autocast = autocast_for(device, precision)
     batch_size = batch_size or default_batch_size(model, device, tuple(in_plane), code, autocast)
+    symmetries = SYMMETRIES if ensemble or detail_sink is not None else (IDENTITY,)
+    batch_size = max(1, batch_size // len(symmetries))  # images per forward pass stay batch_size
     forward = _Forward(model, compile_model, total, device, degradation)
     output = None if sink is not None else np.empty((total, *out_plane), dtype=np.float32)
 
@@ -246,7 +263,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         for start, count, low_res, padded, stack, flat in prefetched:
             low_res = low_res.to(device, non_blocking=True).contiguous(memory_format=layout)
             codes = torch.full((len(low_res),), code, device=device)
-            normalised = forward(low_res, codes).float()[:count, 0]
+            passes = ensemble_passes(forward, low_res, codes, scale, degradation, symmetries)[:, :count, 0]
+            normalised = passes.mean(0) if ensemble else passes[0]
             if consistent:  # against the low-res values in original units, not the normalised ones
                 measured = torch.from_numpy(stack[:count]).to(device)
                 original = normalised.double() * (window.high - window.low) + window.low
@@ -254,6 +272,16 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             else:
                 high_res = window.inverse(normalised.cpu().numpy())
             apply_rules(high_res, stack, padded, flat, count, keep_flat=not consistent)
+            if detail_sink is not None:
+                classical = classical_answer(model, low_res[:count], degradation)[:, 0]
+                detail = (detail_map(passes, classical) * np.float32(window.high - window.low)).cpu().numpy()
+                if flat is not None and not consistent:  # the output is the input there: nothing departs
+                    fill_blocks(detail, np.float32(0), flat[:count], (1, scale, scale),
+                                in_plane_block_starts(scale, degradation))
+                if padded is not None:
+                    fill_blocks(detail, np.float32(scan.padding[0]), padded[:count], (1, scale, scale),
+                                in_plane_block_starts(scale, degradation))
+                detail_sink(detail)
             if plain_sink is not None:
                 plain = high_res
                 if consistent:
@@ -380,7 +408,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                    upper_percentile: float = 99.5, progress: Callable[[int, int], None] | None = None,
                    sink: Callable[[np.ndarray], None] | None = None, precision: str = "auto",
                    consistency: str = "auto",
-                   plain_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+                   plain_sink: Callable[[np.ndarray], None] | None = None, ensemble: bool = False,
+                   detail_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
     """:func:`enhance_scan` for a volume already in memory: ``(I, J, K)`` in original units
     with its RAS ``affine``, slices along ``slice_axis``."""
     volume = np.asarray(volume, dtype=np.float32)
@@ -391,7 +420,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                     read_plane=functools.partial(plane_of, volume, slice_axis))
     return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
                         upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0),
-                        precision=precision, consistency=consistency, plain_sink=plain_sink)
+                        precision=precision, consistency=consistency, plain_sink=plain_sink,
+                        ensemble=ensemble, detail_sink=detail_sink)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -15,6 +15,9 @@ With ``consistency`` as ``medsr enhance --consistency`` has it, each model's out
 onto the images its grid turns into the low-res input where that option projects
 (:mod:`medsr.consistency`); the same forward pass without the projection is then scored as
 ``<model> plain``. Unless ``off``, the relative consistency error of both is kept.
+With ``ensemble``, each model also runs as ``medsr enhance --ensemble --detail-map`` does
+(:mod:`medsr.ensemble`), scored as ``<model> ensemble``; its detail map is kept and scored
+against the real error of that output (:func:`medsr.detail_map.map_quality`).
 
 v1-z: thick slices simulated along the slice axis (``gaussian`` or ``box`` profile), cubic
 B-spline along that axis as the baseline, PSNR over the volume with ``factor`` slices trimmed at
@@ -32,10 +35,11 @@ from scipy.ndimage import zoom
 
 from medsr.consistency import projects, volume_consistency_error
 from medsr.degradation import DegradationClassifier, DegradationEstimate, find_degradation
+from medsr.detail_map import map_quality
 from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
 from medsr.geometry import largest_spacing_axis
-from medsr.metrics import SliceScores, score_through_plane, slice_scores
+from medsr.metrics import SliceScores, score_through_plane, slice_scores, trim_border
 from medsr.model import SRResNet, ThroughPlaneNet
 from medsr.reading import Scan, plane_of
 from medsr.through_plane import enhance_through_plane
@@ -53,6 +57,7 @@ BASELINES_FOR = {"bicubic": ("bicubic",), "kspace": ("bicubic", "zero_fill"),
                  **{name: ("bicubic", "zero_fill") for name in STRESS_DEGRADATIONS}}
 AUTO_SUFFIX = " auto"
 PLAIN_SUFFIX = " plain"  # a model's output without the consistency projection
+ENSEMBLE_SUFFIX = " ensemble"  # the mean of the eight flips/transposes
 
 
 def upscale_bicubic(low_res: np.ndarray, slice_axis: int, scale: int) -> np.ndarray:
@@ -96,7 +101,9 @@ class ScanResult:
     """Scores for one scan and one degradation: ``scores[method] = {"psnr": dB, "ssim": x}``;
     ``decisions[method]`` holds what the auto runs found from the pixels;
     ``consistency[model] = (plain, projected)`` the relative consistency errors
-    ``||D(x) - y|| / ||y||`` of the model told the grid, without and with the projection."""
+    ``||D(x) - y|| / ||y||`` of the model told the grid, without and with the projection;
+    with the ensemble, ``maps[model]`` its detail map (kept with the images) and
+    ``map_quality[model] = {"spearman", "auroc"}`` against the ensemble output's error."""
 
     scan: str
     degradation: str
@@ -105,6 +112,8 @@ class ScanResult:
     decisions: dict[str, DegradationEstimate] = field(default_factory=dict)
     details: dict[str, SliceScores] = field(default_factory=dict, repr=False)
     consistency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    map_quality: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def best_baseline(self) -> dict[str, float]:
         """Best PSNR and best SSIM among the baselines that count for this degradation."""
@@ -125,13 +134,15 @@ def protocol_slice_axis(scan: Scan) -> int:
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
                   keep_images: bool = False, precision: str = "auto",
-                  classifier: DegradationClassifier | None = None, consistency: str = "off") -> ScanResult:
+                  classifier: DegradationClassifier | None = None, consistency: str = "off",
+                  ensemble: bool = False) -> ScanResult:
     """Run protocol v1 on one scan for one degradation with every model and baseline.
 
     Each model is told the degradation's grid; with a ``classifier`` it also runs as the
     default path does (grid found from the low-res pixels), scored as ``<name> auto``. Where
     ``consistency`` (as ``medsr enhance --consistency``) projects, the model's output told the
-    grid is also scored without the projection, as ``<name> plain``.
+    grid is also scored without the projection, as ``<name> plain``. With ``ensemble`` it also
+    runs as the mean of the eight flips/transposes, as ``<name> ensemble``, with its detail map.
 
     Raises:
         MedsrError: a model upscales by another factor than ``scale``.
@@ -159,6 +170,15 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
         if consistency != "off":
             result.consistency[name] = tuple(volume_consistency_error(image, low_res, axis, told, scale)
                                              for image in (plain[name], estimates[name]))
+        if ensemble:
+            maps = []
+            estimates[name + ENSEMBLE_SUFFIX] = enhance_volume(
+                low_res, low_res_affine, axis, model, told, device=device, batch_size=batch_size,
+                precision=precision, consistency=consistency, ensemble=True, detail_sink=maps.append).array
+            result.maps[name] = np.moveaxis(np.concatenate(maps), 0, axis)
+            output, reference = (trim_border(v, axis, scale) for v in (estimates[name + ENSEMBLE_SUFFIX], high_res))
+            result.map_quality[name] = map_quality(trim_border(result.maps[name], axis, scale),
+                                                   np.abs(output - reference))
         if decision is not None:
             estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)[0]
             result.decisions[name + AUTO_SUFFIX] = decision
@@ -167,6 +187,8 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
         result.scores[name] = result.details[name].scores()
     if keep_images:
         result.images = {"low_res": low_res, "high_res": high_res, **estimates}
+    else:
+        result.maps = {}
     return result
 
 
@@ -217,9 +239,11 @@ def thick_slices_affine(affine: np.ndarray, slice_axis: int, factor: int) -> np.
 def evaluate_through_plane_scan(scan: Scan, models: dict[str, ThroughPlaneNet], profile: str, factor: int,
                                 slice_axis: int = 2, device="cpu", batch_size: int | None = None,
                                 keep_images: bool = False, lower_percentile: float = 0.5,
-                                upper_percentile: float = 99.5, precision: str = "auto") -> ScanResult:
+                                upper_percentile: float = 99.5, precision: str = "auto",
+                                ensemble: bool = False) -> ScanResult:
     """Protocol v1-z on one ~1 mm volume: thicken along ``slice_axis`` with ``profile`` at
-    ``factor``, restore with the B-spline baseline and every model, score."""
+    ``factor``, restore with the B-spline baseline and every model, score; with ``ensemble``
+    each model also as the mean of the four flips of each plane, ``<name> ensemble``."""
     n_thin = scan.array.shape[slice_axis] - scan.array.shape[slice_axis] % factor
     high_res = np.take(scan.array, np.arange(n_thin), axis=slice_axis)
     low_res = thick_slices(high_res, slice_axis, factor, profile)
@@ -229,6 +253,10 @@ def evaluate_through_plane_scan(scan: Scan, models: dict[str, ThroughPlaneNet], 
     for name, model in models.items():
         estimates[name] = enhance_through_plane(low_res, thick_affine, slice_axis, model, factor, window,
                                                 device, batch_size, precision).array
+        if ensemble:
+            estimates[name + ENSEMBLE_SUFFIX] = enhance_through_plane(
+                low_res, thick_affine, slice_axis, model, factor, window, device, batch_size, precision,
+                ensemble=True).array
     result = ScanResult(scan=str(scan.path), degradation=f"{profile} x{factor}")
     for name, estimate in estimates.items():
         result.scores[name] = score_through_plane(high_res, estimate, slice_axis, factor)

