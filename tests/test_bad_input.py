@@ -77,6 +77,7 @@ def test_inputs_are_never_modified(tmp_path, tiny_checkpoint):
     assert {p: p.read_bytes() for p in MR_SERIES.iterdir()} == before
 
 
+@pytest.mark.slow  # 18 s of training runs: with the whole-model checks (pytest -m slow, CI runs it)
 def test_training_killed_hard_resumes_to_the_same_epoch_count(tmp_path):
     """kill -9 in the middle of a run, then --resume: the run ends with all its epochs."""
     out = tmp_path / "run"

@@ -158,6 +158,7 @@ def test_auto_precision_is_bf16_only_on_cpus_that_have_it(monkeypatch, tiny_chec
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+@pytest.mark.slow  # the shipped model twice on two real series: a whole-model check (pytest -m slow)
 @pytest.mark.parametrize("source, degradation", [(MR_SERIES, "kspace"), (CT_SERIES, "bicubic")])
 def test_bf16_scores_within_0_05_db_of_fp32(source, degradation, device):
     """The issue's tolerance: protocol scores of the shipped model with bfloat16 autocast

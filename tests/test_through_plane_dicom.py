@@ -390,6 +390,7 @@ def test_eight_bit_monochrome1_with_a_wider_slice_keeps_bits_photometric_and_pad
         assert_values_kept(back.array[:, :, k], enhanced[:, :, k], padding, slope)
 
 
+@pytest.mark.slow  # the shipped through-plane model on a real series: a whole-model check
 def test_through_plane_model_output_is_stored_without_clipping(tmp_path):
     """A small random ThroughPlaneNet on the real MR, x4, written as DICOM: every enhanced value
     reads back within half a stored step (a slice whose overshoot does not fit gets its own
