@@ -125,7 +125,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                  overwrite: bool = False, output_format: str = "auto", compile_model: str = "auto",
                  precision: str = "auto", consistency: str = "auto",
                  progress: Callable[[int, int], None] | None = None,
-                 reading: Callable[[int, int], None] | None = None) -> EnhancedFile:
+                 reading: Callable[[int, int], None] | None = None,
+                 uid_seed: str | None = None) -> EnhancedFile:
     """Enhance one scan and write it: the Python API behind ``medsr enhance``.
 
     Reads a DICOM series folder, a DICOM file or a NIfTI file; finds out from its pixels how it
@@ -166,6 +167,9 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
             "Data consistency"). In-plane only.
         progress, reading: called with ``(slices_done, total)`` while enhancing and while
             reading (the survey pass).
+        uid_seed: DICOM output: None for new random UIDs (``medsr enhance``), any text for
+            series and instance UIDs that are the same for the same text and source images
+            (:class:`~medsr.dicom_writing.DicomSeriesWriter`; ``medsr serve``).
 
     Returns:
         The :class:`EnhancedFile`.
@@ -211,7 +215,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                        input_path)
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
-                              precision, overwrite, progress, reading)
+                              precision, overwrite, progress, reading, uid_seed)
     survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
@@ -234,7 +238,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                     short_description=f"medsr x{model_scale} {degradation}"
                                       + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
                                       + (" consistent" if consistent else ""),
-                    run=run)
+                    run=run, uid_seed=uid_seed)
     return EnhancedFile(output, volume, degradation, estimate, consistent=consistent)
 
 
@@ -299,7 +303,7 @@ def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> Deg
 
 
 def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid: str, window, overwrite: bool,
-           long_description: str, short_description: str, run) -> EnhancedVolume:
+           long_description: str, short_description: str, run, uid_seed: str | None = None) -> EnhancedVolume:
     """Run ``run(sink=...)`` into the output format's writer; NIfTI ``descrip`` holds 80
     characters, so it gets the short description (the long one goes to DICOM)."""
     from medsr.writing import NiftiSliceWriter, nifti_description
@@ -310,7 +314,7 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid
 
         scale = int(round(shape[0] / scan.shape[0]))
         with DicomSeriesWriter(output, scan, affine, scale, long_description, window, overwrite,
-                               grid=grid) as writer:
+                               grid=grid, uid_seed=uid_seed) as writer:
             return run(sink=writer.write)
     description = nifti_description(short_description, scan.photometric)
     with NiftiSliceWriter(output, shape, affine, description, overwrite, slice_axis=axis,
@@ -353,7 +357,8 @@ def thin_slices(scan: OpenScan, enhancer: Enhancer, factor: int | None = None,
 
 
 def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
-                   factor: int | None, device, batch_size, precision, overwrite, progress, reading) -> EnhancedFile:
+                   factor: int | None, device, batch_size, precision, overwrite, progress, reading,
+                   uid_seed: str | None = None) -> EnhancedFile:
     """Through-plane enhancement into the output file."""
     enhanced, factor = thin_slices(scan, enhancer, factor, device, batch_size, precision, progress, reading)
     window = enhanced.window
@@ -362,7 +367,8 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
     if output_format == "dicom":
         from medsr.dicom_writing import ThinSliceSeriesWriter
 
-        with ThinSliceSeriesWriter(output, scan, enhanced.affine, factor, description, window, overwrite) as writer:
+        with ThinSliceSeriesWriter(output, scan, enhanced.affine, factor, description, window, overwrite,
+                                   uid_seed=uid_seed) as writer:
             writer.write(slabs)
     else:
         from medsr.writing import NiftiSliceWriter, nifti_description
