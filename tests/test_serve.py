@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -24,12 +23,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import NEEDS_DCIODVFY, new_dciodvfy_errors
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from medsr.errors import MedsrError
 from medsr.serve import STORAGE_CLASSES, Destination, Node, ServeOptions, spool_status
+
+from conftest import NEEDS_DCIODVFY, new_dciodvfy_errors
 
 SERIES = Path(__file__).parent.parent / "sample_scans" / "mr_pd_oblique_dicom"
 MULTIFRAME = Path(__file__).parent.parent / "sample_scans" / "mr_pd_oblique_multiframe"
@@ -106,7 +106,7 @@ def destination():
 
 @contextmanager
 def running_node(spool: Path, forward: Destination, weights: Path, **options):
-    settings = dict(port=0, bind="127.0.0.1", quiet_seconds=0.5, min_free_mb=0, retry_seconds=0.2,
+    settings = dict(port=0, bind="127.0.0.1", quiet_seconds=0.3, min_free_mb=0, retry_seconds=0.2,
                     retry_max_seconds=1.0)
     settings.update(options)
     node = Node(ServeOptions(spool, forward, enhance=dict(weights=weights, device="cpu"), **settings))
@@ -119,7 +119,7 @@ def running_node(spool: Path, forward: Destination, weights: Path, **options):
 
 def test_a_series_received_is_enhanced_and_sent_once_with_stable_uids(tmp_path, destination, session_tiny_checkpoint):
     files = sorted(SERIES.glob("*.dcm"))[:4]
-    with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint, quiet_seconds=2) as node:
+    with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint, quiet_seconds=1) as node:
         assert send(files, node.port) == [0] * 4
         # acknowledged means on disk: every image is in the spool before any enhancing
         source_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
@@ -228,3 +228,183 @@ def test_one_spool_takes_one_node(tmp_path, destination, session_tiny_checkpoint
 def test_a_bad_forward_address_is_refused(text):
     with pytest.raises(MedsrError, match="--forward must be AET@HOST:PORT"):
         Destination.parse(text)
+
+
+# --- with a real Orthanc ---------------------------------------------------------------------
+
+
+class Orthanc:
+    """An Orthanc of its own: a temporary configuration with free loopback ports, its own
+    storage and index folders, no remote access; started as a subprocess and stopped by its
+    process id."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.http_port, self.dicom_port = free_port(), free_port()
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "medsr-test", "DicomAet": "ORTHANC", "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+            "Plugins": [], "DicomAlwaysAllowStore": True,
+        }))
+        self.process: subprocess.Popen | None = None
+        self.destination = Destination("ORTHANC", "127.0.0.1", self.dicom_port)
+
+    def start(self) -> None:
+        with open(self.folder / "orthanc.log", "ab") as log:
+            self.process = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=log)
+
+        def up() -> bool:
+            try:
+                return bool(self.get("/system"))
+            except OSError:
+                assert self.process.poll() is None, (self.folder / "orthanc.log").read_text()[-2000:]
+                return False
+
+        wait_for(up, 30, "Orthanc to answer GET /system")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.process = None
+
+    def request(self, path: str, body: bytes | None = None):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            data = answer.read()
+        return json.loads(data) if answer.headers.get_content_type() == "application/json" else data
+
+    def get(self, path: str):
+        return self.request(path)
+
+    def series_of_study(self, study_uid: str) -> list[dict]:
+        query = {"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
+        return self.request("/tools/find", json.dumps(query).encode())
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
+    (tmp_path / "orthanc").mkdir()
+    server = Orthanc(tmp_path / "orthanc")
+    server.start()
+    yield server
+    server.stop()
+
+
+def upload(orthanc: Orthanc, files: list[Path]) -> str:
+    """Store the source series in Orthanc (REST); its StudyInstanceUID."""
+    for path in files:
+        orthanc.request("/instances", path.read_bytes())
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def derived_series(orthanc: Orthanc, study_uid: str, source_uid: str) -> dict:
+    """The one series of the study that is not the source, once it has every instance."""
+    series = orthanc.series_of_study(study_uid)
+    assert {s["MainDicomTags"]["SeriesInstanceUID"] for s in series} >= {source_uid}
+    assert len(series) == 2, f"the study holds {len(series)} series, not the source and the derived one"
+    (derived,) = [s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] != source_uid]
+    return derived
+
+
+@NEEDS_ORTHANC
+@NEEDS_DCIODVFY
+def test_orthanc_holds_the_derived_series_in_the_original_study(tmp_path, orthanc, session_tiny_checkpoint):
+    files = sorted(SERIES.glob("*.dcm"))
+    study_uid = upload(orthanc, files)
+    source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    spool = tmp_path / "spool"
+    with running_node(spool, orthanc.destination, session_tiny_checkpoint) as node:
+        assert send(files, node.port) == [0] * len(files)
+        wait_for(lambda: spool_status(spool)["done"], 60, "the derived series to be sent")
+    derived = derived_series(orthanc, study_uid, source_uid)
+    assert len(derived["Instances"]) == len(files) == 20
+    instance = derived["Instances"][0]
+    spacing = orthanc.get(f"/instances/{instance}/content/0028-0030").decode().strip("\0 ").split("\\")
+    source_spacing = pydicom.dcmread(files[0], stop_before_pixels=True).PixelSpacing
+    assert [float(v) for v in spacing] == pytest.approx([float(v) / 2 for v in source_spacing])
+    downloaded = tmp_path / "derived.dcm"
+    downloaded.write_bytes(orthanc.get(f"/instances/{instance}/file"))
+    assert new_dciodvfy_errors(files[0], downloaded) == set()
+
+
+@pytest.mark.slow
+@NEEDS_ORTHANC
+def test_orthanc_down_while_the_node_forwards_then_up_gets_the_series_once(tmp_path, orthanc,
+                                                                           session_tiny_checkpoint):
+    files = sorted(SERIES.glob("*.dcm"))[:5]
+    study_uid = upload(orthanc, files)
+    source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    spool = tmp_path / "spool"
+    with running_node(spool, orthanc.destination, session_tiny_checkpoint) as node:
+        orthanc.stop()
+        assert send(files, node.port) == [0] * len(files)
+        pending = wait_for(lambda: [s for s in spool_status(spool)["pending"] if s["attempts"] >= 2], 60,
+                           "two failed tries while Orthanc is down")
+        assert pending[0]["state"] == "enhanced" and "not sent to ORTHANC@" in pending[0]["last_error"]
+        orthanc.start()
+        wait_for(lambda: spool_status(spool)["done"], 60, "the series to be sent once Orthanc is back")
+    assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
+
+
+def start_node_process(spool: Path, orthanc: Orthanc, weights: Path, quiet: float, log: Path):
+    """``medsr serve`` as a subprocess (its stderr in ``log``) and its port, once it listens."""
+    port = free_port()
+    command = [sys.executable, "-m", "medsr.cli", "serve", "--forward", str(orthanc.destination),
+               "--port", str(port), "--bind", "127.0.0.1", "--spool", str(spool), "--quiet-seconds", str(quiet),
+               "--weights", str(weights), "--device", "cpu", "--min-free-mb", "0", "--retry-seconds", "0.2"]
+    root = str(Path(__file__).parent.parent)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(log, "ab") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+    try:
+        wait_for(lambda: "listening as" in log.read_text() or process.poll() is not None, 60, "medsr serve to listen")
+        assert process.poll() is None, log.read_text()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, port
+
+
+@pytest.mark.slow  # two medsr processes
+@NEEDS_ORTHANC
+def test_the_node_killed_between_receiving_and_sending_sends_the_series_once_after_a_restart(
+        tmp_path, orthanc, session_tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from medsr.cli import app
+
+    files = sorted(SERIES.glob("*.dcm"))[:5]
+    study_uid = upload(orthanc, files)
+    source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    spool, first_log, second_log = tmp_path / "spool", tmp_path / "first.log", tmp_path / "second.log"
+    process, port = start_node_process(spool, orthanc, session_tiny_checkpoint, 60, first_log)
+    try:
+        assert send(files, port) == [0] * len(files)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)  # acknowledged, not yet quiet: nothing sent
+        process.wait()
+    assert len(orthanc.series_of_study(study_uid)) == 1
+    status = CliRunner().invoke(app, ["serve", "--status", "--spool", str(spool)])
+    assert status.exit_code == 0 and f"pending receiving {source_uid} ({len(files)} images" in status.stdout
+    process, port = start_node_process(spool, orthanc, session_tiny_checkpoint, 0.5, second_log)
+    try:
+        wait_for(lambda: "sent series" in second_log.read_text(), 60, "the restarted node to send the series")
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(30)
+    logs = first_log.read_text() + second_log.read_text()
+    assert logs.count("sent series") == 1 and logs.count("received series") == 1, logs
+    assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
+    status = CliRunner().invoke(app, ["serve", "--status", "--spool", str(spool)])
+    assert status.stdout.splitlines()[-1] == "0 pending, 1 done, 0 failed"
