@@ -55,13 +55,13 @@ def wait_for(condition, timeout: float, what: str, step: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def send(files: list[Path], port: int, calling_aet: str = "SCANNER") -> list[int] | None:
+def send(files: list[Path], port: int, calling_aet: str = "SCANNER", called_aet: str = "MEDSR") -> list[int] | None:
     """C-STORE ``files`` to 127.0.0.1:``port``; their statuses, or None when the association
     was refused."""
     ae = AE(ae_title=calling_aet)
     for uid in STORAGE_CLASSES:
         ae.add_requested_context(uid, ExplicitVRLittleEndian)
-    association = ae.associate("127.0.0.1", port, ae_title="MEDSR")
+    association = ae.associate("127.0.0.1", port, ae_title=called_aet)
     if not association.is_established:
         return None
     try:
@@ -238,7 +238,7 @@ class Orthanc:
     storage and index folders, no remote access; started as a subprocess and stopped by its
     process id."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, **settings) -> None:
         self.folder = folder
         self.http_port, self.dicom_port = free_port(), free_port()
         self.config = folder / "orthanc.json"
@@ -246,7 +246,7 @@ class Orthanc:
             "Name": "medsr-test", "DicomAet": "ORTHANC", "DicomPort": self.dicom_port,
             "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-            "Plugins": [], "DicomAlwaysAllowStore": True,
+            "Plugins": [], "DicomAlwaysAllowStore": True, **settings,
         }))
         self.process: subprocess.Popen | None = None
         self.destination = Destination("ORTHANC", "127.0.0.1", self.dicom_port)
@@ -353,6 +353,33 @@ def test_orthanc_down_while_the_node_forwards_then_up_gets_the_series_once(tmp_p
         orthanc.start()
         wait_for(lambda: spool_status(spool)["done"], 60, "the series to be sent once Orthanc is back")
     assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
+
+
+@pytest.mark.slow
+@NEEDS_ORTHANC
+def test_the_readme_orthanc_configuration_round_trip(tmp_path, session_tiny_checkpoint):
+    """docs/orthanc/forward.lua: a series stored in Orthanc goes to medsr and comes back
+    enhanced into its study, and the enhanced series is not sent to medsr again."""
+    files = sorted(SERIES.glob("*.dcm"))[:5]
+    node_port = free_port()
+    (tmp_path / "orthanc").mkdir()
+    orthanc = Orthanc(tmp_path / "orthanc", StableAge=1, DicomModalities={"medsr": ["MEDSR", "127.0.0.1", node_port]},
+                      LuaScripts=[str(Path(__file__).parent.parent / "docs" / "orthanc" / "forward.lua")])
+    orthanc.start()
+    spool = tmp_path / "spool"
+    try:
+        with running_node(spool, orthanc.destination, session_tiny_checkpoint, port=node_port, allow=("ORTHANC",)):
+            assert send(files, orthanc.dicom_port, called_aet="ORTHANC") == [0] * len(files)
+            study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+            wait_for(lambda: len(orthanc.series_of_study(study_uid)) == 2 and spool_status(spool)["done"], 60,
+                     "the enhanced series to come back")
+            time.sleep(3)  # the enhanced series becomes stable in Orthanc: it must not come back to medsr
+            status = spool_status(spool)
+            assert [s["series"] for s in status["done"]] == [source_uid] and not status["pending"]
+        assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
+    finally:
+        orthanc.stop()
 
 
 def start_node_process(spool: Path, orthanc: Orthanc, weights: Path, quiet: float, log: Path):
