@@ -309,6 +309,9 @@ def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, ou
 def serve(
     forward: Annotated[str | None, typer.Option(
         help="Where enhanced series go, AET@HOST:PORT, e.g. ORTHANC@10.0.0.5:4242.")] = None,
+    forward_dicomweb: Annotated[str | None, typer.Option(
+        help="Also send enhanced series to this DICOMweb service by STOW-RS, e.g. "
+             "http://10.0.0.5:8042/dicom-web.")] = None,
     spool: Annotated[Path, typer.Option(
         help="Folder for received images, series state and enhanced series (one node per spool).")] = Path(
             "medsr-spool"),
@@ -351,7 +354,7 @@ def serve(
                            device=device, batch_size=batch_size, compile_model=compile_model,
                            precision=precision, consistency=consistency)
     options = ServeOptions(spool, Destination.parse(forward), aet, port, bind, tuple(allow or ()), quiet_seconds,
-                           keep, min_free_mb, retry_seconds, retry_max_seconds, enhance_options)
+                           keep, min_free_mb, retry_seconds, retry_max_seconds, enhance_options, forward_dicomweb)
     node = Node(options)
     node.start()
     try:

@@ -114,7 +114,10 @@ class ServeOptions:
 
     Attributes:
         spool: the folder received images, state and derived series are kept in.
-        forward: where derived series are sent.
+        forward: where derived series are sent (C-STORE).
+        forward_dicomweb: a DICOMweb service's base URL (``http://pacs:8042/dicom-web``) that
+            derived series are also sent to (STOW-RS, ``dicomweb-client``); a series is done
+            only when both accepted it.
         aet, port, bind: this node's AE title, port and listening address.
         allow: calling AE titles accepted; empty accepts any.
         quiet_seconds: a series is complete when no image of it came for this long.
@@ -139,12 +142,15 @@ class ServeOptions:
     retry_seconds: float = 5.0
     retry_max_seconds: float = 300.0
     enhance: dict = field(default_factory=dict)
+    forward_dicomweb: str | None = None
 
     def __post_init__(self) -> None:
         if not self.aet.strip() or len(self.aet) > 16:
             raise MedsrError(f"--aet must be 1 to 16 characters, not {self.aet!r}")
         if not 0 <= self.port < 65536:
             raise MedsrError(f"--port must be 0 to 65535, not {self.port}")
+        if self.forward_dicomweb is not None and not self.forward_dicomweb.startswith(("http://", "https://")):
+            raise MedsrError(f"--forward-dicomweb must be an http:// or https:// URL, not {self.forward_dicomweb!r}")
         for name in ("quiet_seconds", "retry_seconds", "retry_max_seconds", "min_free_mb"):
             if getattr(self, name) < 0:
                 raise MedsrError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(self, name)}")
@@ -243,6 +249,11 @@ class Node:
         from medsr.checkpoint import default_weights
         from medsr.enhance import enhancer_for
 
+        if self.options.forward_dicomweb is not None:
+            try:
+                import dicomweb_client  # noqa: F401
+            except ImportError:
+                raise MedsrError("--forward-dicomweb needs dicomweb-client: pip install 'medsr[dicomweb]'") from None
         self._take_spool()
         enhance = self.options.enhance
         self.enhancer = enhancer_for(None, enhance.get("weights"), enhance.get("scale"),
@@ -522,14 +533,21 @@ class Node:
         except ForwardError as exc:
             self._retry(series, folder, generation, f"not sent to {destination}: {exc}")
             return
+        if self.options.forward_dicomweb is not None:
+            try:
+                store_dicomweb(files, self.options.forward_dicomweb)
+            except ForwardError as exc:
+                self._retry(series, folder, generation, f"not stored at {self.options.forward_dicomweb}: {exc}")
+                return
         with self._lock:
             if series.generation != generation:
                 return  # more images came while sending: enhanced again, sent again (same UIDs)
             series.state = DONE
             write_state(folder, self._state(series))
             del self._series[series.uid]
-        logger.info("sent series %s (from %s) to %s: %d instances in %.1f s", series.derived, series.uid,
-                    destination, len(files), time.monotonic() - started)
+        also = "" if self.options.forward_dicomweb is None else f" and {self.options.forward_dicomweb} (STOW-RS)"
+        logger.info("sent series %s (from %s) to %s%s: %d instances in %.1f s", series.derived, series.uid,
+                    destination, also, len(files), time.monotonic() - started)
         self._clear_done(series, folder)
 
     def _clear_done(self, series: _Series, folder: Path) -> None:
@@ -583,6 +601,30 @@ def send_series(files: list[Path], calling_aet: str, destination: Destination, t
     finally:
         if association.is_established:
             association.release()
+
+
+def store_dicomweb(files: list[Path], url: str, timeout: float = 60.0) -> None:
+    """STOW-RS every file to the DICOMweb service at ``url`` (``dicomweb-client``), in batches
+    of 64 instances.
+
+    Raises:
+        ForwardError: the service is unreachable or did not store every instance.
+    """
+    import pydicom
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url, timeout=timeout)
+    client.set_http_retry_params(retry=False)  # the node retries, with its own backoff
+    try:
+        for start in range(0, len(files), 64):
+            batch = [pydicom.dcmread(path) for path in files[start:start + 64]]
+            answer = client.store_instances(batch)
+            failed = answer.get("FailedSOPSequence") if answer is not None else None
+            if failed:
+                raise ForwardError(f"{len(failed)} of {len(batch)} instances refused")
+    except (requests.RequestException, OSError) as exc:
+        raise ForwardError(" ".join(str(exc).split())[:200]) from None
 
 
 def spool_status(spool: Path) -> dict[str, list[dict]]:

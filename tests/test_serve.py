@@ -382,6 +382,37 @@ def test_the_readme_orthanc_configuration_round_trip(tmp_path, session_tiny_chec
         orthanc.stop()
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.mark.slow
+@NEEDS_ORTHANC
+@pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Orthanc's DICOMweb plugin is not installed (Debian "
+                                                         "package orthanc-dicomweb; .ci/run installs it)")
+def test_forward_dicomweb_stores_the_series_by_stow_rs(tmp_path, destination, session_tiny_checkpoint):
+    files = sorted(SERIES.glob("*.dcm"))[:3]
+    (tmp_path / "orthanc").mkdir()
+    orthanc = Orthanc(tmp_path / "orthanc", Plugins=[str(DICOMWEB_PLUGIN)])
+    orthanc.start()
+    spool = tmp_path / "spool"
+    try:
+        with running_node(spool, destination.address, session_tiny_checkpoint,
+                          forward_dicomweb=f"http://127.0.0.1:{orthanc.http_port}/dicom-web") as node:
+            assert send(files, node.port) == [0] * len(files)
+            wait_for(lambda: spool_status(spool)["done"], 60, "the series to be stored by STOW-RS")
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        (stored,) = orthanc.series_of_study(study_uid)  # only the derived series went there
+        assert len(stored["Instances"]) == len(files) and set(destination.stored) == {
+            orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in stored["Instances"]}
+    finally:
+        orthanc.stop()
+
+
+def test_forward_dicomweb_must_be_a_url(tmp_path, destination):
+    with pytest.raises(MedsrError, match="--forward-dicomweb must be an http:// or https:// URL, not 'pacs:8042'"):
+        ServeOptions(tmp_path, destination.address, forward_dicomweb="pacs:8042")
+
+
 def start_node_process(spool: Path, orthanc: Orthanc, weights: Path, quiet: float, log: Path):
     """``medsr serve`` as a subprocess (its stderr in ``log``) and its port, once it listens."""
     port = free_port()
