@@ -343,6 +343,8 @@ def serve(
     """A DICOM node: receive MR and CT images (C-STORE), enhance each series once it is quiet,
     send the enhanced series on (C-STORE), durably and exactly once."""
     _setup_logging(verbose=True)
+    # pynetdicom logs a refused connection as an error of its own; the node's line says it
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     from medsr.serve import Destination, Node, ServeOptions, spool_status
 
     if status:

@@ -521,7 +521,7 @@ class Node:
             series.next_try = time.monotonic() + wait
             if series.generation == generation:
                 write_state(folder, self._state(series))
-        logger.warning("series %s: %s (attempt %d); next try in %.0f s", series.uid, series.last_error,
+        logger.warning("series %s: %s (attempt %d); next try in %.3g s", series.uid, series.last_error,
                        series.attempts, wait)
 
     def _forward(self, series: _Series, folder: Path, generation: int) -> None:

@@ -338,20 +338,33 @@ def test_orthanc_holds_the_derived_series_in_the_original_study(tmp_path, orthan
 
 @pytest.mark.slow
 @NEEDS_ORTHANC
-def test_orthanc_down_while_the_node_forwards_then_up_gets_the_series_once(tmp_path, orthanc,
-                                                                           session_tiny_checkpoint):
+def test_orthanc_stopped_while_the_node_forwards_then_started_gets_the_series_once(
+        tmp_path, orthanc, session_tiny_checkpoint, monkeypatch):
+    import medsr.serve
+
     files = sorted(SERIES.glob("*.dcm"))[:5]
     study_uid = upload(orthanc, files)
     source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    send_series, first = medsr.serve.send_series, []
+
+    def stopped_midway(derived, *args):  # on the first try, two instances reach Orthanc, then it stops
+        if not first:
+            first.append(derived)
+            send_series(derived[:2], *args)
+            orthanc.stop()
+        send_series(derived, *args)
+
+    monkeypatch.setattr(medsr.serve, "send_series", stopped_midway)
     spool = tmp_path / "spool"
     with running_node(spool, orthanc.destination, session_tiny_checkpoint) as node:
-        orthanc.stop()
         assert send(files, node.port) == [0] * len(files)
         pending = wait_for(lambda: [s for s in spool_status(spool)["pending"] if s["attempts"] >= 2], 60,
                            "two failed tries while Orthanc is down")
         assert pending[0]["state"] == "enhanced" and "not sent to ORTHANC@" in pending[0]["last_error"]
         orthanc.start()
+        assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == 2
         wait_for(lambda: spool_status(spool)["done"], 60, "the series to be sent once Orthanc is back")
+    # sent again whole, with the same UIDs: the two instances that got through are not doubled
     assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
 
 
