@@ -119,11 +119,9 @@ def running_node(spool: Path, forward: Destination, weights: Path, **options):
 
 def test_a_series_received_is_enhanced_and_sent_once_with_stable_uids(tmp_path, destination, session_tiny_checkpoint):
     files = sorted(SERIES.glob("*.dcm"))[:4]
-    with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint, quiet_seconds=1) as node:
+    source_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint) as node:
         assert send(files, node.port) == [0] * 4
-        # acknowledged means on disk: every image is in the spool before any enhancing
-        source_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
-        assert len(list((tmp_path / "spool" / "series" / source_uid / "images").glob("*.dcm"))) == 4
         wait_for(lambda: not spool_status(tmp_path / "spool")["pending"], 60, "the series to be sent")
     assert len(destination.stored) == destination.received == 4
     derived = list(destination.stored.values())
@@ -140,6 +138,29 @@ def test_a_series_received_is_enhanced_and_sent_once_with_stable_uids(tmp_path, 
         assert send(files, node.port) == [0] * 4
         wait_for(lambda: destination.received == 8, 60, "the series to be sent again")
     assert set(destination.stored) == first
+
+
+def test_acknowledged_images_are_in_the_spool_and_a_new_start_finishes_their_series(
+        tmp_path, destination, session_tiny_checkpoint, sync_events):
+    files = sorted(SERIES.glob("*.dcm"))[:2]
+    source_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    spool = tmp_path / "spool"
+    with running_node(spool, destination.address, session_tiny_checkpoint, quiet_seconds=60) as node:
+        assert send(files, node.port) == [0] * 2
+        images = spool / "series" / source_uid / "images"
+        stored = sorted(images.iterdir())
+        assert len(stored) == 2 and not list((spool / "incoming").iterdir())
+        for path in stored:  # each file synced under its temporary name, renamed, its folder synced
+            renamed = sync_events.index(("replace", str(path)))
+            assert any(kind == "fsync" and Path(synced).parent == spool / "incoming" and
+                       Path(synced).name.startswith(path.stem) for kind, synced in sync_events[:renamed])
+            assert ("fsync", str(images)) in sync_events[renamed:]
+        (pending,) = spool_status(spool)["pending"]
+        assert pending["state"] == "receiving" and pending["images_in_spool"] == 2
+    assert not destination.received  # stopped before the series was quiet
+    with running_node(spool, destination.address, session_tiny_checkpoint):
+        wait_for(lambda: spool_status(spool)["done"], 60, "the series to be sent after the new start")
+    assert destination.received == len(destination.stored) == 2
 
 
 def test_the_multiframe_object_is_enhanced_and_sent(tmp_path, destination, session_tiny_checkpoint):
