@@ -10,7 +10,8 @@ CT, single- and multi-frame) and C-ECHO. What it promises, and how:
   is low, whole associations are refused (A-ASSOCIATE-RJ, transient, local limit exceeded).
 - **A series is complete when it has been quiet.** No image of it for ``quiet_seconds``: then
   it is enhanced by the default path (:func:`medsr.enhance.enhance_file`) into a derived series
-  in the same study, and sent to the destination by C-STORE.
+  in the same study, and sent to the destination by C-STORE (and, with ``forward_dicomweb``, by
+  STOW-RS).
 - **Sent means accepted.** Only when the destination has accepted every instance is the series
   marked done and its spool removed (``keep`` moves it under ``done/`` instead). A destination
   that is down or refuses is tried again with a doubling backoff; the series stays in the spool
