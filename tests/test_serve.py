@@ -25,6 +25,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import Verification
 
 from medsr.errors import MedsrError
 from medsr.serve import STORAGE_CLASSES, Destination, Node, ServeOptions, spool_status
@@ -142,6 +143,10 @@ def test_a_series_received_is_enhanced_and_sent_once_with_stable_uids(tmp_path, 
 
 def test_acknowledged_images_are_in_the_spool_and_a_new_start_finishes_their_series(
         tmp_path, destination, session_tiny_checkpoint, sync_events):
+    from typer.testing import CliRunner
+
+    from medsr.cli import app
+
     files = sorted(SERIES.glob("*.dcm"))[:2]
     source_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     spool = tmp_path / "spool"
@@ -158,6 +163,10 @@ def test_acknowledged_images_are_in_the_spool_and_a_new_start_finishes_their_ser
         (pending,) = spool_status(spool)["pending"]
         assert pending["state"] == "receiving" and pending["images_in_spool"] == 2
     assert not destination.received  # stopped before the series was quiet
+    result = CliRunner().invoke(app, ["serve", "--status", "--spool", str(spool)])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and lines[0].startswith(f"pending receiving {source_uid} (2 images")
+    assert lines[-1] == "1 pending, 0 done, 0 failed"
     with running_node(spool, destination.address, session_tiny_checkpoint):
         wait_for(lambda: spool_status(spool)["done"], 60, "the series to be sent after the new start")
     assert destination.received == len(destination.stored) == 2
@@ -226,6 +235,11 @@ def test_callers_not_allowed_are_rejected(tmp_path, destination, session_tiny_ch
                       allow=("SCANNER",), quiet_seconds=60) as node:
         assert send(files, node.port, calling_aet="INTRUDER") is None
         assert send(files, node.port, calling_aet="SCANNER") == [0]
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        association = ae.associate("127.0.0.1", node.port, ae_title="MEDSR")
+        assert association.send_c_echo().Status == 0  # C-ECHO
+        association.release()
 
 
 def test_a_low_disk_refuses_associations_and_writes_nothing(tmp_path, destination, session_tiny_checkpoint):
@@ -242,6 +256,18 @@ def test_one_spool_takes_one_node(tmp_path, destination, session_tiny_checkpoint
         with pytest.raises(MedsrError, match="another medsr serve uses this spool"):
             with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint):
                 pass
+
+
+def test_the_command_line_says_one_line_for_a_bad_forward(tmp_path):
+    from typer.testing import CliRunner
+
+    from medsr.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--forward", "PACS@host", "--spool", str(tmp_path / "spool")])
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        "error: --forward must be AET@HOST:PORT (an AE title of at most 16 characters, e.g. "
+        "ORTHANC@10.0.0.5:4242), not 'PACS@host'"]
+    assert not (tmp_path / "spool").exists()
 
 
 @pytest.mark.parametrize("text", ["PACS", "PACS@host", "@host:4242", "PACS@host:port", "PACS@host:70000",
