@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsr.errors import MedsrError, OutputError
+from medsr.forwarding import Destination, ForwardError, send_series, store_dicomweb
 from medsr.writing import sync_file, sync_folder
 
 logger = logging.getLogger(__name__)
@@ -72,41 +73,11 @@ STORAGE_CLASSES = {
 RECEIVING, ENHANCED, DONE, FAILED = "receiving", "enhanced", "done", "failed"
 # DIMSE statuses (PS3.4 Annex B): success, out of resources, cannot understand
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
-# C-STORE responses that mean stored: success and the warnings B000 (coercion), B006
-# (elements discarded), B007 (data set does not match SOP class)
-STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 # how often the worker looks for series that became quiet or are due for another try (s)
 TICK = 0.2
 # a UID as DICOM allows it (PS3.5 9.1): digits and dots, at most 64; used as a folder name
 UID = re.compile(r"[0-9][0-9.]{0,63}")
 LOCK_FILE = ".medsr-serve.lock"
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where derived series go: a DICOM node's AE title, host and port (``AET@HOST:PORT``)."""
-
-    aet: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """``ORTHANC@10.0.0.5:4242`` -> ``Destination("ORTHANC", "10.0.0.5", 4242)``.
-
-        Raises:
-            MedsrError: not of the form AET@HOST:PORT.
-        """
-        aet, at, address = text.partition("@")
-        host, colon, port = address.rpartition(":")
-        if not (at and colon and aet.strip() and host and port.isdigit() and 0 < int(port) < 65536
-                and len(aet) <= 16):
-            raise MedsrError(f"--forward must be AET@HOST:PORT (an AE title of at most 16 characters, "
-                             f"e.g. ORTHANC@10.0.0.5:4242), not {text!r}")
-        return cls(aet.strip(), host.strip("[]"), int(port))
-
-    def __str__(self) -> str:
-        return f"{self.aet}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -568,66 +539,6 @@ class Node:
         sync_folder(folder.parent)
 
 
-class ForwardError(Exception):
-    """The destination did not accept every instance (down, refusing, or failing some)."""
-
-
-def send_series(files: list[Path], calling_aet: str, destination: Destination, timeout: float = 30.0) -> None:
-    """C-STORE every file to ``destination`` in one association.
-
-    Raises:
-        ForwardError: no association (down, refused), or an instance not stored.
-    """
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-
-    classes = {str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
-               for path in files}
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for uid in classes:
-        ae.add_requested_context(uid, ExplicitVRLittleEndian)
-    association = ae.associate(destination.host, destination.port, ae_title=destination.aet)
-    if not association.is_established:
-        what = "rejected the association" if association.is_rejected else "did not answer"
-        raise ForwardError(what)
-    try:
-        for path in files:
-            status = association.send_c_store(path)
-            code = getattr(status, "Status", None)
-            if code not in STORED:
-                answer = "no answer" if code is None else f"status 0x{code:04X}"
-                raise ForwardError(f"instance {path.stem}: {answer}")
-    finally:
-        if association.is_established:
-            association.release()
-
-
-def store_dicomweb(files: list[Path], url: str, timeout: float = 60.0) -> None:
-    """STOW-RS every file to the DICOMweb service at ``url`` (``dicomweb-client``), in batches
-    of 64 instances.
-
-    Raises:
-        ForwardError: the service is unreachable or did not store every instance.
-    """
-    import pydicom
-    import requests
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(url, timeout=timeout)
-    client.set_http_retry_params(retry=False)  # the node retries, with its own backoff
-    try:
-        for start in range(0, len(files), 64):
-            batch = [pydicom.dcmread(path) for path in files[start:start + 64]]
-            answer = client.store_instances(batch)
-            failed = answer.get("FailedSOPSequence") if answer is not None else None
-            if failed:
-                raise ForwardError(f"{len(failed)} of {len(batch)} instances refused")
-    except (requests.RequestException, OSError) as exc:
-        raise ForwardError(" ".join(str(exc).split())[:200]) from None
-
-
 def spool_status(spool: Path) -> dict[str, list[dict]]:
     """What a spool holds: ``{"pending": [...], "done": [...], "failed": [...]}``, each a list of
     series states (``state.json``), pending in the order they arrived."""
@@ -655,4 +566,3 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
