@@ -208,7 +208,8 @@ class Node:
         self._server = None
         self._worker: threading.Thread | None = None
         self._spool_lock = None
-        self.enhancer = None
+        self.enhancer = None  # loaded by start(), with the SHA-256 of its weights
+        self.weights_digest = ""
         self.port = options.port
 
     # --- starting and stopping -------------------------------------------------------------
