@@ -320,6 +320,82 @@ def _enhance_batch(inputs, out_dir, scale, through_plane, weights, overwrite, ou
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    forward: Annotated[str | None, typer.Option(
+        help="Where enhanced series go, AET@HOST:PORT, e.g. ORTHANC@10.0.0.5:4242.")] = None,
+    forward_dicomweb: Annotated[str | None, typer.Option(
+        help="Also send enhanced series to this DICOMweb service by STOW-RS, e.g. "
+             "http://10.0.0.5:8042/dicom-web.")] = None,
+    spool: Annotated[Path, typer.Option(
+        help="Folder for received images, series state and enhanced series (one node per spool).")] = Path(
+            "medsr-spool"),
+    aet: Annotated[str, typer.Option(help="This node's AE title.")] = "MEDSR",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 11112,
+    bind: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "0.0.0.0",
+    allow: Annotated[list[str] | None, typer.Option(
+        help="A calling AE title to accept (repeat for several); default: any.")] = None,
+    quiet_seconds: Annotated[float, typer.Option(
+        help="A series is complete when no image of it has come for this long.")] = 10.0,
+    keep: Annotated[bool, typer.Option(help="Keep a sent series' spool (under done/) instead of removing it.")] = False,
+    min_free_mb: Annotated[float, typer.Option(
+        help="Refuse images and associations while the spool's disk has less free space than this.")] = 1024.0,
+    retry_seconds: Annotated[float, typer.Option(
+        help="First wait after a failed send; doubled at each failure, up to --retry-max-seconds.")] = 5.0,
+    retry_max_seconds: Annotated[float, typer.Option(help="Longest wait between tries.")] = 300.0,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Print what the --spool holds (pending, done, failed) and exit.")] = False,
+    scale: Annotated[int | None, typer.Option(help="As medsr enhance --scale.")] = None,
+    through_plane: Annotated[bool, typer.Option("--through-plane", help="As medsr enhance --through-plane.")] = False,
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint from medsr train; default: shipped weights.")] = None,
+    degradation: Annotated[str, typer.Option(help="As medsr enhance --degradation.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass.")] = None,
+    compile_model: Annotated[str, typer.Option("--compile", help="As medsr enhance --compile.")] = "auto",
+    precision: Annotated[str, typer.Option(help="As medsr enhance --precision.")] = "auto",
+    consistency: Annotated[str, typer.Option(help="As medsr enhance --consistency.")] = "auto",
+) -> None:
+    """A DICOM node: receive MR and CT images (C-STORE), enhance each series once it is quiet,
+    send the enhanced series on (C-STORE), durably and exactly once."""
+    _setup_logging(verbose=True)
+    # pynetdicom logs a refused connection as an error of its own; the node's line says it
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    from medsr.serve import Destination, Node, ServeOptions, spool_status
+
+    if status:
+        _print_spool(spool_status(spool))
+        return
+    if forward is None:
+        raise typer.BadParameter("--forward AET@HOST:PORT is required (or --status)")
+    enhance_options = dict(scale=scale, through_plane=through_plane, weights=weights, degradation=degradation,
+                           device=device, batch_size=batch_size, compile_model=compile_model,
+                           precision=precision, consistency=consistency)
+    options = ServeOptions(spool, Destination.parse(forward), aet, port, bind, tuple(allow or ()), quiet_seconds,
+                           keep, min_free_mb, retry_seconds, retry_max_seconds, enhance_options, forward_dicomweb)
+    node = Node(options)
+    node.start()
+    try:
+        node.wait()
+    finally:
+        node.stop()
+
+
+def _print_spool(found: dict[str, list[dict]]) -> None:
+    for kind in ("pending", "done", "failed"):
+        for state in found[kind]:
+            detail = ""
+            if state.get("derived_series"):
+                detail += f" -> {state['derived_series']}"
+            if state.get("attempts"):
+                detail += f", {state['attempts']} failed tries"
+            if state.get("last_error"):
+                detail += f"; last error: {state['last_error']}"
+            images = state.get("images_in_spool", state.get("images", 0))
+            typer.echo(f"{kind:8s}{state['state']:10s}{state['series']} ({images} images, {state.get('updated', '')})"
+                       f"{detail}")
+    typer.echo(", ".join(f"{len(found[kind])} {kind}" for kind in ("pending", "done", "failed")))
+
+
 @app.command("export")
 def export(
     out: Annotated[Path, typer.Argument(help="The file to write, e.g. srresnet_x2.onnx or srresnet_x2.ts.")],

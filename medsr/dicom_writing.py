@@ -341,6 +341,16 @@ def _derive_common(header: pydicom.Dataset, series_uid: str, description: str, s
     return dataset
 
 
+def _derived_uid(seed: str | None, *names) -> str:
+    """A new UID; with a ``seed``, the same UID every time for the same seed and ``names``
+    (pydicom's ``generate_uid`` hashes them): a series enhanced again from the same input with
+    the same weights and options gets the same series and instance UIDs, so sending it again
+    replaces what was sent rather than adding a copy (``medsr serve``)."""
+    if seed is None:
+        return generate_uid()
+    return generate_uid(entropy_srcs=["medsr derived", seed, *(str(name) for name in names)])
+
+
 def _photometric(scan: OpenScan) -> str:
     """The source's photometric interpretation: MONOCHROME1 stays (values are not inverted)."""
     return "MONOCHROME1" if scan.photometric == "MONOCHROME1" else "MONOCHROME2"
@@ -435,7 +445,7 @@ class _DerivedSeriesWriter:
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
                  window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
                  series_suffix: str, grid: str = "bicubic", series_number_offset: int = SERIES_NUMBER_OFFSET,
-                 keep_source_window: bool = True) -> None:
+                 keep_source_window: bool = True, uid_seed: str | None = None) -> None:
         self.series_number_offset, self.keep_source_window = series_number_offset, keep_source_window
         if scan.source_format != "dicom" or scan.slice_axis != 2:
             raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
@@ -457,7 +467,8 @@ class _DerivedSeriesWriter:
         self.description, self.window, self.series_suffix = description, window, series_suffix
         _check_destination(self.folder, overwrite)
         self.now = datetime.datetime.now()
-        self.series_uid = generate_uid()
+        self.uid_seed = uid_seed
+        self.series_uid = _derived_uid(uid_seed, "series")
         first = scan.dicom_headers[0]
         self.dtype = stored_dtype(first)
         slope = float(first.get("RescaleSlope", 1) or 1)
@@ -551,7 +562,8 @@ class _DerivedSeriesWriter:
         header = self.scan.dicom_headers[sources[0]]
         dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
                                  self.series_number_offset)
-        dataset.SOPInstanceUID = generate_uid()
+        # a thin slice is named by its source slice and its place among that slice's thin ones
+        dataset.SOPInstanceUID = _derived_uid(self.uid_seed, "image", header.SOPInstanceUID, index % self.factor)
         # only the geometry the source had: an absent position or orientation stays absent
         if self.scale > 1:
             for keyword in IMAGE_SPACINGS:
@@ -628,7 +640,7 @@ class _DerivedSeriesWriter:
                                  self.series_number_offset)
         for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
             del dataset[tag]  # the pixel data goes last, appended by the writer
-        dataset.SOPInstanceUID = generate_uid()
+        dataset.SOPInstanceUID = _derived_uid(self.uid_seed, "image", header.SOPInstanceUID)
         columns, rows = (n * self.scale for n in scan.shape[:2])
         _set_pixel_module(dataset, rows, columns, self.dtype, self.photometric)
         dataset.NumberOfFrames = self.written
@@ -745,6 +757,10 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
             a second series of the same study on the same grid: SeriesDescription ending
             ``medsr detail map x<scale>``, SeriesNumber one past the enhanced series', and
             ``window`` as its display window (the source's would not fit a map of differences).
+        uid_seed: None (the default) for new random series and instance UIDs; any text for
+            UIDs that are the same every time for the same text and source images (a hash of
+            the source series, the weights and the options: what ``medsr serve`` passes). A
+            detail map derives its own from the same text, so it never shares the output's.
 
     Example:
         >>> affine = enhanced_affine(scan.affine, 2, 2, "kspace")
@@ -761,12 +777,14 @@ class DicomSeriesWriter(_DerivedSeriesWriter):
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, scale: int,
                  description: str, window: IntensityWindow, overwrite: bool = False, *,
-                 grid: str = "bicubic", detail_map: bool = False) -> None:
+                 grid: str = "bicubic", detail_map: bool = False, uid_seed: str | None = None) -> None:
         suffix = f" medsr detail map x{scale}" if detail_map else f" medsr SR x{scale}"
+        if detail_map and uid_seed is not None:
+            uid_seed = f"{uid_seed} detail map"
         super().__init__(folder, scan, affine, description, window, overwrite, scale=scale, factor=1,
                          series_suffix=suffix, grid=grid,
                          series_number_offset=SERIES_NUMBER_OFFSET + (1 if detail_map else 0),
-                         keep_source_window=not detail_map)
+                         keep_source_window=not detail_map, uid_seed=uid_seed)
 
 
 class ThinSliceSeriesWriter(_DerivedSeriesWriter):
@@ -790,6 +808,7 @@ class ThinSliceSeriesWriter(_DerivedSeriesWriter):
         window: the intensity window the enhancer used (display window when the source's is
             missing or invalid).
         overwrite: replace an existing ``folder`` (an empty one is replaced without it).
+        uid_seed: as :class:`DicomSeriesWriter`.
 
     Example:
         >>> with ThinSliceSeriesWriter(out, scan, enhanced.affine, 4, text, window) as writer:
@@ -802,11 +821,12 @@ class ThinSliceSeriesWriter(_DerivedSeriesWriter):
     """
 
     def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, factor: int,
-                 description: str, window: IntensityWindow, overwrite: bool = False) -> None:
+                 description: str, window: IntensityWindow, overwrite: bool = False, *,
+                 uid_seed: str | None = None) -> None:
         if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 2:
             raise ValueError(f"factor must be a whole number of thin slices per slice, 2 or more, not {factor!r}")
         super().__init__(folder, scan, affine, description, window, overwrite, scale=1, factor=int(factor),
-                         series_suffix=f" medsr thin x{factor}")
+                         series_suffix=f" medsr thin x{factor}", uid_seed=uid_seed)
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:

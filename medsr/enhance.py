@@ -131,7 +131,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                  precision: str = "auto", consistency: str = "auto", ensemble: bool = False,
                  detail_map: str | Path | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 reading: Callable[[int, int], None] | None = None) -> EnhancedFile:
+                 reading: Callable[[int, int], None] | None = None,
+                 uid_seed: str | None = None) -> EnhancedFile:
     """Enhance one scan and write it: the Python API behind ``medsr enhance``.
 
     Reads a DICOM series folder, a DICOM file or a NIfTI file; finds out from its pixels how it
@@ -182,6 +183,9 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
             ``ensemble``. In-plane only.
         progress, reading: called with ``(slices_done, total)`` while enhancing and while
             reading (the survey pass).
+        uid_seed: DICOM output: None for new random UIDs (``medsr enhance``), any text for
+            series and instance UIDs that are the same for the same text and source images
+            (:class:`~medsr.dicom_writing.DicomSeriesWriter`; ``medsr serve``).
 
     Returns:
         The :class:`EnhancedFile`.
@@ -236,7 +240,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                        input_path)
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
-                              precision, overwrite, progress, reading, ensemble)
+                              precision, overwrite, progress, reading, ensemble, uid_seed)
     survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
@@ -260,7 +264,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                     short_description=f"medsr x{model_scale} {degradation}"
                                       + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
                                       + (" consistent" if consistent else "") + (" ens8" if ensemble else ""),
-                    run=run, detail_map=detail_map)
+                    run=run, detail_map=detail_map, uid_seed=uid_seed)
     return EnhancedFile(output, volume, degradation, estimate, consistent=consistent, ensemble=ensemble,
                         detail_map=detail_map)
 
@@ -326,11 +330,12 @@ def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> Deg
 
 
 def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid: str, window, overwrite: bool,
-           long_description: str, short_description: str, run, detail_map: Path | None = None) -> EnhancedVolume:
+           long_description: str, short_description: str, run, detail_map: Path | None = None,
+           uid_seed: str | None = None) -> EnhancedVolume:
     """Run ``run(sink=...)`` into the output format's writer (and, with ``detail_map``,
     ``detail_sink=...`` into a second one); NIfTI ``descrip`` holds 80 characters, so it gets
     the short description (the long one goes to DICOM). Both outputs appear only when both are
-    complete."""
+    complete. ``uid_seed``: stable derived DICOM UIDs (:class:`~medsr.dicom_writing.DicomSeriesWriter`)."""
     from medsr.writing import NiftiSliceWriter, nifti_description
 
     axis = scan.slice_axis
@@ -344,10 +349,10 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid
 
             scale = int(round(shape[0] / scan.shape[0]))
             sink = writers.enter_context(DicomSeriesWriter(output, scan, affine, scale, long_description, window,
-                                                           overwrite, grid=grid)).write
+                                                           overwrite, grid=grid, uid_seed=uid_seed)).write
             detail_sink = None if detail_map is None else writers.enter_context(DicomSeriesWriter(
                 detail_map, scan, affine, scale, f"{map_text}; {long_description}", map_window, overwrite,
-                grid=grid, detail_map=True)).write
+                grid=grid, detail_map=True, uid_seed=uid_seed)).write
         else:
             def nifti(path: Path, description: str, display_range):
                 writer = writers.enter_context(NiftiSliceWriter(
@@ -399,7 +404,7 @@ def thin_slices(scan: OpenScan, enhancer: Enhancer, factor: int | None = None,
 
 def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_format: str,
                    factor: int | None, device, batch_size, precision, overwrite, progress, reading,
-                   ensemble: bool = False) -> EnhancedFile:
+                   ensemble: bool = False, uid_seed: str | None = None) -> EnhancedFile:
     """Through-plane enhancement into the output file."""
     enhanced, factor = thin_slices(scan, enhancer, factor, device, batch_size, precision, progress, reading,
                                    ensemble)
@@ -410,7 +415,8 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
     if output_format == "dicom":
         from medsr.dicom_writing import ThinSliceSeriesWriter
 
-        with ThinSliceSeriesWriter(output, scan, enhanced.affine, factor, description, window, overwrite) as writer:
+        with ThinSliceSeriesWriter(output, scan, enhanced.affine, factor, description, window, overwrite,
+                                   uid_seed=uid_seed) as writer:
             writer.write(slabs)
     else:
         from medsr.writing import NiftiSliceWriter, nifti_description

@@ -232,6 +232,7 @@ COMMAND_ARGUMENTS = {
     "fit-degradation": ["--config", "c.yaml", "--out", "c.pt"],
     "export": ["model.ts"],
     "export-bundle": ["bundle"],
+    "serve": ["--forward", "PACS@127.0.0.1:4242"],
 }
 
 
