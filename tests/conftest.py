@@ -11,7 +11,7 @@ import pydicom.data
 import pytest
 import torch
 
-from medsr.checkpoint import build_model, save_checkpoint
+from medsr.checkpoint import build_model, load_model, save_checkpoint
 from medsr.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +111,16 @@ def grid_found(cli_output: str) -> str:
     found = re.search(r"degradation: (bicubic|kspace)", cli_output)
     assert found, cli_output
     return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def unsure_model(session_tiny_checkpoint):
+    """The tiny SRResNet with a tail loud enough that the eight passes of the self-ensemble
+    differ (tests of the ensemble and of the detail map)."""
+    model, _ = load_model(session_tiny_checkpoint)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.tail.conv.weight, std=0.05)
+    return model.eval()
 
 
 def degraded_series(source: Path, folder: Path, degradation: str, scale: int = 2) -> Path:

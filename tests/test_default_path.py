@@ -41,23 +41,31 @@ def _digest(folder) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("degradation", ["bicubic", "kspace"])
-def test_no_flag_enhance_of_a_coarse_series_is_right_and_beats_the_classical_answer(tmp_path, degradation):
-    high_res = read_scan(MR_SERIES)
-    source = degraded_series(MR_SERIES, tmp_path / "coarse", degradation)
+def _enhance_a_coarse_series_with_no_flags(original: Path, tmp_path: Path, degradation: str):
+    """``medsr enhance <coarse series> -o <out>``, no flags, on ``original`` degraded by protocol
+    v1; checks what every series case shares (the grid found, the input unchanged, the original
+    grid: shape, voxel size and position of every voxel) and returns ``(high_res, low_res,
+    enhanced)`` scans for the case's own checks."""
+    high_res = read_scan(original)
+    source = degraded_series(original, tmp_path / "coarse", degradation)
     before = _digest(source)
 
     result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out")])
 
     assert result.exit_code == 0, result.output
-    # found from the pixels; on this 7 mm PD series the classifier is not sure (about 0.6 for
-    # kspace, 0.8 for bicubic) and the expected cost of each mistake settles it
     assert f"degradation: {degradation}" in result.output
     assert _digest(source) == before
     low_res, enhanced = read_scan(source), read_scan(tmp_path / "out")
-    # the original grid: shape, voxel size and position of every voxel
     assert enhanced.array.shape == high_res.array.shape
     np.testing.assert_allclose(enhanced.affine, high_res.affine, atol=1e-4)
+    return high_res, low_res, enhanced
+
+
+@pytest.mark.parametrize("degradation", ["bicubic", "kspace"])
+def test_no_flag_enhance_of_a_coarse_series_is_right_and_beats_the_classical_answer(tmp_path, degradation):
+    # found from the pixels; on this 7 mm PD series the classifier is not sure and the expected
+    # cost of each mistake settles it
+    high_res, low_res, enhanced = _enhance_a_coarse_series_with_no_flags(MR_SERIES, tmp_path, degradation)
     # the same patient, study and kind of image, in a new series
     given, written = low_res.dicom_headers[0], enhanced.dicom_headers[0]
     for keyword in ("PatientID", "StudyInstanceUID", "Modality", "PhotometricInterpretation", "FrameOfReferenceUID"):
@@ -101,18 +109,7 @@ def test_no_flag_enhance_of_a_coarse_nifti_is_right_and_beats_the_classical_answ
 def test_no_flag_enhance_of_a_coarse_ct_series_is_right_and_beats_the_classical_answer(tmp_path, degradation):
     """A real chest CT series (HU through the rescale, padding outside the reconstruction
     circle); in the training split, so it checks the path for CT, not generalisation."""
-    high_res = read_scan(CT_SERIES)
-    source = degraded_series(CT_SERIES, tmp_path / "coarse", degradation)
-    before = _digest(source)
-
-    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out")])
-
-    assert result.exit_code == 0, result.output
-    assert f"degradation: {degradation}" in result.output
-    assert _digest(source) == before
-    low_res, enhanced = read_scan(source), read_scan(tmp_path / "out")
-    assert enhanced.array.shape == high_res.array.shape
-    np.testing.assert_allclose(enhanced.affine, high_res.affine, atol=1e-4)
+    high_res, low_res, enhanced = _enhance_a_coarse_series_with_no_flags(CT_SERIES, tmp_path, degradation)
     written = enhanced.dicom_headers[0]
     assert written.Modality == "CT" and written.StudyInstanceUID == low_res.dicom_headers[0].StudyInstanceUID
     _beats_the_best_classical_answer(high_res.array, low_res.array, enhanced.array, 2, degradation)
@@ -155,15 +152,6 @@ def test_no_flag_enhance_of_a_coarse_sagittal_series_is_right_and_beats_the_clas
     """A 16-plane sagittal slab of the real T1 as a DICOM series (in the training split: the
     path for a sagittal acquisition, not generalisation)."""
     original = sagittal_series(tmp_path / "sagittal", nib.load(MR_NIFTI).slicer[72:88])
-    high_res = read_scan(original)
+    high_res, low_res, enhanced = _enhance_a_coarse_series_with_no_flags(original, tmp_path, degradation)
     assert abs(high_res.dicom_headers[0].ImageOrientationPatient[0]) < 1e-6  # rows run front to back
-    source = degraded_series(original, tmp_path / "coarse", degradation)
-
-    result = runner.invoke(app, ["enhance", str(source), "-o", str(tmp_path / "out")])
-
-    assert result.exit_code == 0, result.output
-    assert f"degradation: {degradation}" in result.output
-    low_res, enhanced = read_scan(source), read_scan(tmp_path / "out")
-    assert enhanced.array.shape == high_res.array.shape
-    np.testing.assert_allclose(enhanced.affine, high_res.affine, atol=1e-4)
     _beats_the_best_classical_answer(high_res.array, low_res.array, enhanced.array, 2, degradation)

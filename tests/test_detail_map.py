@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medsr.checkpoint import load_model
 from medsr.cli import app
 from medsr.detail_map import MEASURE, MEASURES, detail_map
 from medsr.engine import enhance_volume
@@ -35,15 +34,6 @@ def test_every_measure_is_non_negative_and_shaped_like_the_output():
     with pytest.raises(ValueError, match="measure must be one of .*, not 'loud'"):
         detail_map(passes, classical, "loud")
     assert MEASURE in MEASURES
-
-
-@pytest.fixture(scope="module")
-def unsure_model(session_tiny_checkpoint):
-    """The tiny SRResNet with a tail loud enough that the eight passes differ."""
-    model, _ = load_model(session_tiny_checkpoint)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.tail.conv.weight, std=0.05)
-    return model.eval()
 
 
 def test_engine_map_is_zero_where_the_background_is_kept(unsure_model):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medsr.checkpoint import load_model
 from medsr.engine import enhance_volume
 from medsr.ensemble import IDENTITY, SYMMETRIES, apply, ensemble_passes, undo
 from medsr.errors import MedsrError
@@ -72,15 +71,6 @@ def test_apply_and_undo_on_the_same_grid_are_inverse_at_scale_one():
 def test_a_bad_grid_names_the_choices():
     with pytest.raises(MedsrError, match="grid must be one of bicubic, kspace, not 'lanczos'"):
         undo(torch.zeros(1, 1, 4, 4), SYMMETRIES[1], 2, "lanczos")
-
-
-@pytest.fixture(scope="module")
-def unsure_model(session_tiny_checkpoint):
-    """The tiny SRResNet with a tail loud enough that the eight passes differ."""
-    model, _ = load_model(session_tiny_checkpoint)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.tail.conv.weight, std=0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("grid", GRIDS)
