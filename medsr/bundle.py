@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from medsr import __version__
-from medsr.errors import MedsrError, OutputError
-from medsr.export import ExportCheck, check_inputs, export_model
+from medsr.errors import OutputError
+from medsr.export import ExportCheck, check_inputs, check_model_choice, export_model
 
 # the metadata schema MONAI's model zoo validates against (MONAI-extra-test-data 0.8.1)
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
@@ -71,9 +71,7 @@ def write_bundle(output: str | Path, scale: int | None = None, through_plane: bo
     from medsr.writing import move_into_place, output_taken, staging_folder, write_errors
 
     output = Path(output)
-    if through_plane and scale is not None:
-        raise MedsrError("--scale picks the in-plane model; the through-plane model serves every factor, "
-                         "so drop --scale with --through-plane")
+    check_model_choice(scale, through_plane)
     if not output.parent.is_dir():
         raise OutputError(f"{output}: folder {output.parent} does not exist; create it first")
     if output_taken(output) and not overwrite:

@@ -250,6 +250,18 @@ def _require(module: str):
         raise MedsrError(f"ONNX export needs {module}; install it with pip install 'medsr[export]'") from None
 
 
+def check_model_choice(scale: int | None, through_plane: bool) -> None:
+    """Which shipped model ``export`` and ``export-bundle`` take: ``--scale`` picks the in-plane
+    one, and means nothing with ``--through-plane``.
+
+    Raises:
+        MedsrError: both given.
+    """
+    if through_plane and scale is not None:
+        raise MedsrError("--scale picks the in-plane model; the through-plane model serves every factor, "
+                         "so drop --scale with --through-plane")
+
+
 def format_for(output: Path, fmt: str) -> str:
     """The export format: ``fmt``, or with ``auto`` the one the file name ends with
     (:data:`SUFFIXES`). A name that ends with the other format's suffix is refused, so
@@ -287,9 +299,7 @@ def export_file(output: str | Path, fmt: str, scale: int | None = None, through_
 
     output = Path(output)
     fmt = format_for(output, fmt)
-    if through_plane and scale is not None:
-        raise MedsrError("--scale picks the in-plane model; the through-plane model serves every factor, "
-                         "so drop --scale with --through-plane")
+    check_model_choice(scale, through_plane)
     check_output_path(output, [Path(check_on)] if check_on is not None else [], overwrite)
     enhancer = load_enhancer(weights, scale or 2, through_plane)
     inputs, source = check_inputs(enhancer.model, check_on, enhancer.lower_percentile, enhancer.upper_percentile)
