@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import monai
@@ -122,7 +122,10 @@ def bundle_metadata(model: torch.nn.Module, through_plane: bool) -> dict:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"medsr": __version__, "nibabel": nibabel.__version__},
+        # python -m monai.bundle needs fire, only an extra of MONAI's: the installed version, else the
+        # least medsr[bundle] takes (tests/test_bundle.py runs the bundle with these alone)
+        "required_packages_version": {"medsr": __version__, "nibabel": nibabel.__version__,
+                                      "fire": _installed_version("fire", otherwise="0.6")},
         "supported_apps": {},
         "name": f"medsr {'through-plane' if through_plane else f'SRResNet x{model.scale}'}",
         "task": task,
@@ -141,6 +144,13 @@ def bundle_metadata(model: torch.nn.Module, through_plane: bool) -> dict:
                        "Adversarial Network (SRResNet), CVPR 2017"],
         "network_data_format": {"inputs": {"image": image, **second}, "outputs": {"pred": pred}},
     }
+
+
+def _installed_version(name: str, otherwise: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return otherwise
 
 
 def _tensor(description: str, spatial_shape: list, dtype: str = "float32", value_range=(0, 1)) -> dict:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import nibabel as nib
@@ -17,8 +18,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from monai.bundle import run as monai_bundle_run
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from typer.testing import CliRunner
 
+import medsr
 from medsr import __version__
 from medsr.cli import app
 from medsr.export import TOLERANCE, check_inputs
@@ -50,6 +54,82 @@ def _network(root: Path) -> torch.nn.Module:
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     return network.eval()
+
+
+def declared_distributions(metadata_file: Path) -> set[str]:
+    """The distributions a bundle's metadata declares: MONAI, PyTorch, NumPy and its packages."""
+    declared = json.loads(metadata_file.read_text())
+    packages = declared.get("required_packages_version", declared.get("optional_packages_version", {}))
+    return {"monai", "torch", "numpy", *packages}
+
+
+def requirement_closure(names) -> set[str]:
+    """``names`` and every distribution they require, by their installed metadata; an extra
+    counts only where a requirement asks for it."""
+    extras_of: dict[str, set[str]] = {}
+    wanted = [Requirement(name) for name in names]
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        if name in extras_of and set(requirement.extras) <= extras_of[name]:
+            continue
+        extras = extras_of[name] = extras_of.get(name, set()) | set(requirement.extras)
+        for line in metadata.requires(name) or []:
+            needed = Requirement(line)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras or {""}):
+                wanted.append(needed)
+    return set(extras_of)
+
+
+def fresh_environment(root: Path, distributions) -> Path:
+    """A new virtual environment at ``root`` whose site-packages holds exactly ``distributions``,
+    each one's own files linked from this environment (no network); medsr, installed editable,
+    is linked from the source being tested. Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name in distributions:
+        installed = metadata.distribution(name)
+        for file in installed.files or []:
+            source, target = Path(installed.locate_file(file)), site / file
+            # outside site-packages (console scripts), or the editable install's path hook
+            if ".." in file.parts or file.name.startswith("__editable__") or not source.exists():
+                continue
+            if not os.path.lexists(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(source)
+    (site / "medsr").symlink_to(Path(medsr.__file__).parent)
+    return python
+
+
+def isolated(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the PYTHON* variables (PYTHONPATH would reach past the fresh site-packages)."""
+    return {key: value for key, value in env.items() if not key.startswith("PYTHON")}
+
+
+@pytest.fixture(scope="module")
+def bundle_python(tmp_path_factory, x2_bundle) -> Path:
+    """A python that has what the x2 bundle's metadata declares, their requirements, and nothing else."""
+    distributions = requirement_closure(declared_distributions(x2_bundle / "configs" / "metadata.json"))
+    return fresh_environment(tmp_path_factory.mktemp("fresh") / "venv", distributions)
+
+
+@pytest.mark.slow
+def test_fresh_environment_holds_only_what_the_metadata_declares(tmp_path, bundle_python):
+    """The environment the bundle runs in below proves what its metadata declares: medsr comes
+    from the source tested, and what is not declared (nor required by what is) does not import:
+    medsr's dev and export extras, nor the test runner."""
+    probe = ("import importlib.util, medsr; print(medsr.__file__); "
+             "print(*[m for m in ('hypothesis', 'pytest', 'onnx', 'SimpleITK', 'highdicom') "
+             "if importlib.util.find_spec(m)])")
+    # run outside the checkout: python puts its working folder first on sys.path
+    done = subprocess.run([bundle_python, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env=isolated(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    source, importable = done.stdout.splitlines()
+    assert Path(source).resolve() == Path(medsr.__file__).resolve()
+    assert importable == ""
 
 
 def test_layout_and_metadata_pass_the_schema(tmp_path, x2_bundle):
@@ -104,11 +184,12 @@ def test_model_ts_and_ckpt_export_reproduce_model_pt(tmp_path, x2_bundle):
 
 @pytest.mark.parametrize("how", ["monai.bundle.run",
                                  pytest.param("python -m monai.bundle run", marks=pytest.mark.slow)])
-def test_bundle_run_writes_what_medsr_enhance_writes(tmp_path, x2_bundle, how):
+def test_bundle_run_writes_what_medsr_enhance_writes(request, tmp_path, x2_bundle, how):
     """The bundle run as zoo bundles run, dataset_dir and output_dir given as overrides, on a
     16-slice crop of the sample T1: the voxels and affine medsr enhance writes (both told
     bicubic, the bundle's default; both grids are checked in test_monai_transforms). The function
-    the command calls, in this process; the command itself costs 7 s more to start (slow)."""
+    the command calls, in this process; and the command itself, in a fresh environment holding
+    only what the metadata declares (bundle_python), which costs 7 s more to start (slow)."""
     (tmp_path / "scans").mkdir()
     nib.save(nib.load(MR_NIFTI).slicer[72:88, 68:164, 32:128], tmp_path / "scans" / "t1.nii.gz")
     meta, config = _files(x2_bundle)
@@ -123,9 +204,11 @@ def test_bundle_run_writes_what_medsr_enhance_writes(tmp_path, x2_bundle, how):
             root.handlers[:] = handlers
             root.setLevel(level)
     else:
-        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--meta_file", meta,
+        python = request.getfixturevalue("bundle_python")
+        command = [python, "-m", "monai.bundle", "run", "--config_file", config, "--meta_file", meta,
                    *[item for key, value in overrides.items() for item in (f"--{key}", value)]]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                              env={**isolated(os.environ), "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
     result = runner.invoke(app, ["enhance", str(tmp_path / "scans" / "t1.nii.gz"), "-o", str(tmp_path / "cli.nii.gz"),
                                  "--degradation", "bicubic"])
