@@ -46,6 +46,9 @@ SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
               "meta_schema_20240725.json")
 CHANGELOG = {__version__: f"first bundle: medsr {__version__} shipped weights, inference through "
                           "medsr.transforms.SuperResolved (the rules of medsr enhance)"}
+# the through-plane factor network_def takes when called with the image alone, as MONAI's
+# ckpt_export and verify_net_in_out call it (4 mm slices made 1 mm)
+DEFAULT_FACTOR = 4
 TEST_SIDE = 8  # verify_net_in_out's planes: multiples of this, to the power p, times n
 
 
@@ -104,7 +107,8 @@ def bundle_metadata(model: torch.nn.Module, through_plane: bool) -> dict:
         task = "Through-plane super-resolution of MR and CT volumes: thick slices made thin"
         image = _tensor("planes holding the slice axis, B-splined onto the thin grid, normalised by the scan's "
                         "0.5-99.5 percentile window", ["8*n", "8*n"])
-        second = {"factor": {**_tensor("thin slices per thick slice, 2 to 8 (B,)", [], dtype="float32",
+        second = {"factor": {**_tensor(f"thin slices per thick slice, 2 to 8 (B,); network_def called without it "
+                                       f"takes {DEFAULT_FACTOR} (default_factor)", [], dtype="float32",
                                        value_range=[2, 8]), "num_channels": 0}}
         pred = _tensor("the planes refined, same grid and range", ["8*n", "8*n"])
     else:
@@ -163,8 +167,9 @@ def _tensor(description: str, spatial_shape: list, dtype: str = "float32", value
 def inference_config(model: torch.nn.Module, config, through_plane: bool) -> dict:
     """``configs/inference.json``: MONAI's loaders and savers around :class:`SuperResolved`."""
     if through_plane:
-        network = {"_target_": "medsr.model.ThroughPlaneNet", "features": config.model.features,
-                   "num_res_blocks": config.model.num_res_blocks}
+        # one input suffices, as MONAI's ckpt_export traces it; SuperResolved passes each scan's factor
+        network = {"_target_": "medsr.model.DefaultFactorThroughPlaneNet", "default_factor": DEFAULT_FACTOR,
+                   "features": config.model.features, "num_res_blocks": config.model.num_res_blocks}
         postfix = "thin"
     else:
         network = {"_target_": "medsr.model.SRResNet", "scale": model.scale, "features": config.model.features,
@@ -203,6 +208,7 @@ def bundle_readme(name: str, model: torch.nn.Module, through_plane: bool) -> str
     """``docs/README.md``: how to run the bundle, then the model card."""
     card = (resources.files("medsr") / "weights" / "MODEL_CARD.md").read_text(encoding="utf-8")
     what = "makes thick slices thin" if through_plane else f"enhances every slice x{model.scale} in-plane"
+    alone = f"factor {DEFAULT_FACTOR} (`default_factor`)" if through_plane else "degradation code 0 (bicubic)"
     return f"""# {name}
 
 A MONAI bundle of medsr {__version__}: it {what}, by the rules of `medsr enhance`
@@ -215,6 +221,8 @@ A MONAI bundle of medsr {__version__}: it {what}, by the rules of `medsr enhance
 `models/model.pt` is the network's state dict (`network_def` in `configs/inference.json`);
 `models/model.ts` the same network as TorchScript, float32, taking the image and its
 {"factor" if through_plane else "degradation code"} (`configs/metadata.json`, `network_data_format`).
+Called with the image alone, `network_def` takes {alone}, so `python -m monai.bundle ckpt_export`
+writes TorchScript with that fixed.
 The network alone expects slices normalised by the scan's intensity window; the transform does that.
 
 The model card follows.

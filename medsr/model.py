@@ -186,3 +186,25 @@ class ThroughPlaneNet(nn.Module):
         features = self.head(torch.cat([upsampled, plane.expand(batch, 1, height, width)], dim=1))
         detail = self.tail(self.body(features))
         return upsampled.float() + detail
+
+
+class DefaultFactorThroughPlaneNet(ThroughPlaneNet):
+    """A :class:`ThroughPlaneNet` whose ``factor`` may be left out: ``default_factor`` then.
+
+    Called with one input, it is what MONAI's bundle tools expect of ``network_def``:
+    ``ckpt_export`` traces ``network(image)``, so its TorchScript has the factor fixed at
+    ``default_factor``. Given a factor (as :class:`medsr.transforms.SuperResolved` gives each
+    scan's own), it is a ThroughPlaneNet; the state dict is the same.
+    """
+
+    def __init__(self, default_factor: int = 4, features: int = 32, num_res_blocks: int = 6) -> None:
+        super().__init__(features=features, num_res_blocks=num_res_blocks)
+        if default_factor not in THROUGH_PLANE_FACTORS:
+            raise ValueError(f"default_factor must be {THROUGH_PLANE_FACTORS.start} to "
+                             f"{THROUGH_PLANE_FACTORS.stop - 1}, not {default_factor}")
+        self.default_factor = default_factor
+
+    def forward(self, upsampled: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+        if factor is None:
+            factor = torch.full((upsampled.shape[0],), float(self.default_factor), device=upsampled.device)
+        return super().forward(upsampled, factor)

@@ -220,16 +220,45 @@ def test_bundle_run_writes_what_medsr_enhance_writes(request, tmp_path, x2_bundl
     np.testing.assert_allclose(bundle.affine, cli.affine, atol=1e-6)
 
 
-def test_through_plane_bundle(tmp_path):
-    root = tmp_path / "thin"
+@pytest.fixture(scope="module")
+def through_plane_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bundles") / "thin"
     result = runner.invoke(app, ["export-bundle", str(root), "--through-plane"])
     assert result.exit_code == 0, result.output
+    return root
+
+
+def test_through_plane_bundle(tmp_path, through_plane_bundle):
+    """Valid metadata, and network_def runs as MONAI's tools call it: with the factor, and without."""
     shutil.copy(SCHEMA, tmp_path / "schema.json")
-    meta, config = _files(root)
+    meta, config = _files(through_plane_bundle)
     verify_metadata(meta_file=meta, filepath=str(tmp_path / "schema.json"))
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=2,
-                      bundle_root=str(root), extra_forward_args={"factor": torch.tensor([4.0])})
+    for extra in ({"factor": torch.tensor([3.0])}, None):
+        verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu", n=2,
+                          bundle_root=str(through_plane_bundle), extra_forward_args=extra)
     assert json.loads(Path(config).read_text())["inferer"]["through_plane"] is True
+
+
+def test_through_plane_ckpt_export_reproduces_model_pt(tmp_path, through_plane_bundle):
+    """What MONAI's ckpt_export makes of the through-plane models/model.pt (traced on the image
+    alone, so the factor fixed at default_factor, 4) loads and answers as the network told
+    factor 4 does, on real planes across the sample T1's slices, to TOLERANCE (1e-4 of the
+    intensity window); and models/model.ts (both inputs) as it does for another factor."""
+    network = _network(through_plane_bundle)
+    (planes, fours), _ = check_inputs(network, MR_NIFTI)  # 4 planes holding the slice axis, factor 4
+    planes = planes[:2, :, 40:104, 40:104]
+    threes = torch.full((2,), 3.0)
+    with torch.inference_mode():
+        expected, expected_three = network(planes, fours[:2]), network(planes, threes)
+    assert float((expected - expected_three).abs().max()) > 100 * TOLERANCE  # the factor fixed is one that shows
+    meta, config = _files(through_plane_bundle)
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "exported.ts"),
+                ckpt_file=str(through_plane_bundle / "models" / "model.pt"), meta_file=meta, config_file=config,
+                bundle_root=str(through_plane_bundle), use_trace=True, input_shape=[1, 1, 16, 16])
+    exported = torch.jit.load(tmp_path / "exported.ts")
+    torch.testing.assert_close(exported(planes), expected, atol=TOLERANCE, rtol=0)
+    shipped = torch.jit.load(through_plane_bundle / "models" / "model.ts")
+    torch.testing.assert_close(shipped(planes, threes), expected_three, atol=TOLERANCE, rtol=0)
 
 
 BAD_BUNDLES = [

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from medsr.evaluation import upscale_zero_fill
-from medsr.model import DEGRADATION_CODES, SRResNet, zero_fill_upsample
+from medsr.model import DEGRADATION_CODES, DefaultFactorThroughPlaneNet, SRResNet, ThroughPlaneNet, zero_fill_upsample
 
 CASES = [  # (kwargs, input shape, expected output shape)
     ({"scale": 2}, (2, 1, 24, 20), (2, 1, 48, 40)),
@@ -74,3 +74,16 @@ def test_one_grid_for_the_batch_computes_the_same_as_per_slice_codes(grid):
     codes = torch.full((3,), DEGRADATION_CODES[grid])
     with torch.no_grad():
         torch.testing.assert_close(model(low_res, codes, grid=grid), model(low_res, codes), rtol=0, atol=0)
+
+
+def test_default_factor_through_plane_net_is_a_through_plane_net_whose_factor_may_be_left_out():
+    torch.manual_seed(0)
+    plain = ThroughPlaneNet(features=4, num_res_blocks=1)
+    torch.nn.init.normal_(plain.tail.conv.weight, std=0.1)  # zero at init would hide the factor
+    model = DefaultFactorThroughPlaneNet(default_factor=3, features=4, num_res_blocks=1)
+    model.load_state_dict(plain.state_dict())  # the same weights load
+    planes = torch.rand(2, 1, 12, 10)
+    torch.testing.assert_close(model(planes), plain(planes, torch.full((2,), 3.0)))
+    torch.testing.assert_close(model(planes, torch.full((2,), 5.0)), plain(planes, torch.full((2,), 5.0)))
+    with pytest.raises(ValueError, match="default_factor must be 2 to 8, not 9"):
+        DefaultFactorThroughPlaneNet(default_factor=9)
