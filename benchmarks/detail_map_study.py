@@ -26,11 +26,10 @@ from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from medsr.checkpoint import load_model
-from medsr.detail_map import detail_map, map_quality
+from medsr.detail_map import box_mean, departure, detail_map, gradient_magnitude, map_quality, spread
 from medsr.engine import enhance_volume
 from medsr.evaluation import protocol_slice_axis
 from medsr.reading import read_scan
@@ -45,30 +44,8 @@ SPLITS = {
 }
 
 
-def box_mean(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean of ``(B, H, W)`` over ``size`` x ``size`` (edges: the pixels inside)."""
-    if size == 1:
-        return image
-    return F.avg_pool2d(image[:, None], size, stride=1, padding=size // 2, count_include_pad=False)[:, 0]
-
-
 def local_std(image: torch.Tensor, size: int) -> torch.Tensor:
     return (box_mean(image * image, size) - box_mean(image, size) ** 2).clamp_min(0).sqrt()
-
-
-def gradient_magnitude(image: torch.Tensor) -> torch.Tensor:
-    """Central differences (one-sided at the edges)."""
-    rows = torch.gradient(image, dim=-2)[0]
-    columns = torch.gradient(image, dim=-1)[0]
-    return torch.hypot(rows, columns)
-
-
-def spread(passes: torch.Tensor) -> torch.Tensor:
-    return passes.std(0, correction=0)
-
-
-def departure(passes: torch.Tensor, classical: torch.Tensor) -> torch.Tensor:
-    return (passes.mean(0) - classical).abs()
 
 
 def candidates(passes: torch.Tensor, classical: torch.Tensor) -> dict[str, torch.Tensor]:
