@@ -175,8 +175,8 @@ def detail_map_figure(low_res: np.ndarray, output: np.ndarray, reference: np.nda
                       quality: dict[str, float] | None = None) -> Path:
     """input | output | |error| | detail map of one slice, side by side (the input shown on
     the output grid, nearest neighbour). The error is drawn from 0 to a tenth of the
-    reference's 0.5-99.5 percentile range; the map, a spread about ten times smaller than the
-    error it ranks, on its own scale (0 to its 99.5th percentile on the slice), labelled so.
+    reference's 0.5-99.5 percentile range; the map, which ranks the error rather than
+    measuring it, on its own scale (0 to its 99.5th percentile on the slice), labelled so.
 
     Args:
         low_res, output, reference, detail: volumes in original units (``low_res`` coarser
