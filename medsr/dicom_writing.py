@@ -59,9 +59,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 from medsr import __version__
+from medsr.dicom_reading import functional_group, stored_padding
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
-from medsr.reading import OpenScan, functional_group, stored_padding
+from medsr.reading import OpenScan
 from medsr.transforms import IntensityWindow
 from medsr.writing import move_into_place, output_taken, staging_folder, sync_file, sync_folder, write_errors
 
