@@ -37,6 +37,12 @@ would overlap if both halves of a slice used the step to the next one). SliceLoc
 the same rule; SliceThickness and SpacingBetweenSlices are divided by the factor; slice numbers
 (InstanceNumber, InStackPositionNumber, a Dimension Index that counts the slices) run 1..N in
 the source's direction.
+
+Both writers share one outline, :class:`_DerivedSeriesWriter` (stage, encode, write, sync,
+rename into place), and hand its jobs to small pieces: :class:`_SeriesIdentity` names the series
+and its images (UIDs, time, description), :class:`_PixelEncoder` turns values into stored pixels
+(bits, rescale, padding), :class:`_SliceLayout` places and numbers the images, and
+:class:`_DerivedHeaders` builds each header from its source's with them.
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 from medsr import __version__
+from medsr.dicom_reading import functional_group, stored_padding
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
-from medsr.reading import OpenScan, functional_group, stored_padding
+from medsr.reading import OpenScan
 from medsr.transforms import IntensityWindow
 from medsr.writing import move_into_place, output_taken, staging_folder, sync_file, sync_folder, write_errors
 
@@ -77,6 +84,8 @@ IMAGE_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpac
 SLICE_MEASURES = ("SliceThickness", "SpacingBetweenSlices")
 # a slice's number in its stack: thin slices are numbered again, in the source's direction
 SLICE_NUMBERS = ("InstanceNumber", "InStackPositionNumber")
+# the scratch file of a multi-frame object's stored frames, in the staging folder
+FRAMES_SCRATCH = "frames.raw"
 # how far the affine given to a writer may be from the grid the writer derives (mm)
 AFFINE_TOLERANCE = 1e-3
 # threads syncing written files to disk: fsync waits for the disk without the GIL, and the file
@@ -435,50 +444,82 @@ def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydi
     return item
 
 
-class _DerivedSeriesWriter:
-    """Write a new series derived image by image from an opened DICOM scan, on a grid ``scale``
-    times finer in-plane (on ``grid``) with ``factor`` thin slices per source slice (one of the
-    two is 1: see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the
-    contract).
-    """
+def _source_rescale(scan: OpenScan) -> tuple[float, float]:
+    """The source's (RescaleSlope, RescaleIntercept), 1 and 0 where it has none: of its first
+    image, or the shared Pixel Value Transformation of a multi-frame object. The output keeps
+    it for every image whose values fit it."""
+    first = scan.dicom_headers[0]
+    slope = float(first.get("RescaleSlope", 1) or 1)
+    intercept = float(first.get("RescaleIntercept", 0) or 0)
+    if scan.multiframe:
+        transform = functional_group(first, None, "PixelValueTransformationSequence")
+        if transform is not None:
+            slope = float(transform.get("RescaleSlope", slope) or slope)
+            intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
+    return slope, intercept
 
-    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
-                 window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
-                 series_suffix: str, grid: str = "bicubic", series_number_offset: int = SERIES_NUMBER_OFFSET,
-                 keep_source_window: bool = True, uid_seed: str | None = None) -> None:
-        self.series_number_offset, self.keep_source_window = series_number_offset, keep_source_window
-        if scan.source_format != "dicom" or scan.slice_axis != 2:
-            raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
-        if factor > 1:
-            expected, rule = rescaled_affine(scan.affine, (1, 1, factor)), "medsr.geometry.rescaled_affine"
-        else:
-            expected, rule = enhanced_affine(scan.affine, 2, scale, grid), f"medsr.geometry.enhanced_affine, {grid}"
-        if not np.allclose(affine, expected, atol=AFFINE_TOLERANCE):
-            raise ValueError(f"affine must be the source grid divided by ({scale}, {scale}, {factor}) "
-                             f"({rule}), not {np.round(affine, 4).tolist()}")
-        positions = _per_slice_values(scan, "ImagePositionPatient")
-        if factor > 1 and scan.n_slices < 2:
-            raise OutputError(f"{scan.path}: thin slices are placed between neighbouring source slices; "
-                              "this scan has one slice")
-        if factor > 1 and positions is None:
-            raise OutputError(f"{scan.path}: thin slices are placed between the ImagePositionPatient of "
-                              "neighbouring source slices; not every slice has one")
-        self.folder, self.scan, self.scale, self.factor = Path(folder), scan, scale, factor
-        self.description, self.window, self.series_suffix = description, window, series_suffix
-        _check_destination(self.folder, overwrite)
-        self.now = datetime.datetime.now()
-        self.uid_seed = uid_seed
+
+def _drop_shared_rescale(dataset: pydicom.Dataset) -> None:
+    """Remove the rescale a multi-frame header says for all its frames (in its shared groups
+    or its top level): each frame says its own instead, as a macro is shared or per-frame."""
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    for groups in shared or []:
+        if "PixelValueTransformationSequence" in groups:
+            del groups.PixelValueTransformationSequence
+    for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if keyword in dataset:
+            delattr(dataset, keyword)
+
+
+def _image_name(index: int) -> str:
+    """The file name of output image ``index`` (0-based): ``IM0001.dcm``..."""
+    return f"IM{index + 1:04d}.dcm"
+
+
+def _append_pixel_data(target: Path, raw: Path, dtype: np.dtype) -> None:
+    """Append the stored frames in ``raw`` to the DICOM file ``target`` as its Pixel Data, the
+    last element, in chunks (a whole series of frames need not fit in memory)."""
+    length = raw.stat().st_size
+    with open(target, "ab") as out, open(raw, "rb") as frames:
+        out.write(struct.pack("<HH2sHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF,
+                              b"OB" if dtype.itemsize == 1 else b"OW", 0, length + length % 2))
+        shutil.copyfileobj(frames, out, 16 * 2**20)
+        if length % 2:
+            out.write(b"\0")  # values have even length
+
+
+class _SeriesIdentity:
+    """What names the new series and its images: the series UID, instance UIDs (random, or
+    derived from ``uid_seed``), creation time, description and series number. Each output
+    header starts as its source header made an image of this series (:func:`_derive_common`)."""
+
+    def __init__(self, uid_seed: str | None, description: str, series_suffix: str,
+                 series_number_offset: int) -> None:
+        self.uid_seed, self.description = uid_seed, description
+        self.series_suffix, self.series_number_offset = series_suffix, series_number_offset
+        self.now = datetime.datetime.now()  # one creation time for every image of the series
         self.series_uid = _derived_uid(uid_seed, "series")
+
+    def derive(self, header: pydicom.Dataset) -> pydicom.Dataset:
+        """A copy of source ``header`` as an image of the new series."""
+        return _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
+                              self.series_number_offset)
+
+    def instance_uid(self, *names) -> str:
+        """The SOPInstanceUID of the output image named by ``names`` (its source image's UID,
+        and for a thin slice its place among that slice's thin ones)."""
+        return _derived_uid(self.uid_seed, "image", *names)
+
+
+class _PixelEncoder:
+    """How enhanced values become stored pixels: the source's bits and signedness
+    (:func:`stored_dtype`) and photometric interpretation, a rescale per image that fits its
+    values (:func:`stored_value_mapping`), and the source's padding value kept for padding."""
+
+    def __init__(self, scan: OpenScan) -> None:
         first = scan.dicom_headers[0]
         self.dtype = stored_dtype(first)
-        slope = float(first.get("RescaleSlope", 1) or 1)
-        intercept = float(first.get("RescaleIntercept", 0) or 0)
-        if scan.multiframe:
-            transform = functional_group(first, None, "PixelValueTransformationSequence")
-            if transform is not None:
-                slope = float(transform.get("RescaleSlope", slope) or slope)
-                intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
-        self.source_mapping = (slope, intercept)
+        self.source_mapping = _source_rescale(scan)
         self.photometric = _photometric(scan)
         # padding: pixels equal to the scan's padding value (float32, as the slices hold it) are
         # stored as the source's PixelPaddingValue; no other pixel is stored in its range
@@ -488,6 +529,42 @@ class _DerivedSeriesWriter:
         if self.padding is not None:
             ends = [v for v in self.padding if v is not None]
             self.reserved = (min(ends), max(ends))
+        self._scratch = None  # _stored_pixels' float64 buffer, one for the whole series
+
+    def encode(self, plane: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """The stored pixels (rows, columns) of one enhanced ``(I, J)`` plane, and the rescale
+        (slope, intercept) they are stored with."""
+        padded = plane == self.padding_value if self.padding is not None else None
+        values = plane if padded is None else plane[~padded]
+        mapping = stored_value_mapping(values, self.dtype, *self.source_mapping, self.reserved)
+        if self._scratch is None or self._scratch.shape != plane.T.shape:
+            self._scratch = np.empty(plane.T.shape, dtype=np.float64)
+        stored = _stored_pixels(plane.T, self.dtype, *mapping, self.reserved, self._scratch)
+        if padded is not None:
+            stored[padded.T] = self.padding[0]
+        return stored, mapping
+
+    def set_pixel_data(self, dataset: pydicom.Dataset, stored: np.ndarray) -> None:
+        """A single-frame image's pixel data and Image Pixel module, and its padding."""
+        dataset.set_pixel_data(stored, self.photometric, 8 * self.dtype.itemsize, generate_instance_uid=False)
+        self.set_padding(dataset)
+
+    def set_pixel_module(self, dataset: pydicom.Dataset, rows: int, columns: int) -> None:
+        """The Image Pixel module of a multi-frame object whose pixel data is appended later."""
+        _set_pixel_module(dataset, rows, columns, self.dtype, self.photometric)
+
+    def set_padding(self, dataset: pydicom.Dataset) -> None:
+        _set_padding(dataset, self.padding, self.dtype)
+
+
+class _SliceLayout:
+    """Where each output image lies and how it is numbered: ``factor`` images per source slice
+    (thin slices, placed between the real source positions: see the module docstring) on a grid
+    ``scale`` times finer in-plane, moved with the grid; spacing, SliceLocation and slice
+    numbers to match."""
+
+    def __init__(self, scan: OpenScan, affine: np.ndarray, scale: int, factor: int, positions: list | None) -> None:
+        self.scan, self.scale, self.factor = scan, scale, factor
         self.spacing = _pixel_spacing(affine)
         self.n_images = scan.n_slices * factor
         # the in-plane part of the grid's move is the same for every slice (the origin's move
@@ -509,8 +586,195 @@ class _DerivedSeriesWriter:
             numbers = None if numbers is None else _thin_numbers([int(n) for n in numbers], factor)
             if numbers is not None:
                 self.slice_numbers[keyword] = numbers
+
+    def source_slices(self, index: int) -> list[int]:
+        """The source slices (array order) output image ``index`` comes from: its own, then, for
+        a thin slice off its source slice's centre, the neighbour on its side (if any)."""
+        own, offset = divmod(index, self.factor)
+        side = int(np.sign(2 * offset - (self.factor - 1)))  # -1 below the centre, +1 above
+        neighbour = own + side
+        return [own, neighbour] if side and 0 <= neighbour < self.scan.n_slices else [own]
+
+    def place_image(self, dataset: pydicom.Dataset, header: pydicom.Dataset, index: int) -> None:
+        """The geometry of single-frame image ``index`` (derived from source ``header``): only
+        the geometry the source had, so an absent position or orientation stays absent."""
+        if self.scale > 1:
+            for keyword in IMAGE_SPACINGS:
+                if header.get(keyword):
+                    dataset[keyword].value = _scaled_spacing(header.get(keyword), self.scale)
+        if header.get("ImagePositionPatient"):
+            _set_position(dataset, self.positions[index])
+        if self.factor > 1:
+            self.thin_image(dataset, index)
+            dataset.InstanceNumber = self.slice_numbers.get("InstanceNumber", range(1, self.n_images + 1))[index]
+
+    def place_frame(self, group: pydicom.Dataset, index: int) -> None:
+        """The position of frame ``index`` in its per-frame functional ``group``."""
+        position = pydicom.Dataset()
+        position.ImagePositionPatient = _position_text(self.positions[index])
+        group.PlanePositionSequence = Sequence([position])
+        for item in _macro_items(group):
+            if "ImagePosition" in item:  # the retired copy, in converted legacy attributes
+                item.ImagePosition = position.ImagePositionPatient
+
+    def thin_image(self, item: pydicom.Dataset, index: int) -> None:
+        """The attributes that make ``item`` (an image's header, or a macro of a frame's
+        functional groups) describe thin image ``index``, where it has them: slice measures
+        divided, SliceLocation placed, slice numbers counted again."""
+        _divide_slice_measures(item, self.factor)
+        if "SliceLocation" in item:
+            if self.slice_locations is not None:
+                item.SliceLocation = _ds(self.slice_locations[index])
+            else:  # some source slice has none: no thin slice gets a location it cannot vouch for
+                del item.SliceLocation
+        for keyword, numbers in self.slice_numbers.items():
+            if keyword in item:
+                item[keyword].value = numbers[index]
+
+    def thin_frames(self, dataset: pydicom.Dataset, frames: list[pydicom.Dataset]) -> None:
+        """What makes the copied per-frame groups of ``frames`` thin slices: slice measures
+        divided (shared and per-frame), SliceLocation placed, slice numbers and the Dimension
+        Index that counts the slices numbered again."""
+        shared = dataset.get("SharedFunctionalGroupsSequence")
+        for item in [dataset, *(_macro_items(shared[0]) if shared else [])]:
+            _divide_slice_measures(item, self.factor)
+        for index, group in enumerate(frames):
+            for item in _macro_items(group):
+                self.thin_image(item, index)
+        per_frame_source = self.scan.dicom_headers[0].PerFrameFunctionalGroupsSequence
+        source = [_dimension_index(per_frame_source[frame]) for frame in self.scan.frame_order]
+        if any(values is None for values in source):
+            return
+        renumbered = [_thin_numbers(list(column), self.factor) for column in zip(*source, strict=True)]
+        for index, group in enumerate(frames):
+            values = [own if numbers is None else numbers[index]
+                      for own, numbers in zip(source[index // self.factor], renumbered, strict=True)]
+            group.FrameContentSequence[0].DimensionIndexValues = values if len(values) > 1 else values[0]
+
+
+class _DerivedHeaders:
+    """The complete header of each output object, derived from its source header: named by
+    :class:`_SeriesIdentity`, placed by :class:`_SliceLayout`, its pixels described by
+    :class:`_PixelEncoder`, referencing its source images, with a display window."""
+
+    def __init__(self, scan: OpenScan, identity: _SeriesIdentity, layout: _SliceLayout, encoder: _PixelEncoder,
+                 window: IntensityWindow, keep_source_window: bool) -> None:
+        self.scan, self.identity, self.layout, self.encoder = scan, identity, layout, encoder
+        self.window, self.keep_source_window = window, keep_source_window
+
+    def image(self, index: int, stored: np.ndarray, mapping: tuple[float, float]) -> pydicom.Dataset:
+        """Single-frame output image ``index``, its pixels ``stored`` under rescale ``mapping``."""
+        sources = self.layout.source_slices(index)
+        header = self.scan.dicom_headers[sources[0]]
+        dataset = self.identity.derive(header)
+        # a thin slice is named by its source slice and its place among that slice's thin ones
+        dataset.SOPInstanceUID = self.identity.instance_uid(header.SOPInstanceUID, index % self.layout.factor)
+        self.layout.place_image(dataset, header, index)
+        dataset.RescaleSlope, dataset.RescaleIntercept = _ds(mapping[0]), _ds(mapping[1])
+        if "RescaleType" not in dataset and self.scan.modality != "CT":
+            dataset.RescaleType = "US"  # unspecified units: MR signal
+        dataset.SourceImageSequence = Sequence([_source_reference(self.scan.dicom_headers[k]) for k in sources])
+        _window(dataset, self.window, self.keep_source_window)
+        _file_meta(dataset)
+        self.encoder.set_pixel_data(dataset, stored)
+        return dataset
+
+    def multiframe(self, mappings: list[tuple[float, float]]) -> pydicom.Dataset:
+        """The multi-frame object's header (everything but the pixel data, which is appended)
+        for one frame per rescale of ``mappings``, the frames' in order."""
+        scan, header = self.scan, self.scan.dicom_headers[0]
+        dataset = self.identity.derive(header)
+        for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
+            del dataset[tag]  # the pixel data goes last, appended by the writer
+        dataset.SOPInstanceUID = self.identity.instance_uid(header.SOPInstanceUID)
+        columns, rows = (n * self.layout.scale for n in scan.shape[:2])
+        self.encoder.set_pixel_module(dataset, rows, columns)
+        dataset.NumberOfFrames = len(mappings)
+        # one rescale for every frame stays where the source has it; else every frame says its own
+        shared_mapping = mappings[0] if len(set(mappings)) == 1 else None
+        frames = [self._frame_group(index, None if shared_mapping is not None else mapping)
+                  for index, mapping in enumerate(mappings)]
+        if self.layout.factor > 1:
+            self.layout.thin_frames(dataset, frames)
+        if shared_mapping is None:
+            _drop_shared_rescale(dataset)
+        dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
+        # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
+        # frame types say DERIVED, and derived objects list their sources as evidence
+        dataset.ImageType = ["DERIVED", "PRIMARY", *list(header.ImageType)[2:]]
+        dataset.SourceImageEvidenceSequence = Sequence([_evidence(header)])
+        self._derive_macros(dataset, frames, shared_mapping)
+        self.encoder.set_padding(dataset)
+        _file_meta(dataset)
+        return dataset
+
+    def _frame_group(self, index: int, own_mapping: tuple[float, float] | None) -> pydicom.Dataset:
+        """Per-frame functional groups of output frame ``index``: its source frame's, placed,
+        referencing the source frames, with ``own_mapping`` as its rescale when given."""
+        header = self.scan.dicom_headers[0]
+        sources = [self.scan.frame_order[k] for k in self.layout.source_slices(index)]
+        group = copy.deepcopy(header.PerFrameFunctionalGroupsSequence[sources[0]])
+        self.layout.place_frame(group, index)
+        derivation = pydicom.Dataset()
+        derivation.DerivationDescription = self.identity.description[:1024]
+        derivation.SourceImageSequence = Sequence([_source_reference(header, frame) for frame in sources])
+        group.DerivationImageSequence = Sequence([derivation])
+        if own_mapping is not None:  # some frames needed a wider rescale: every frame says its own
+            transform = pydicom.Dataset()
+            transform.RescaleSlope = _ds(own_mapping[0])
+            transform.RescaleIntercept = _ds(own_mapping[1])
+            transform.RescaleType = "HU" if self.scan.modality == "CT" else "US"
+            group.PixelValueTransformationSequence = Sequence([transform])
+        return group
+
+    def _derive_macros(self, dataset: pydicom.Dataset, frames: list[pydicom.Dataset],
+                       shared_mapping: tuple[float, float] | None) -> None:
+        """The shared and per-frame macros made the output's: frame types DERIVED, display
+        windows, the finer pixel spacing, and ``shared_mapping`` (when every frame has that one
+        rescale) where the source says its rescale."""
+        shared = dataset.get("SharedFunctionalGroupsSequence")
+        for groups in [*(shared or []), *frames]:
+            for name in [k for k in groups.dir() if k.endswith("FrameTypeSequence")]:
+                frame_type = list(groups.get(name)[0].FrameType)
+                groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
+            if groups.get("FrameVOILUTSequence"):
+                _window(groups.FrameVOILUTSequence[0], self.window, self.keep_source_window)
+            if self.layout.scale > 1 and groups.get("PixelMeasuresSequence"):
+                groups.PixelMeasuresSequence[0].PixelSpacing = self.layout.spacing
+            if shared_mapping is not None and groups.get("PixelValueTransformationSequence"):
+                groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(shared_mapping[0])
+                groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(shared_mapping[1])
+        if shared_mapping is not None and not functional_group(dataset, None, "PixelValueTransformationSequence"):
+            dataset.RescaleSlope, dataset.RescaleIntercept = _ds(shared_mapping[0]), _ds(shared_mapping[1])
+
+
+class _DerivedSeriesWriter:
+    """Write a new series derived image by image from an opened DICOM scan, on a grid ``scale``
+    times finer in-plane (on ``grid``) with ``factor`` thin slices per source slice (one of the
+    two is 1: see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the
+    contract).
+
+    Each slab is encoded (:class:`_PixelEncoder`) and written at once, one file per image, or
+    for multi-frame input appended to a scratch file joined to its header on leaving the block;
+    the headers come from :class:`_DerivedHeaders`. Files are synced as they are written and
+    the series is renamed into place when it is complete.
+    """
+
+    def __init__(self, folder: str | Path, scan: OpenScan, affine: np.ndarray, description: str,
+                 window: IntensityWindow, overwrite: bool, *, scale: int, factor: int,
+                 series_suffix: str, grid: str = "bicubic", series_number_offset: int = SERIES_NUMBER_OFFSET,
+                 keep_source_window: bool = True, uid_seed: str | None = None) -> None:
+        _check_source(scan)
+        _check_grid(scan, affine, scale, factor, grid)
+        positions = _per_slice_values(scan, "ImagePositionPatient")
+        _check_thin_slices_placeable(scan, factor, positions)
+        self.folder, self.scan = Path(folder), scan
+        _check_destination(self.folder, overwrite)
+        identity = _SeriesIdentity(uid_seed, description, series_suffix, series_number_offset)
+        self.encoder = _PixelEncoder(scan)
+        self.layout = _SliceLayout(scan, affine, scale, factor, positions)
+        self.headers = _DerivedHeaders(scan, identity, self.layout, self.encoder, window, keep_source_window)
         self.written, self.mappings = 0, []
-        self._scratch = None  # _stored_pixels' float64 buffer, one for the whole series
 
     def __enter__(self) -> _DerivedSeriesWriter:
         self._cleanup = ExitStack()
@@ -521,7 +785,7 @@ class _DerivedSeriesWriter:
         if self.scan.multiframe:
             try:
                 with write_errors(self.folder):
-                    self._frames = open(self.staging / "frames.raw", "wb")
+                    self._frames = open(self.staging / FRAMES_SCRATCH, "wb")
             except BaseException as failure:
                 self.__exit__(type(failure), failure, failure.__traceback__)
                 raise
@@ -534,14 +798,7 @@ class _DerivedSeriesWriter:
 
     def _write(self, slab: np.ndarray) -> None:
         for plane in slab:
-            padded = plane == self.padding_value if self.padding is not None else None
-            values = plane if padded is None else plane[~padded]
-            mapping = stored_value_mapping(values, self.dtype, *self.source_mapping, self.reserved)
-            if self._scratch is None or self._scratch.shape != plane.T.shape:
-                self._scratch = np.empty(plane.T.shape, dtype=np.float64)
-            stored = _stored_pixels(plane.T, self.dtype, *mapping, self.reserved, self._scratch)
-            if padded is not None:
-                stored[padded.T] = self.padding[0]
+            stored, mapping = self.encoder.encode(plane)
             if self.scan.multiframe:
                 self._frames.write(stored.tobytes())
             else:
@@ -549,41 +806,9 @@ class _DerivedSeriesWriter:
             self.mappings.append(mapping)
             self.written += 1
 
-    def _source_slices(self, index: int) -> list[int]:
-        """The source slices (array order) output image ``index`` comes from: its own, then, for
-        a thin slice off its source slice's centre, the neighbour on its side (if any)."""
-        own, offset = divmod(index, self.factor)
-        side = int(np.sign(2 * offset - (self.factor - 1)))  # -1 below the centre, +1 above
-        neighbour = own + side
-        return [own, neighbour] if side and 0 <= neighbour < self.scan.n_slices else [own]
-
     def _write_image(self, index: int, stored: np.ndarray, mapping: tuple[float, float]) -> None:
-        sources = self._source_slices(index)
-        header = self.scan.dicom_headers[sources[0]]
-        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
-                                 self.series_number_offset)
-        # a thin slice is named by its source slice and its place among that slice's thin ones
-        dataset.SOPInstanceUID = _derived_uid(self.uid_seed, "image", header.SOPInstanceUID, index % self.factor)
-        # only the geometry the source had: an absent position or orientation stays absent
-        if self.scale > 1:
-            for keyword in IMAGE_SPACINGS:
-                if header.get(keyword):
-                    dataset[keyword].value = _scaled_spacing(header.get(keyword), self.scale)
-        if header.get("ImagePositionPatient"):
-            _set_position(dataset, self.positions[index])
-        if self.factor > 1:
-            self._thin_image(dataset, index)
-            dataset.InstanceNumber = self.slice_numbers.get("InstanceNumber", range(1, self.n_images + 1))[index]
-        dataset.RescaleSlope, dataset.RescaleIntercept = _ds(mapping[0]), _ds(mapping[1])
-        if "RescaleType" not in dataset and self.scan.modality != "CT":
-            dataset.RescaleType = "US"  # unspecified units: MR signal
-        dataset.SourceImageSequence = Sequence([_source_reference(self.scan.dicom_headers[k]) for k in sources])
-        _window(dataset, self.window, self.keep_source_window)
-        _file_meta(dataset)
-        dataset.set_pixel_data(stored, self.photometric, 8 * self.dtype.itemsize, generate_instance_uid=False)
-        _set_padding(dataset, self.padding, self.dtype)
-        target = self.staging / f"IM{index + 1:04d}.dcm"
-        _save(dataset, target)
+        target = self.staging / _image_name(index)
+        _save(self.headers.image(index, stored, mapping), target)
         self._syncs.add(target)
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -597,8 +822,8 @@ class _DerivedSeriesWriter:
                     return False
                 with write_errors(self.folder):
                     self._close_frames()
-                    if self.written != self.n_images:
-                        raise OutputError(f"{self.folder}: only {self.written} of {self.n_images} slices "
+                    if self.written != self.layout.n_images:
+                        raise OutputError(f"{self.folder}: only {self.written} of {self.layout.n_images} slices "
                                           "were written")
                     if self.scan.multiframe:
                         self._write_multiframe()
@@ -615,122 +840,12 @@ class _DerivedSeriesWriter:
             frames.close()
 
     def _write_multiframe(self) -> None:
-        raw = self.staging / "frames.raw"
-        dataset = self._multiframe_header()
-        _set_padding(dataset, self.padding, self.dtype)
-        _file_meta(dataset)
-        target = self.staging / "IM0001.dcm"
-        _save(dataset, target)
-        # pixel data, the last element, is appended from the scratch file in chunks
-        length = raw.stat().st_size
-        with open(target, "ab") as out, open(raw, "rb") as frames:
-            out.write(struct.pack("<HH2sHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF,
-                                  b"OB" if self.dtype.itemsize == 1 else b"OW", 0, length + length % 2))
-            shutil.copyfileobj(frames, out, 16 * 2**20)
-            if length % 2:
-                out.write(b"\0")  # values have even length
+        raw = self.staging / FRAMES_SCRATCH
+        target = self.staging / _image_name(0)
+        _save(self.headers.multiframe(self.mappings), target)
+        _append_pixel_data(target, raw, self.encoder.dtype)
         self._syncs.add(target)
         raw.unlink()
-
-    def _multiframe_header(self) -> pydicom.Dataset:
-        """The multi-frame header (everything but the pixel data) for the frames written, stored
-        with the per-frame rescale of :attr:`mappings`."""
-        scan, header = self.scan, self.scan.dicom_headers[0]
-        dataset = _derive_common(header, self.series_uid, self.description, self.series_suffix, self.now,
-                                 self.series_number_offset)
-        for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
-            del dataset[tag]  # the pixel data goes last, appended by the writer
-        dataset.SOPInstanceUID = _derived_uid(self.uid_seed, "image", header.SOPInstanceUID)
-        columns, rows = (n * self.scale for n in scan.shape[:2])
-        _set_pixel_module(dataset, rows, columns, self.dtype, self.photometric)
-        dataset.NumberOfFrames = self.written
-        shared = dataset.get("SharedFunctionalGroupsSequence")
-        per_frame_source = header.PerFrameFunctionalGroupsSequence
-        one_mapping = len(set(self.mappings)) == 1
-        frames = []
-        for index in range(self.written):
-            sources = [scan.frame_order[k] for k in self._source_slices(index)]
-            group = copy.deepcopy(per_frame_source[sources[0]])
-            position = pydicom.Dataset()
-            position.ImagePositionPatient = _position_text(self.positions[index])
-            group.PlanePositionSequence = Sequence([position])
-            for item in _macro_items(group):
-                if "ImagePosition" in item:  # the retired copy, in converted legacy attributes
-                    item.ImagePosition = position.ImagePositionPatient
-            derivation = pydicom.Dataset()
-            derivation.DerivationDescription = self.description[:1024]
-            derivation.SourceImageSequence = Sequence([_source_reference(header, frame) for frame in sources])
-            group.DerivationImageSequence = Sequence([derivation])
-            if not one_mapping:  # some frames needed a wider rescale: every frame says its own
-                transform = pydicom.Dataset()
-                transform.RescaleSlope = _ds(self.mappings[index][0])
-                transform.RescaleIntercept = _ds(self.mappings[index][1])
-                transform.RescaleType = "HU" if scan.modality == "CT" else "US"
-                group.PixelValueTransformationSequence = Sequence([transform])
-            frames.append(group)
-        if self.factor > 1:
-            self._thin_frames(dataset, frames)
-        if not one_mapping:
-            for groups in shared or []:
-                if "PixelValueTransformationSequence" in groups:
-                    del groups.PixelValueTransformationSequence  # a macro is shared or per-frame
-            for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
-                if keyword in dataset:
-                    delattr(dataset, keyword)
-        dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
-        # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
-        # frame types say DERIVED, and derived objects list their sources as evidence
-        dataset.ImageType = ["DERIVED", "PRIMARY", *list(header.ImageType)[2:]]
-        dataset.SourceImageEvidenceSequence = Sequence([_evidence(header)])
-        slope, intercept = self.mappings[0]
-        for groups in [*(shared or []), *frames]:
-            for name in [k for k in groups.dir() if k.endswith("FrameTypeSequence")]:
-                frame_type = list(groups.get(name)[0].FrameType)
-                groups.get(name)[0].FrameType = ["DERIVED", *frame_type[1:]]
-            if groups.get("FrameVOILUTSequence"):
-                _window(groups.FrameVOILUTSequence[0], self.window, self.keep_source_window)
-            if self.scale > 1 and groups.get("PixelMeasuresSequence"):
-                groups.PixelMeasuresSequence[0].PixelSpacing = self.spacing
-            if one_mapping and groups.get("PixelValueTransformationSequence"):
-                groups.PixelValueTransformationSequence[0].RescaleSlope = _ds(slope)
-                groups.PixelValueTransformationSequence[0].RescaleIntercept = _ds(intercept)
-        if one_mapping and not functional_group(dataset, None, "PixelValueTransformationSequence"):
-            dataset.RescaleSlope, dataset.RescaleIntercept = _ds(slope), _ds(intercept)
-        return dataset
-
-    def _thin_image(self, item: pydicom.Dataset, index: int) -> None:
-        """The attributes that make ``item`` (an image's header, or a macro of a frame's
-        functional groups) describe thin image ``index``, where it has them: slice measures
-        divided, SliceLocation placed, slice numbers counted again."""
-        _divide_slice_measures(item, self.factor)
-        if "SliceLocation" in item:
-            if self.slice_locations is not None:
-                item.SliceLocation = _ds(self.slice_locations[index])
-            else:  # some source slice has none: no thin slice gets a location it cannot vouch for
-                del item.SliceLocation
-        for keyword, numbers in self.slice_numbers.items():
-            if keyword in item:
-                item[keyword].value = numbers[index]
-
-    def _thin_frames(self, dataset: pydicom.Dataset, frames: list[pydicom.Dataset]) -> None:
-        """What makes the copied per-frame groups of ``frames`` thin slices: slice measures
-        divided (shared and per-frame), SliceLocation placed, slice numbers and the Dimension
-        Index that counts the slices numbered again."""
-        shared = dataset.get("SharedFunctionalGroupsSequence")
-        for item in [dataset, *(_macro_items(shared[0]) if shared else [])]:
-            _divide_slice_measures(item, self.factor)
-        for index, group in enumerate(frames):
-            for item in _macro_items(group):
-                self._thin_image(item, index)
-        per_frame_source = self.scan.dicom_headers[0].PerFrameFunctionalGroupsSequence
-        source = [_dimension_index(per_frame_source[frame]) for frame in self.scan.frame_order]
-        if any(values is None for values in source):
-            return
-        renumbered = [_thin_numbers(list(column), self.factor) for column in zip(*source, strict=True)]
-        for index, group in enumerate(frames):
-            values = [own if numbers is None else numbers[index]
-                      for own, numbers in zip(source[index // self.factor], renumbered, strict=True)]
-            group.FrameContentSequence[0].DimensionIndexValues = values if len(values) > 1 else values[0]
 
 
 class DicomSeriesWriter(_DerivedSeriesWriter):
@@ -827,6 +942,33 @@ class ThinSliceSeriesWriter(_DerivedSeriesWriter):
             raise ValueError(f"factor must be a whole number of thin slices per slice, 2 or more, not {factor!r}")
         super().__init__(folder, scan, affine, description, window, overwrite, scale=1, factor=int(factor),
                          series_suffix=f" medsr thin x{factor}", uid_seed=uid_seed)
+
+
+def _check_source(scan: OpenScan) -> None:
+    if scan.source_format != "dicom" or scan.slice_axis != 2:
+        raise OutputError("DICOM output needs DICOM input enhanced along its acquired slices")
+
+
+def _check_grid(scan: OpenScan, affine: np.ndarray, scale: int, factor: int, grid: str) -> None:
+    """Refuse an ``affine`` other than the grid the writer places the images on."""
+    if factor > 1:
+        expected, rule = rescaled_affine(scan.affine, (1, 1, factor)), "medsr.geometry.rescaled_affine"
+    else:
+        expected, rule = enhanced_affine(scan.affine, 2, scale, grid), f"medsr.geometry.enhanced_affine, {grid}"
+    if not np.allclose(affine, expected, atol=AFFINE_TOLERANCE):
+        raise ValueError(f"affine must be the source grid divided by ({scale}, {scale}, {factor}) "
+                         f"({rule}), not {np.round(affine, 4).tolist()}")
+
+
+def _check_thin_slices_placeable(scan: OpenScan, factor: int, positions: list | None) -> None:
+    """Thin slices are placed between the positions of neighbouring source slices: refuse a
+    scan without two slices or without every slice's position (``positions``)."""
+    if factor > 1 and scan.n_slices < 2:
+        raise OutputError(f"{scan.path}: thin slices are placed between neighbouring source slices; "
+                          "this scan has one slice")
+    if factor > 1 and positions is None:
+        raise OutputError(f"{scan.path}: thin slices are placed between the ImagePositionPatient of "
+                          "neighbouring source slices; not every slice has one")
 
 
 def _check_destination(folder: Path, overwrite: bool) -> None:

@@ -584,7 +584,7 @@ def _enhance_one(source, output: Path, fmt: str, enhancer: Enhancer, scale, over
 def is_single_scan(path: Path) -> bool:
     """A file, or a folder holding DICOM files itself (one series, or several to pick from);
     a folder of folders or of NIfTI files is a batch."""
-    from medsr.reading import dicom_series_in_folder
+    from medsr.dicom_reading import dicom_series_in_folder
 
     return not path.is_dir() or bool(dicom_series_in_folder(path))
 

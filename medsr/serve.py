@@ -60,7 +60,7 @@ from medsr.writing import sync_file, sync_folder
 
 logger = logging.getLogger(__name__)
 
-# the image storage classes medsr reads (medsr.reading): MR and CT, single- and multi-frame
+# the image storage classes medsr reads (medsr.dicom_reading): MR and CT, single- and multi-frame
 STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
     "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",

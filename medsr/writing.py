@@ -28,7 +28,8 @@ import numpy as np
 from isal import igzip_threaded
 
 from medsr.errors import OutputError
-from medsr.reading import NIFTI_SUFFIXES, SCANNER_XFORM_CODES, affines_agree
+from medsr.nifti_reading import affines_agree
+from medsr.reading import NIFTI_SUFFIXES, SCANNER_XFORM_CODES
 from medsr.temporaries import new_name, owned
 
 # what a MONOCHROME1 volume's NIfTI description says first: NIfTI has no photometric

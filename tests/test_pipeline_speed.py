@@ -21,11 +21,12 @@ from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from medsr import reading
+from medsr import dicom_reading as reading
+from medsr.dicom_reading import _FrameDecoder, _read_header
 from medsr.dicom_writing import DicomSeriesWriter, _kept_copy, _stored_pixels
 from medsr.errors import OutputError, ScanReadError
 from medsr.geometry import in_plane_factors, rescaled_affine
-from medsr.reading import _FrameDecoder, _read_header, open_scan, read_scan
+from medsr.reading import open_scan, read_scan
 from medsr.transforms import IntensityCounts
 
 from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, pydicom_test_file
