@@ -26,8 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medsr.checkpoint import default_weights, load_model
-from medsr.engine import autocast_for
-from medsr.engine import default_batch_size
+from medsr.engine import autocast_for, default_batch_size
 from medsr.enhance import enhance_file
 from medsr.model import DEGRADATION_CODES, SRResNet
 from medsr.reading import read_scan
