@@ -39,7 +39,14 @@ import torch
 from monai.utils import set_determinism
 
 from medsr.data import degradation_examples, informative_mask
-from medsr.degradation import CLASSES, MAX_SLICES, choose_grid, informative_planes, slice_features
+from medsr.degradation import (
+    CLASSES,
+    DEFAULT_FEATURE_SET,
+    FEATURE_SETS,
+    MAX_SLICES,
+    choose_grid,
+    informative_planes,
+)
 from medsr.geometry import voxel_sizes
 from medsr.reading import read_scan
 from medsr.training import fit_classifier
@@ -74,6 +81,8 @@ TEST = {
 }
 PLANE_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
 TRAIN_SLICES_PER_VIEW = 60
+# bump when medsr.data.degradation_examples changes what it makes (it keys the feature cache)
+RECIPE = "source history"
 ON_KSPACE = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
 
 
@@ -107,7 +116,7 @@ class _View:
         self.slices = ((slices - window.low) / (window.high - window.low)).astype(np.float32)
 
 
-def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int) -> dict:
+def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, features_of) -> dict:
     """Training examples and decision features of every view of every volume in ``groups``."""
     cases, train = [], {}
     for source, paths in groups.items():
@@ -115,7 +124,8 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int) 
             for plane, volume, axis, acquired in views(data_root / relative):
                 name = f"{relative} [{plane}]"
                 print(f"  {name}", flush=True)
-                features, labels, _ = degradation_examples([_View(volume, axis)], scale, TRAIN_SLICES_PER_VIEW, seed)
+                features, labels, _ = degradation_examples([_View(volume, axis)], scale, TRAIN_SLICES_PER_VIEW, seed,
+                                                              features_of=features_of)
                 train[name] = (source, acquired, features, labels)
                 for degradation in ALL_DEGRADATIONS:
                     low_res, _, _ = degrade_volume(volume, np.eye(4), axis, scale, degradation)
@@ -124,7 +134,7 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int) 
                     planes = informative_planes(lambda i, lr=low_res, a=axis: np.take(lr, i, axis=a),
                                                 low_res.shape[axis], window.low, window.high, MAX_SLICES)
                     cases.append({"source": source, "volume": name, "plane": plane, "degradation": degradation,
-                                  "features": np.stack([slice_features(p) for p in planes])})
+                                  "features": np.stack([features_of(p) for p in planes])})
     return {"cases": cases, "train": train}
 
 
@@ -184,19 +194,23 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="also decide the collection's test split")
     parser.add_argument("--out", type=Path, default=Path(".cache/loso"))
     parser.add_argument("--figure", type=Path, help="write the reliability diagram here (PNG)")
+    parser.add_argument("--features", default=DEFAULT_FEATURE_SET, choices=list(FEATURE_SETS),
+                        help="what the classifier reads from each slice (medsr.degradation.FEATURE_SETS)")
     parser.add_argument("--variants", nargs="+", default=["native", "planes"], choices=["native", "planes"])
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a small network: more threads only fight over the two cores
     args.out.mkdir(parents=True, exist_ok=True)
     # keyed on everything the features depend on, so a changed list or seed never reuses stale
     # ones; the file is this script's own (pickled dictionaries): keep --out private
-    key = hashlib.sha256(json.dumps([str(args.data_root.resolve()), SOURCES, TEST, args.seed,
-                                     TRAIN_SLICES_PER_VIEW, MAX_SLICES]).encode()).hexdigest()[:12]
+    keyed = [str(args.data_root.resolve()), SOURCES, TEST, args.seed, TRAIN_SLICES_PER_VIEW, MAX_SLICES,
+             args.features, RECIPE]
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:12]
     cache = args.out / f"features_x{args.scale}_{key}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=True)["data"].item()
     else:
         print("features:")
-        data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed)
+        data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed, FEATURE_SETS[args.features])
         np.savez_compressed(cache, data=np.array(data, dtype=object))
     train, cases = data["train"], data["cases"]
     variants = {"native": lambda acquired: acquired, "planes": lambda acquired: True}
@@ -210,7 +224,7 @@ def main() -> None:
                       if v[0] in SOURCES and v[0] != held_out and keep(v[1])]
             set_determinism(seed=args.seed)
             classifier = fit_classifier(np.concatenate([v[2] for v in chosen]),
-                                        np.concatenate([v[3] for v in chosen]), args.epochs)
+                                        np.concatenate([v[3] for v in chosen]), args.epochs, args.features)
             targets = [c for c in cases if (c["source"] == held_out) or (held_out == "test" and c["source"] in TEST)]
             for case in targets:
                 with torch.no_grad():

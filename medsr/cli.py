@@ -167,6 +167,11 @@ def fit_degradation(
     out: Annotated[Path, typer.Option(help="Where to write the classifier (.pt).")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key, e.g. --set data_root=/data/scans.")] = None,
+    features: Annotated[str, typer.Option(
+        help="What it reads from each slice: spectrum, or spectrum and tails (also how far the intensities "
+             "reach past their percentiles: the classifiers shipped with 0.2.0).")] = "spectrum",
+    temperature: Annotated[float, typer.Option(
+        help="Divide the logits by this (calibrated by benchmarks/degradation_loso.py; 1: as fitted).")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Fit the classifier that tells from the pixels how a scan lost its resolution."""
@@ -177,7 +182,8 @@ def fit_degradation(
 
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    report = train_degradation_classifier(load_config(config, set_ or []), out)
+    report = train_degradation_classifier(load_config(config, set_ or []), out, feature_set=features,
+                                          temperature=temperature)
     typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
     for name, result in report["validation"].items():
         typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "

@@ -9,13 +9,19 @@ What the pixels do tell is the kernel that made them. K-space truncation is a br
 low-pass: no aliasing, full energy up to the edge of the spectrum, Gibbs ringing beside edges.
 Anti-aliased resampling rolls the spectrum off and folds what is left above the new Nyquist
 frequency back below it; Gaussian blur rolls off further, Lanczos rolls off late and rings a
-little. Each slice is summarised by 68 numbers: its 2-D power spectrum in bins of
-(|fy|, |fx|) (symmetrised, log, relative to the lowest band), the spectrum along the axes over
-the upper half of the band, and how far the darkest and brightest voxels reach beyond the 1st
-and 99th percentiles (ringing). A small classifier (two hidden layers of 32) names the
-degradation among six (the protocol's ``bicubic`` and ``kspace``, and ``area``, ``lanczos``,
-``gaussian``, ``rician``); the probabilities of the degradations on each grid are added, and the
-slice probabilities are averaged over up to :data:`MAX_SLICES` informative slices.
+little. Each slice is summarised by 65 numbers (:func:`spectrum_features`): its 2-D power
+spectrum in bins of (|fy|, |fx|) (symmetrised, log, relative to the lowest band) and the
+spectrum along the axes over the upper half of the band. (Classifiers saved by medsr 0.2.0 also
+read how far the darkest and brightest voxels reach beyond the 1st and 99th percentiles,
+:func:`slice_features`; a file that clips at zero or rounds loses most of that ringing, and on
+sources the classifier never saw it cost more than it gave.) A small classifier (two hidden
+layers of 32) names the degradation among six (the protocol's ``bicubic`` and ``kspace``, and
+``area``, ``lanczos``, ``gaussian``, ``rician``); the probabilities of the degradations on each
+grid are added, and the slice probabilities are averaged over up to :data:`MAX_SLICES`
+informative slices. It is fitted on slices given a random history first
+(:func:`medsr.data.source_history`: resampled, blurred or noisier), so that the roll-off of a
+scan resampled before, which is no part of how it lost its resolution, is not taken for the
+kernel's.
 
 Alternatives measured on the validation volumes (x2, per-slice accuracy of the grid, then
 volumes right): a linear classifier on the same features 0.91, all volumes right but with
@@ -50,7 +56,8 @@ GRID_DESCRIPTIONS = {"bicubic": "resampled image", "kspace": "k-space truncation
 # Frequency bins (fractions of the Nyquist frequency), finer towards the edge of the band.
 SPECTRUM_EDGES = np.array([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 1.0001])
 AXIS_EDGES = np.linspace(0.5, 1.0001, 11)
-N_FEATURES = 55 + 10 + 3
+N_SPECTRUM = 55 + 10
+N_FEATURES = N_SPECTRUM + 3
 MAX_SLICES = 64  # slices summarised per scan, evenly spaced (enough: volumes agree by then)
 SURE = 0.8  # below this grid probability the estimate says it could not tell
 # What choosing the wrong grid costs (mean PSNR over the validation volumes, shipped x2 model
@@ -108,31 +115,57 @@ def _axis_profile(power: np.ndarray, along: np.ndarray, near_axis: np.ndarray) -
     return totals / np.maximum(np.bincount(bins[inside], minlength=n) * len(rows), 1)
 
 
+def spectrum_features(low_res: np.ndarray) -> np.ndarray:
+    """The first 65 of :func:`slice_features`: the spectrum alone, without the intensity tails.
+
+    The tails (how far ringing reaches past the percentiles) are lost when a file clips at zero
+    or rounds, and measured on sources the classifier never saw they cost more than they gave
+    (model card, "Leave one source out")."""
+    return slice_features(low_res)[:N_SPECTRUM]
+
+
+# what a classifier reads from each slice, by the name it is saved with ("spectrum and tails"
+# for classifiers saved before there was a choice)
+FEATURE_SETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"spectrum": spectrum_features,
+                                                                "spectrum and tails": slice_features}
+FEATURE_COUNTS = {"spectrum": N_SPECTRUM, "spectrum and tails": N_FEATURES}
+DEFAULT_FEATURE_SET = "spectrum"
+
+
 class DegradationClassifier(nn.Module):
-    """Names the degradation of a slice from :func:`slice_features` (six classes, logits;
+    """Names the degradation of a slice from its features (six classes, logits;
     :meth:`probabilities` divides them by the calibrated ``temperature`` buffer first).
 
     Args:
-        feature_mean, feature_std: ``(68,)`` standardisation learnt with the weights.
+        feature_mean, feature_std: standardisation learnt with the weights.
         hidden: units in each of the two hidden layers.
+        feature_set: which :data:`FEATURE_SETS` entry it reads.
     """
 
     def __init__(self, feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None,
-                 hidden: int = 32) -> None:
+                 hidden: int = 32, feature_set: str = DEFAULT_FEATURE_SET) -> None:
         super().__init__()
-        self.register_buffer("feature_mean", torch.zeros(N_FEATURES) if feature_mean is None else feature_mean)
-        self.register_buffer("feature_std", torch.ones(N_FEATURES) if feature_std is None else feature_std)
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"feature_set must be one of {', '.join(FEATURE_SETS)}, not {feature_set!r}")
+        self.feature_set = feature_set
+        n_features = FEATURE_COUNTS[feature_set]
+        self.register_buffer("feature_mean", torch.zeros(n_features) if feature_mean is None else feature_mean)
+        self.register_buffer("feature_std", torch.ones(n_features) if feature_std is None else feature_std)
         # logits are divided by this before the softmax: fitted so that the stated confidence
         # matches how often the grid is right on sources the classifier never saw (model card)
         self.register_buffer("temperature", torch.ones(()))
-        self.layers = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+        self.layers = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                     nn.GELU(), nn.Linear(hidden, len(CLASSES)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers((features - self.feature_mean) / self.feature_std)
 
+    def features(self, plane: np.ndarray) -> np.ndarray:
+        """What this classifier reads from one low-res slice."""
+        return FEATURE_SETS[self.feature_set](plane)
+
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """``(N, 6)`` class probabilities of ``(N, 68)`` features."""
+        """``(N, 6)`` class probabilities of ``(N, n_features)`` features."""
         with torch.no_grad():
             logits = self(torch.as_tensor(np.asarray(features), dtype=torch.float32))
         return torch.softmax(logits / self.temperature, dim=1).double().numpy()
@@ -196,7 +229,7 @@ def estimate_degradation(planes: Iterable[np.ndarray], classifier: DegradationCl
     Returns:
         The :class:`DegradationEstimate`.
     """
-    features = np.stack([slice_features(plane) for plane in planes])
+    features = np.stack([classifier.features(plane) for plane in planes])
     probabilities = classifier.probabilities(features).mean(axis=0)
     on_kspace_grid = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
     probability_kspace = float(probabilities[on_kspace_grid].sum())
@@ -259,7 +292,7 @@ def save_classifier(path: Path, classifier: DegradationClassifier, scale: int, r
     from medsr.writing import save_torch
 
     payload = {"format": FORMAT, "version": 1, "scale": scale, "classes": list(CLASSES),
-               "state_dict": classifier.state_dict(), "report": report}
+               "features": classifier.feature_set, "state_dict": classifier.state_dict(), "report": report}
     save_torch(payload, Path(path))
 
 
@@ -281,7 +314,10 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
         raise CheckpointError(f"{path}: not a medsr degradation classifier")
     if payload.get("scale") != scale or list(payload.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{path}: a classifier for scale {payload.get('scale')}, not {scale}")
-    classifier = DegradationClassifier()
+    feature_set = payload.get("features", "spectrum and tails")  # saved before there was a choice
+    if feature_set not in FEATURE_SETS:
+        raise CheckpointError(f"{path}: reads unknown features {str(feature_set)[:40]!r}")
+    classifier = DegradationClassifier(feature_set=feature_set)
     try:
         state = dict(payload["state_dict"])
         state.setdefault("temperature", torch.ones(()))  # classifiers saved before calibration

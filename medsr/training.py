@@ -62,7 +62,7 @@ from medsr.data import (
     discover_scans,
     load_cached_scan,
 )
-from medsr.degradation import DegradationClassifier
+from medsr.degradation import DEFAULT_FEATURE_SET, DegradationClassifier
 from medsr.engine import native_bf16
 from medsr.errors import MedsrError
 from medsr.model import DEGRADATION_CODES
@@ -538,7 +538,7 @@ def _append_history(path: Path, row: dict) -> None:
 
 
 class _FeatureExamples(Dataset):
-    """``{"image": (68,) features, "label": class index}`` items for the classifier."""
+    """``{"image": (n,) features, "label": class index}`` items for the classifier."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
         self.features = torch.as_tensor(features, dtype=torch.float32)
@@ -559,15 +559,17 @@ def _below_root(name: str, data_root: str | Path) -> str:
         return Path(name).name
 
 
-def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300) -> DegradationClassifier:
-    """Fit a :class:`~medsr.degradation.DegradationClassifier` to ``(N, 68)`` slice features and
-    their class indices with MONAI's ``SupervisedTrainer`` (AdamW, cross-entropy, a little noise
-    on the standardised features so no single bin is trusted too much); returned in eval mode.
+def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300,
+                   feature_set: str = DEFAULT_FEATURE_SET) -> DegradationClassifier:
+    """Fit a :class:`~medsr.degradation.DegradationClassifier` to ``(N, n)`` slice features of
+    ``feature_set`` and their class indices with MONAI's ``SupervisedTrainer`` (AdamW,
+    cross-entropy, a little noise on the standardised features so no single bin is trusted too
+    much); returned in eval mode.
     Seed first (``monai.utils.set_determinism``) for a reproducible fit."""
 
     mean = torch.as_tensor(features.mean(axis=0), dtype=torch.float32)
     std = torch.as_tensor(features.std(axis=0) + 1e-6, dtype=torch.float32)
-    classifier = DegradationClassifier(mean, std)
+    classifier = DegradationClassifier(mean, std, feature_set=feature_set)
     loader = DataLoader(_FeatureExamples(features, labels), batch_size=256, shuffle=True)
 
     def noisy_batch(batch: dict, device=None, non_blocking: bool = False, **kwargs):
@@ -583,10 +585,15 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300) 
 
 
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
-                                 epochs: int = 300) -> dict:
+                                 epochs: int = 300, feature_set: str = DEFAULT_FEATURE_SET,
+                                 temperature: float = 1.0) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
     with MONAI's ``SupervisedTrainer``, score it on the validation scans, save it to
     ``out_path`` with that report inside, and return the report.
+
+    ``feature_set`` names what it reads from each slice (:data:`medsr.degradation.FEATURE_SETS`);
+    ``temperature`` divides its logits (1: as fitted; the calibrated value comes from the
+    leave-one-source-out decisions of ``benchmarks/degradation_loso.py``).
 
     The validation report gives, per degradation, how many volumes got the right grid (the
     decision :func:`medsr.degradation.estimate_degradation` makes, from up to 64 slices) and
@@ -596,21 +603,31 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         MedsrError: no training scans.
     """
     from medsr.data import degradation_examples
-    from medsr.degradation import CLASSES, MAX_SLICES, choose_grid, save_classifier
+    from medsr.degradation import CLASSES, FEATURE_SETS, MAX_SLICES, choose_grid, save_classifier
     from medsr.transforms import GRID_OF
 
     if not config.train_scans:
         raise MedsrError("the config lists no train_scans")
     check_patient_split(config)
     set_determinism(seed=config.seed)
+    if feature_set not in FEATURE_SETS:
+        raise MedsrError(f"features must be one of {', '.join(FEATURE_SETS)}, not {feature_set!r}")
+    if not temperature > 0:
+        raise MedsrError(f"temperature must be positive, not {temperature}")
+    features_of = FEATURE_SETS[feature_set]
     features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
-                                               slices_per_scan, config.seed)
-    classifier = fit_classifier(features, labels, epochs)
-    report = {"train_examples": int(len(labels)), "scale": config.scale, "validation": {}}
+                                               slices_per_scan, config.seed, features_of=features_of)
+    classifier = fit_classifier(features, labels, epochs, feature_set)
+    classifier.temperature.fill_(temperature)
+    report = {"train_examples": int(len(labels)), "scale": config.scale, "features": feature_set, "validation": {}}
+    if temperature != 1.0:
+        report["calibration"] = {"temperature": temperature, "fitted_on": (
+            "leave-one-source-out decisions of the training and validation sources "
+            "(benchmarks/degradation_loso.py, acquired planes); the test split chose nothing")}
     val_scans = _cached(config, "val_scans") if config.val_scans else []
     if val_scans:
         features, labels, owners = degradation_examples(val_scans, config.scale, MAX_SLICES,
-                                                        config.seed, randomise=False)
+                                                        config.seed, randomise=False, features_of=features_of)
         probabilities = classifier.probabilities(features)
         on_kspace = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
         for label, name in enumerate(CLASSES):

@@ -15,8 +15,10 @@ import medsr
 from medsr.cli import app
 from medsr.degradation import (
     CLASSES,
+    FEATURE_COUNTS,
     N_FEATURES,
     WRONG_GRID_COST_DB,
+    DegradationClassifier,
     DegradationEstimate,
     choose_grid,
     estimate_degradation,
@@ -133,7 +135,7 @@ def test_evaluate_takes_the_stress_degradations(session_tiny_checkpoint):
 
 def test_classifier_files_are_checked(tmp_path):
     classifier = load_classifier(None, 2)
-    assert classifier.probabilities(np.zeros((1, N_FEATURES))).shape == (1, len(CLASSES))
+    assert classifier.probabilities(np.zeros((1, FEATURE_COUNTS[classifier.feature_set]))).shape == (1, len(CLASSES))
     shipped_x2 = Path(medsr.__file__).parent / "weights" / "degradation_x2.pt"
     with pytest.raises(CheckpointError, match="for scale 2, not 4"):
         load_classifier(shipped_x2, 4)
@@ -173,7 +175,7 @@ def test_the_temperature_softens_the_probabilities_and_older_files_load_without_
     from medsr.degradation import save_classifier
 
     classifier = load_classifier(None, 2)
-    features = np.stack([slice_features(np.asarray(pydicom.dcmread(p).pixel_array, np.float32)[::2, ::2])
+    features = np.stack([classifier.features(np.asarray(pydicom.dcmread(p).pixel_array, np.float32)[::2, ::2])
                          for p in sorted(MR_SERIES.glob("*.dcm"))[8:12]])
     state = {k: v.clone() for k, v in classifier.state_dict().items()}
     state["temperature"] = torch.tensor(1.0)
@@ -196,3 +198,54 @@ def test_the_temperature_softens_the_probabilities_and_older_files_load_without_
     assert float(loaded.temperature) == 1.0
     np.testing.assert_allclose(loaded.probabilities(features), sharp, rtol=1e-6)
 
+
+
+def test_a_classifier_reads_the_features_it_was_saved_with(tmp_path):
+    """The shipped classifier reads the spectrum alone; one saved before there was a choice (no
+    "features" in the file) reads the spectrum and tails it was fitted on; an unknown name is
+    refused rather than guessed."""
+    from medsr.degradation import save_classifier, spectrum_features
+
+    plane = read_scan(MR_NIFTI).array[::2, ::2, 80]
+    shipped = load_classifier(None, 2)
+    assert shipped.feature_set == "spectrum"
+    np.testing.assert_array_equal(shipped.features(plane), spectrum_features(plane))
+    np.testing.assert_array_equal(spectrum_features(plane), slice_features(plane)[:FEATURE_COUNTS["spectrum"]])
+
+    older = DegradationClassifier(feature_set="spectrum and tails")
+    save_classifier(tmp_path / "older.pt", older, 2, {})
+    payload = torch.load(tmp_path / "older.pt", weights_only=True)
+    payload.pop("features")
+    torch.save(payload, tmp_path / "older.pt")
+    loaded = load_classifier(tmp_path / "older.pt", 2)
+    assert loaded.feature_set == "spectrum and tails" and loaded.features(plane).shape == (N_FEATURES,)
+    estimate_degradation([plane], loaded)  # reads its own features end to end
+
+    payload["features"] = "tea leaves"
+    torch.save(payload, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="unknown features"):
+        load_classifier(tmp_path / "odd.pt", 2)
+
+
+def test_training_slices_get_a_random_history_before_the_degradation():
+    """Each training slice is first left alone, resampled, blurred or made noisier (at random,
+    reproducibly), so the classifier learns the kernel rather than its training sources' look;
+    validation examples (randomise=False) stay the plain slices."""
+    from medsr.data import degradation_examples, source_history
+
+    slice_ = read_scan(MR_NIFTI).array[:, :, 80].astype(np.float32)
+    draws = [source_history(slice_, np.random.default_rng(seed)) for seed in range(24)]
+    changed = [not np.array_equal(d, slice_) for d in draws]
+    assert all(d.shape == slice_.shape and d.dtype == np.float32 and np.isfinite(d).all() for d in draws)
+    assert 0 < sum(changed) < len(draws)  # some left alone, most given a history
+    np.testing.assert_array_equal(source_history(slice_, np.random.default_rng(3)), draws[3])
+
+    class _Scan:
+        slices = read_scan(MR_NIFTI).array.transpose(2, 0, 1)[70:90:10]
+
+    plain_a, labels, _ = degradation_examples([_Scan()], 2, 2, seed=0, randomise=False)
+    plain_b = degradation_examples([_Scan()], 2, 2, seed=1, randomise=False)[0]
+    noiseless = labels != CLASSES.index("rician")  # Rician noise is random by nature
+    np.testing.assert_array_equal(plain_a[noiseless], plain_b[noiseless])  # no history without randomise
+    varied = degradation_examples([_Scan()], 2, 2, seed=0)[0]
+    assert varied.shape == plain_a.shape and not np.allclose(varied[noiseless], plain_a[noiseless])

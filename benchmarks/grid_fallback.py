@@ -1,0 +1,180 @@
+"""What each answer to "which grid?" costs, scan by scan: the per-view table that lets any
+decision rule be scored against the best classical answer (issue: "the no-flag path is never
+worse than interpolation").
+
+For every view of :mod:`degradation_loso` (each volume of the collection's training, validation
+and test sources, in its acquired plane and, for volumes with about equal voxels, the other two),
+each degraded by protocol v1 and the stress degradations and stored as a file would store it,
+a few evenly spaced scored slices are enhanced by the shipped model told each grid
+(``medsr.engine.enhance_volume``, the no-flag path's code after the decision) and scored as
+protocol v1 does (data range and foreground from the whole reference volume, border trimmed):
+
+- ``kspace`` and ``bicubic``: the model told that grid;
+- ``mix 0.25/0.5/0.75``: the pixelwise blend ``w * kspace + (1 - w) * bicubic``;
+- ``cubic`` and ``zero_fill``: the protocol's baselines.
+
+One JSON line per view and degradation (sums of squared errors per slice, SSIM per slice) in
+``--out``; a rerun skips what is there. ``--summary`` reads the table and the decisions of
+``degradation_loso.py`` and prints what each rule gives.
+
+    python benchmarks/grid_fallback.py --data-root ../shared/scans [--scale 2] [--slices 4]
+    python benchmarks/grid_fallback.py --summary [--decisions .cache/loso/decisions_x2.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from degradation_loso import SOURCES, TEST, stored, views
+
+from medsr.checkpoint import default_weights, load_model
+from medsr.engine import enhance_volume
+from medsr.evaluation import upscale_bicubic, upscale_zero_fill
+from medsr.metrics import scored_slices, slice_ssims, trim_border
+from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS, degrade_volume
+
+MIXES = (0.25, 0.5, 0.75)
+
+
+def chosen_slices(high_res: np.ndarray, axis: int, count: int) -> np.ndarray:
+    """``count`` evenly spaced slices among those the protocol's SSIM scores."""
+    volume_min = float(high_res.min())
+    scored = scored_slices(high_res, axis, volume_min, float(high_res.max()) - volume_min)
+    if not scored:
+        scored = list(range(high_res.shape[axis]))
+    picks = np.linspace(0, len(scored) - 1, min(count, len(scored))).round().astype(int)
+    return np.asarray(scored)[np.unique(picks)]
+
+
+def scores(high_res: np.ndarray, estimate: np.ndarray, axis: int, scale: int, volume_min: float,
+           data_range: float) -> dict[str, list[float]]:
+    reference = trim_border(high_res, axis, scale).astype(np.float64)
+    test = trim_border(estimate, axis, scale).astype(np.float64)
+    error = np.moveaxis((reference - test) ** 2, axis, 0).reshape(reference.shape[axis], -1)
+    ssim = slice_ssims(reference, test, axis, data_range, volume_min)
+    return {"sse": error.sum(axis=1).tolist(), "voxels": [float(error.shape[1])] * len(error),
+            "ssim": [None if np.isnan(v) else float(v) for v in ssim]}
+
+
+def measure(args) -> None:
+    model, _ = load_model(default_weights(args.scale))
+    model.eval()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if args.out.exists():
+        done = {(r["volume"], r["degradation"]) for r in map(json.loads, args.out.read_text().splitlines())}
+    groups = {**{f"test: {k}": v for k, v in TEST.items()}, **SOURCES} if args.test_first else {**SOURCES, **TEST}
+    for source, paths in groups.items():
+        source = source.removeprefix("test: ")
+        for relative in paths:
+            for plane, volume, axis, _ in views(args.data_root / relative):
+                name = f"{relative} [{plane}]"
+                for degradation in ALL_DEGRADATIONS:
+                    if (name, degradation) in done:
+                        continue
+                    started = time.perf_counter()
+                    low_res, high_res, affine = degrade_volume(volume, np.eye(4), axis, args.scale, degradation)
+                    low_res = stored(low_res, volume)
+                    volume_min = float(high_res.min())
+                    data_range = float(high_res.max()) - volume_min
+                    picks = chosen_slices(high_res, axis, args.slices)
+                    low, high = np.take(low_res, picks, axis=axis), np.take(high_res, picks, axis=axis)
+                    with torch.inference_mode():
+                        told = {grid: enhance_volume(low, affine, axis, model, grid).array
+                                for grid in ("kspace", "bicubic")}
+                    estimates = {**told, "cubic": upscale_bicubic(low, axis, args.scale),
+                                 "zero_fill": upscale_zero_fill(low, axis, args.scale)}
+                    for w in MIXES:
+                        estimates[f"mix {w}"] = w * told["kspace"] + (1 - w) * told["bicubic"]
+                    row = {"source": source, "volume": name, "plane": plane, "degradation": degradation,
+                           "truth": GRID_OF[degradation], "slices": picks.tolist(), "data_range": data_range,
+                           "scores": {k: scores(high, v, axis, args.scale, volume_min, data_range)
+                                      for k, v in estimates.items()}}
+                    with args.out.open("a") as file:
+                        file.write(json.dumps(row) + "\n")
+                    print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s "
+                          + " ".join(f"{k} {psnr(row, k):.2f}" for k in estimates), flush=True)
+
+
+def psnr(row: dict, method: str) -> float:
+    s = row["scores"][method]
+    return float(10 * np.log10(row["data_range"] ** 2 / (sum(s["sse"]) / sum(s["voxels"]))))
+
+
+def ssim(row: dict, method: str) -> float:
+    values = [v for v in row["scores"][method]["ssim"] if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def best_classical(row: dict) -> tuple[float, float]:
+    """The protocol's best baseline for the view's degradation: cubic, and for a degradation on
+    the k-space grid also zero-filled k-space (best PSNR and best SSIM, each on its own)."""
+    counted = ["cubic"] + (["zero_fill"] if row["truth"] == "kspace" else [])
+    return max(psnr(row, m) for m in counted), max(ssim(row, m) for m in counted)
+
+
+def summary(args) -> None:
+    rows = [json.loads(line) for line in args.out.read_text().splitlines()]
+    methods = ["kspace", "bicubic", *(f"mix {w}" for w in MIXES)]
+    print(f"{len(rows)} views; PSNR minus the best classical answer (dB), by true grid")
+    for truth in ("bicubic", "kspace"):
+        mine = [r for r in rows if r["truth"] == truth]
+        print(f"  truth {truth} ({len(mine)} views)")
+        for m in methods:
+            gap = np.array([psnr(r, m) - best_classical(r)[0] for r in mine])
+            print(f"    {m:10s} mean {gap.mean():+6.2f}  worst {gap.min():+6.2f}  below 0: {int((gap < 0).sum())}")
+    for path in args.decisions:
+        if not path.exists():
+            continue
+        decisions = {(d["volume"], d["degradation"]): d
+                     for d in json.loads(path.read_text())["native"]["calibrated"]}
+        print(f"\n{path}: the calibrated decision (leave-one-source-out; test: fitted on every source)")
+        rules = {"hard": lambda d: d["grid"],
+                 "hard if >= 0.8, else mix 0.5": lambda d: d["grid"] if d["confidence"] >= 0.8 else "mix 0.5"}
+        for name, rule in rules.items():
+            for split in ("leave-one-source-out", "test"):
+                for kind, names in (("protocol", ("bicubic", "kspace")), ("stress", STRESS_DEGRADATIONS)):
+                    table = [(r, decisions[(r["volume"], r["degradation"])]) for r in rows
+                             if (r["volume"], r["degradation"]) in decisions and r["degradation"] in names
+                             and (r["source"] in TEST) == (split == "test")]
+                    if not table:
+                        continue
+                    gaps = np.array([psnr(r, rule(d)) - best_classical(r)[0] for r, d in table])
+                    told = np.array([psnr(r, rule(d)) - psnr(r, r["truth"]) for r, d in table])
+                    wrong = sum(d["grid"] != r["truth"] for r, d in table)
+                    worst = int(np.argmin(gaps))
+                    print(f"  {name:29s} {split:20s} {kind:8s} views {len(table):3d}  wrong grid {wrong:3d}  "
+                          f"below classical {int((gaps < 0).sum()):3d}  mean vs told {told.mean():+.2f}  "
+                          f"worst {gaps[worst]:+.2f} ({table[worst][0]['volume']} {table[worst][0]['degradation']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--test-first", action="store_true")
+    parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--decisions", type=Path, nargs="+",
+                        help="decisions_x{scale}.json files of degradation_loso.py to score")
+    args = parser.parse_args()
+    args.out = args.out or Path(f".cache/fallback/x{args.scale}.jsonl")
+    args.decisions = args.decisions or [Path(f".cache/loso/decisions_x{args.scale}.json")]
+    torch.set_num_threads(1)
+    if args.summary:
+        summary(args)
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
