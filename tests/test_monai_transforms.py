@@ -16,6 +16,7 @@ from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, rescaled_affine, through_plane_factors
 from medsr.model import ThroughPlaneNet
 from medsr.monai_transforms import SuperResolve, SuperResolved
+from medsr.transforms import degrade_volume
 
 from conftest import MR_NIFTI
 
@@ -60,18 +61,22 @@ def test_pipeline_writes_what_medsr_enhance_writes(tmp_path, t1_slab, grid):
 
 
 def test_grid_found_from_the_pixels_and_the_kspace_affine(tmp_path, t1_slab, tiny_checkpoint):
-    """Degradation auto: the transform finds the grid medsr enhance finds (kspace on this crop),
-    its voxels are medsr enhance's, and its affine is geometry.enhanced_affine's (first pixel
-    kept), the one rule for the output grid."""
+    """Degradation auto: the transform finds the grid medsr enhance finds (kspace on this crop,
+    k-space truncated), its voxels are medsr enhance's, and its affine is
+    geometry.enhanced_affine's (first pixel kept), the one rule for the output grid."""
+    slab = nib.load(t1_slab)
+    low_res, _, low_res_affine = degrade_volume(np.asarray(slab.dataobj, np.float32), slab.affine, 0, 2, "kspace")
+    truncated = tmp_path / "t1_slab_kspace.nii.gz"
+    nib.save(nib.Nifti1Image(low_res, low_res_affine), truncated)
     transform = SuperResolve(weights=tiny_checkpoint)
-    loaded = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])({"image": str(t1_slab)})["image"]
+    loaded = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])({"image": str(truncated)})["image"]
     enhanced = transform(loaded)
-    written = enhance_file(t1_slab, tmp_path / "cli.nii.gz", weights=tiny_checkpoint)
+    written = enhance_file(truncated, tmp_path / "cli.nii.gz", weights=tiny_checkpoint)
     assert written.degradation == enhanced.meta["degradation"] == "kspace"
     np.testing.assert_array_equal(enhanced[0].numpy(), np.asarray(nib.load(written.output).dataobj))
-    expected = enhanced_affine(nib.load(t1_slab).affine, 0, 2, "kspace")
+    expected = enhanced_affine(low_res_affine, 0, 2, "kspace")
     np.testing.assert_allclose(enhanced.affine.numpy(), expected, atol=1e-9)
-    np.testing.assert_allclose(enhanced.affine.numpy()[:3, 3], nib.load(t1_slab).affine[:3, 3])
+    np.testing.assert_allclose(enhanced.affine.numpy()[:3, 3], low_res_affine[:3, 3])
 
 
 def test_reoriented_input_is_written_on_the_enhanced_grid(tmp_path, t1_slab, tiny_checkpoint):
