@@ -21,7 +21,9 @@ confidence; ``--test`` adds the collection's test split, decided by a classifier
 every other source (nothing is chosen with it).
 
     python benchmarks/degradation_loso.py --data-root ../shared/scans [--scale 2] [--test]
-        [--epochs 300] [--out .cache/loso]
+        [--epochs 300] [--out .cache/loso] [--features "spectrum and tails" --no-history]
+
+(``--features "spectrum and tails" --no-history`` is medsr 0.2.0's recipe.)
 
 Features are cached under ``--out`` (a few minutes the first time on a 2-core CPU; each fit
 about half a minute).
@@ -116,7 +118,8 @@ class _View:
         self.slices = ((slices - window.low) / (window.high - window.low)).astype(np.float32)
 
 
-def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, features_of) -> dict:
+def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, features_of,
+          history: bool = True) -> dict:
     """Training examples and decision features of every view of every volume in ``groups``."""
     cases, train = [], {}
     for source, paths in groups.items():
@@ -125,7 +128,7 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, 
                 name = f"{relative} [{plane}]"
                 print(f"  {name}", flush=True)
                 features, labels, _ = degradation_examples([_View(volume, axis)], scale, TRAIN_SLICES_PER_VIEW, seed,
-                                                              features_of=features_of)
+                                                              features_of=features_of, history=history)
                 train[name] = (source, acquired, features, labels)
                 for degradation in ALL_DEGRADATIONS:
                     low_res, _, _ = degrade_volume(volume, np.eye(4), axis, scale, degradation)
@@ -196,6 +199,8 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, help="write the reliability diagram here (PNG)")
     parser.add_argument("--features", default=DEFAULT_FEATURE_SET, choices=list(FEATURE_SETS),
                         help="what the classifier reads from each slice (medsr.degradation.FEATURE_SETS)")
+    parser.add_argument("--no-history", dest="history", action="store_false",
+                        help="fit on the slices as they are (medsr 0.2.0), without medsr.data.source_history")
     parser.add_argument("--variants", nargs="+", default=["native", "planes"], choices=["native", "planes"])
     args = parser.parse_args()
     torch.set_num_threads(1)  # a small network: more threads only fight over the two cores
@@ -203,14 +208,15 @@ def main() -> None:
     # keyed on everything the features depend on, so a changed list or seed never reuses stale
     # ones; the file is this script's own (pickled dictionaries): keep --out private
     keyed = [str(args.data_root.resolve()), SOURCES, TEST, args.seed, TRAIN_SLICES_PER_VIEW, MAX_SLICES,
-             args.features, RECIPE]
+             args.features, RECIPE if args.history else "no history"]
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:12]
     cache = args.out / f"features_x{args.scale}_{key}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=True)["data"].item()
     else:
         print("features:")
-        data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed, FEATURE_SETS[args.features])
+        data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed, FEATURE_SETS[args.features],
+                     args.history)
         np.savez_compressed(cache, data=np.array(data, dtype=object))
     train, cases = data["train"], data["cases"]
     variants = {"native": lambda acquired: acquired, "planes": lambda acquired: True}

@@ -133,9 +133,11 @@ def summary(args) -> None:
             print(f"    {m:10s} mean {gap.mean():+6.2f}  worst {gap.min():+6.2f}  below 0: {int((gap < 0).sum())}")
     for path in args.decisions:
         if not path.exists():
-            continue
-        decisions = {(d["volume"], d["degradation"]): d
-                     for d in json.loads(path.read_text())["native"]["calibrated"]}
+            raise SystemExit(f"error: {path}: no such decisions file (benchmarks/degradation_loso.py writes it)")
+        variants = json.loads(path.read_text())
+        if "native" not in variants:
+            raise SystemExit(f"error: {path}: holds no 'native' variant (run degradation_loso.py with it)")
+        decisions = {(d["volume"], d["degradation"]): d for d in variants["native"]["calibrated"]}
         print(f"\n{path}: the calibrated decision (leave-one-source-out; test: fitted on every source)")
         rules = {"hard": lambda d: d["grid"],
                  "hard if >= 0.8, else mix 0.5": lambda d: d["grid"] if d["confidence"] >= 0.8 else "mix 0.5"}
@@ -172,6 +174,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.summary:
         summary(args)
+    elif args.data_root is None:
+        parser.error("--data-root is needed to measure (or pass --summary)")
     else:
         measure(args)
 

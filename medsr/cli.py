@@ -172,6 +172,9 @@ def fit_degradation(
              "reach past their percentiles: the classifiers shipped with 0.2.0).")] = "spectrum",
     temperature: Annotated[float, typer.Option(
         help="Divide the logits by this (calibrated by benchmarks/degradation_loso.py; 1: as fitted).")] = 1.0,
+    history: Annotated[bool, typer.Option(
+        help="Give each training slice a random history first (resampled, blurred, noisier); "
+             "--no-history: as medsr 0.2.0 fitted its classifiers.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Fit the classifier that tells from the pixels how a scan lost its resolution."""
@@ -183,7 +186,7 @@ def fit_degradation(
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     report = train_degradation_classifier(load_config(config, set_ or []), out, feature_set=features,
-                                          temperature=temperature)
+                                          temperature=temperature, history=history)
     typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
     for name, result in report["validation"].items():
         typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "

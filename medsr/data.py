@@ -340,8 +340,8 @@ def source_history(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Why: the slices users bring were resampled into template spaces, smoothed by a CT kernel or
     are noisier than the training scans; fitted on raw scans alone, the classifier took a
     resampled image's own roll-off for the kernel's and chose the wrong grid for a third of
-    them (leave one source out, model card). Measured there, this raised the protocol views
-    right from 68-70 to 76-78 of 96.
+    them (leave one source out, model card). Measured there together with reading the spectrum
+    alone, the protocol views right rose from 64 to 72 of 96.
     """
     kind = rng.integers(4)
     if kind == 0:
@@ -362,18 +362,19 @@ def source_history(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def degradation_examples(scans: list[CachedScan], scale: int, per_scan: int, seed: int,
                          randomise: bool = True, features_of=FEATURE_SETS[DEFAULT_FEATURE_SET],
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         history: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Examples for the degradation classifier: slices of each scan degraded all six ways.
 
     Up to ``per_scan`` evenly spaced slices of every scan are cut to a multiple of ``scale``
     and degraded by each of :data:`medsr.degradation.CLASSES`, as the protocol defines them;
     with ``randomise`` the Gaussian FWHM (0.7-1.3 x scale) and the Rician noise (0.5-5% of
-    the window) vary, so the classifier learns the family rather than one kernel, and each
-    slice first gets a random :func:`source_history`, so it learns the kernel rather than the
-    look of the few sources it is fitted on.
+    the window) vary, so the classifier learns the family rather than one kernel, and (with
+    ``history``, as the x2 classifier is fitted; medsr 0.2.0 had none) each slice first gets a
+    random :func:`source_history`, so it learns the kernel rather than the look of the few
+    sources it is fitted on.
 
     Returns:
-        ``(features (N, 68), class index (N,), scan index (N,))``.
+        ``(features (N, n) of ``features_of``, class index (N,), scan index (N,))``.
     """
     from medsr.transforms import (
         DEGRADE_SLICE,
@@ -392,7 +393,7 @@ def degradation_examples(scans: list[CachedScan], scale: int, per_scan: int, see
             if min(high_res.shape) < 8 * scale:
                 continue
             for label, name in enumerate(CLASSES):
-                if randomise:
+                if randomise and history:
                     high_res = source_history(original, rng)
                 if name == "gaussian":
                     fwhm = scale * (rng.uniform(0.7, 1.3) if randomise else 1.0)

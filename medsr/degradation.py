@@ -36,6 +36,7 @@ When the two grids are close to equally likely, it takes the grid whose mistake 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -315,7 +316,7 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
     if payload.get("scale") != scale or list(payload.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{path}: a classifier for scale {payload.get('scale')}, not {scale}")
     feature_set = payload.get("features", "spectrum and tails")  # saved before there was a choice
-    if feature_set not in FEATURE_SETS:
+    if not isinstance(feature_set, str) or feature_set not in FEATURE_SETS:
         raise CheckpointError(f"{path}: reads unknown features {str(feature_set)[:40]!r}")
     classifier = DegradationClassifier(feature_set=feature_set)
     try:
@@ -324,4 +325,7 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
         classifier.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: classifier weights do not fit ({str(exc).splitlines()[0]})") from None
+    temperature = float(classifier.temperature)
+    if not (math.isfinite(temperature) and temperature > 0):  # else every probability is NaN or even
+        raise CheckpointError(f"{path}: temperature must be finite and positive, not {temperature}")
     return classifier.eval()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -586,14 +587,15 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300,
 
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
                                  epochs: int = 300, feature_set: str = DEFAULT_FEATURE_SET,
-                                 temperature: float = 1.0) -> dict:
+                                 temperature: float = 1.0, history: bool = True) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
     with MONAI's ``SupervisedTrainer``, score it on the validation scans, save it to
     ``out_path`` with that report inside, and return the report.
 
     ``feature_set`` names what it reads from each slice (:data:`medsr.degradation.FEATURE_SETS`);
     ``temperature`` divides its logits (1: as fitted; the calibrated value comes from the
-    leave-one-source-out decisions of ``benchmarks/degradation_loso.py``).
+    leave-one-source-out decisions of ``benchmarks/degradation_loso.py``); ``history`` gives
+    each training slice a random :func:`medsr.data.source_history` first (medsr 0.2.0: none).
 
     The validation report gives, per degradation, how many volumes got the right grid (the
     decision :func:`medsr.degradation.estimate_degradation` makes, from up to 64 slices) and
@@ -608,22 +610,20 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
 
     if not config.train_scans:
         raise MedsrError("the config lists no train_scans")
-    check_patient_split(config)
-    set_determinism(seed=config.seed)
     if feature_set not in FEATURE_SETS:
         raise MedsrError(f"features must be one of {', '.join(FEATURE_SETS)}, not {feature_set!r}")
-    if not temperature > 0:
-        raise MedsrError(f"temperature must be positive, not {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise MedsrError(f"temperature must be finite and positive, not {temperature}")
+    check_patient_split(config)
+    set_determinism(seed=config.seed)
     features_of = FEATURE_SETS[feature_set]
     features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
-                                               slices_per_scan, config.seed, features_of=features_of)
+                                               slices_per_scan, config.seed, features_of=features_of,
+                                               history=history)
     classifier = fit_classifier(features, labels, epochs, feature_set)
     classifier.temperature.fill_(temperature)
-    report = {"train_examples": int(len(labels)), "scale": config.scale, "features": feature_set, "validation": {}}
-    if temperature != 1.0:
-        report["calibration"] = {"temperature": temperature, "fitted_on": (
-            "leave-one-source-out decisions of the training and validation sources "
-            "(benchmarks/degradation_loso.py, acquired planes); the test split chose nothing")}
+    report = {"train_examples": int(len(labels)), "scale": config.scale, "features": feature_set,
+              "history": history, "calibration": {"temperature": temperature}, "validation": {}}
     val_scans = _cached(config, "val_scans") if config.val_scans else []
     if val_scans:
         features, labels, owners = degradation_examples(val_scans, config.scale, MAX_SLICES,

@@ -164,6 +164,18 @@ def test_monochrome1_and_padding_do_not_change_the_decision():
     plain = decide(low_res)
     inverted = decide(-low_res, photometric="MONOCHROME1")
     assert inverted.grid == plain.grid and inverted.confidence == pytest.approx(plain.confidence, rel=1e-6)
+    # the x4 classifier also reads the intensity tails, which a negation swaps unless undone
+    tails = load_classifier(None, 4)
+    assert tails.feature_set == "spectrum and tails"
+    x4_low_res = _low_res(MR_NIFTI, "kspace", scale=4)[1]
+
+    def decide_x4(volume, photometric=None):
+        return find_degradation(lambda k: plane_of(volume, axis, k), volume.shape[axis], robust_window(volume),
+                                tails, None, photometric)
+
+    plain_x4, inverted_x4 = decide_x4(x4_low_res), decide_x4(-x4_low_res, "MONOCHROME1")
+    assert inverted_x4.grid == plain_x4.grid
+    assert inverted_x4.confidence == pytest.approx(plain_x4.confidence, rel=1e-6)
     padded = low_res.copy()
     padded[:, :6, :] = -3024.0  # a band of padding at the edge of every slice
     assert decide(padded, padding=(-3024.0, -3024.0)).grid == plain.grid == "kspace"
@@ -221,10 +233,27 @@ def test_a_classifier_reads_the_features_it_was_saved_with(tmp_path):
     assert loaded.feature_set == "spectrum and tails" and loaded.features(plane).shape == (N_FEATURES,)
     estimate_degradation([plane], loaded)  # reads its own features end to end
 
-    payload["features"] = "tea leaves"
-    torch.save(payload, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match="unknown features"):
-        load_classifier(tmp_path / "odd.pt", 2)
+    for odd in ("tea leaves", [1], {"a": 1}):
+        payload["features"] = odd
+        torch.save(payload, tmp_path / "odd.pt")
+        with pytest.raises(CheckpointError, match="unknown features"):
+            load_classifier(tmp_path / "odd.pt", 2)
+    payload["features"] = "spectrum and tails"
+    for temperature in (0.0, float("inf"), float("nan")):
+        payload["state_dict"]["temperature"] = torch.tensor(temperature)
+        torch.save(payload, tmp_path / "odd.pt")
+        with pytest.raises(CheckpointError, match="temperature must be finite and positive"):
+            load_classifier(tmp_path / "odd.pt", 2)
+
+
+@pytest.mark.parametrize("option", [["--features", "tea leaves"], ["--temperature", "0"], ["--temperature", "inf"]])
+def test_fit_degradation_refuses_bad_options_before_any_work(tmp_path, option):
+    result = runner.invoke(app, ["fit-degradation", "--config", str(Path(medsr.__file__).parents[1] / "configs" /
+                                                                    "srresnet_l1_x2.yaml"),
+                                 "--out", str(tmp_path / "c.pt"), *option])
+    assert result.exit_code == 1 and "error:" in result.output
+    assert ("features must be one of" in result.output) or ("temperature must be finite" in result.output)
+    assert not (tmp_path / "c.pt").exists()
 
 
 def test_training_slices_get_a_random_history_before_the_degradation():
