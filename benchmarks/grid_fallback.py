@@ -88,7 +88,8 @@ def measure(args) -> None:
                     picks = chosen_slices(high_res, axis, args.slices)
                     low, high = np.take(low_res, picks, axis=axis), np.take(high_res, picks, axis=axis)
                     with torch.inference_mode():
-                        told = {grid: enhance_volume(low, affine, axis, model, grid).array
+                        # the network's own answer on each grid (no consistency projection)
+                        told = {grid: enhance_volume(low, affine, axis, model, grid, consistency="off").array
                                 for grid in ("kspace", "bicubic")}
                     estimates = {**told, "cubic": upscale_bicubic(low, axis, args.scale),
                                  "zero_fill": upscale_zero_fill(low, axis, args.scale)}

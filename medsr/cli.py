@@ -237,7 +237,8 @@ def enhance(
     consistency: Annotated[str, typer.Option(
         help="on: project each enhanced slice onto the images that, degraded as the scan was (the "
              "degradation found or told), give its low-res slice back exactly; off: the network's output; "
-             "auto: on only where validation found it never worse (today nowhere: see the model card).")] = "auto",
+             "auto: on for scans found or told k-space truncated (the exact operator), where validation found "
+             "it never worse; off for the rest (see the model card).")] = "auto",
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Write the mean of the model's answers to the 8 flips/transposes of each slice "
                            "(about 8x the compute; +0.08-0.15 dB on validation and test). With --through-plane: "

@@ -33,7 +33,8 @@ low-res band for ``kspace``, in the null space of the resampling for ``bicubic``
 operator is right, the true image reproduces the input too, so the projection can only bring
 the output closer to it (in the least-squares sense). When it is only approximately right (a
 scan resampled by another kernel, noise), it forces the output to fit the wrong model; which
-grids ``auto`` projects was decided on validation (:data:`AUTO_GRIDS`: none, the model card).
+scans ``auto`` projects was decided on validation (:data:`AUTO_DEGRADATIONS`: those named k-space
+truncated, the model card).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ from medsr.errors import MedsrError
 from medsr.transforms import central_block_origin
 
 CONSISTENCY_CHOICES = ("auto", "on", "off")
-# the grids --consistency auto projects onto: where validation found the projection never
-# worse, stress degradations included (model card, "Data consistency"). None: it gains where
-# the operator is exact (+0.17 dB kspace, +0.04 dB bicubic) but loses where a scan was made by
-# a neighbour the grid classifier cannot tell apart (Gaussian blur -0.67 dB, Rician noise
-# -0.50 dB on the kspace grid; Lanczos -0.04 dB on the bicubic grid)
-AUTO_GRIDS: frozenset[str] = frozenset()
+# the degradations --consistency auto projects: those named (found from the pixels, or told)
+# k-space truncation, whose operator the projection applies exactly. It gains there (+0.17 dB on
+# validation, +0.8-0.95 dB on the collection's CTs, where it also lifts the model above zero-
+# filled k-space) but loses where the kspace grid holds another kernel (Gaussian blur -0.67 dB,
+# Rician noise -0.50 dB), which the classifier names apart (every validation and test volume);
+# on the bicubic grid the gain is small (+0.04 dB) and Lanczos or area loses (model card,
+# "Data consistency")
+AUTO_DEGRADATIONS: frozenset[str] = frozenset({"kspace"})
 TOLERANCE = 1e-5  # relative consistency error reached after the projection (float32 output)
 GRIDS = ("bicubic", "kspace")
 
@@ -71,11 +74,20 @@ def check_consistency(consistency: str, through_plane: bool) -> None:
         raise MedsrError("--consistency on is an in-plane choice; --through-plane has no projection yet")
 
 
-def projects(consistency: str, grid: str) -> bool:
-    """Whether ``--consistency`` (``auto``, ``on`` or ``off``) projects a scan on ``grid``."""
+def projects(consistency: str, grid: str, named: str | None = None) -> bool:
+    """Whether ``--consistency`` (``auto``, ``on`` or ``off``) projects a scan enhanced on
+    ``grid``. ``named`` is the degradation the classifier names (the estimate's ``likely``);
+    None when the grid was told, which names that degradation itself."""
     if consistency not in CONSISTENCY_CHOICES:
         raise MedsrError(f"--consistency must be one of {', '.join(CONSISTENCY_CHOICES)}, not {consistency!r}")
-    return consistency == "on" or (consistency == "auto" and grid in AUTO_GRIDS)
+    named = grid if named is None else named
+    return consistency == "on" or (consistency == "auto" and named == grid and named in AUTO_DEGRADATIONS)
+
+
+def resolved(consistency: str, grid: str, named: str | None = None) -> str:
+    """``on`` or ``off``: what ``consistency`` means for this scan (:func:`projects`), for the
+    engine, which knows the grid but not what the classifier named."""
+    return "on" if projects(consistency, grid, named) else "off"
 
 
 def describe(consistency: str, grid: str) -> str:

@@ -181,7 +181,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             the images that ``degradation`` turns into its low-res slice exactly
             (:func:`medsr.consistency.project`), before the flat-background and padding rules;
             ``off`` does not; ``auto`` does on the grids where validation found it never worse
-            (:data:`medsr.consistency.AUTO_GRIDS`, today none).
+            (:data:`medsr.consistency.AUTO_DEGRADATIONS`: here, told ``kspace``; callers that
+            found the grid from the pixels pass what :func:`medsr.consistency.resolved` says).
         plain_sink: if given, receives each batch as it would be without the projection (the
             same batch when there is none), on this thread: for comparisons (``medsr evaluate``).
         ensemble: the output is the mean of the model's answers to the eight flips and

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medsr import __version__
-from medsr.consistency import check_consistency, projects
+from medsr.consistency import check_consistency, resolved
 from medsr.degradation import DegradationEstimate, find_degradation, load_classifier
 from medsr.engine import (
     COMPILE_CHOICES,
@@ -169,8 +169,9 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         consistency: ``on`` projects every enhanced slice onto the images that, degraded as
             the scan was (``degradation``, found or given), reproduce its low-res slice
             (:mod:`medsr.consistency`); ``off`` leaves the network's output; ``auto`` projects
-            on the grids where validation found it never worse (today none: the model card,
-            "Data consistency"). In-plane only.
+            the scans named (found or told) k-space truncated, where the operator is exact and
+            validation found it never worse (:data:`medsr.consistency.AUTO_DEGRADATIONS`; the
+            model card, "Data consistency"). In-plane only.
         ensemble: write the mean of the model's answers to the eight flips and transposes of
             every slice, each undone on the output grid (:mod:`medsr.ensemble`): about 8 times
             the compute, +0.08-0.15 dB PSNR on average on validation and test (the model card,
@@ -245,14 +246,14 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
-    consistent = projects(consistency, degradation)
+    consistent = resolved(consistency, degradation, None if estimate is None else estimate.likely) == "on"
     projection = (f"consistency projection {'on' if consistent else 'off'} (--consistency {consistency}): "
                   + ("the output degraded as the input reproduces it" if consistent else "the network's output"))
     model_scale = enhancer.model.scale
     run = functools.partial(enhance_scan, scan, enhancer.model, degradation, torch_device, batch_size,
                             enhancer.lower_percentile, enhancer.upper_percentile, progress,
                             survey=survey, compile_model=compile_model, precision=precision,
-                            consistency=consistency, ensemble=ensemble)
+                            consistency="on" if consistent else "off", ensemble=ensemble)
     axis = scan.slice_axis
     shape = tuple(n * (model_scale if a != axis else 1) for a, n in enumerate(scan.shape))
     # the output grid is the grid found or told: tiling for a resampled scan, the first pixel

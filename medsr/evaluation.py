@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import zoom
 
-from medsr.consistency import projects, volume_consistency_error
+from medsr.consistency import resolved, volume_consistency_error
 from medsr.degradation import DegradationClassifier, DegradationEstimate, find_degradation
 from medsr.detail_map import map_quality
 from medsr.engine import enhance_volume
@@ -160,12 +160,15 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     if classifier is not None:
         decision = find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
                                     robust_window(low_res), classifier)
+    # told, as if the user named the degradation itself (so auto projects a k-space truncated
+    # scan, not a Gaussian-blurred one on the same grid)
+    told_consistency = resolved(consistency, told, degradation)
     plain = {}
     for name, model in models.items():
         run = functools.partial(_enhanced, low_res, low_res_affine, axis, model, device=device,
-                                batch_size=batch_size, precision=precision, consistency=consistency)
-        estimates[name], plain[name] = run(told)
-        if projects(consistency, told):
+                                batch_size=batch_size, precision=precision)
+        estimates[name], plain[name] = run(told, consistency=told_consistency)
+        if consistency != "off":  # (the same as the output where this scan is not projected)
             estimates[name + PLAIN_SUFFIX] = plain[name]
         if consistency != "off":
             result.consistency[name] = tuple(volume_consistency_error(image, low_res, axis, told, scale)
@@ -174,13 +177,16 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
             maps = []
             estimates[name + ENSEMBLE_SUFFIX] = enhance_volume(
                 low_res, low_res_affine, axis, model, told, device=device, batch_size=batch_size,
-                precision=precision, consistency=consistency, ensemble=True, detail_sink=maps.append).array
+                precision=precision, consistency=told_consistency, ensemble=True, detail_sink=maps.append).array
             result.maps[name] = np.moveaxis(np.concatenate(maps), 0, axis)
             output, reference = (trim_border(v, axis, scale) for v in (estimates[name + ENSEMBLE_SUFFIX], high_res))
             result.map_quality[name] = map_quality(trim_border(result.maps[name], axis, scale),
                                                    np.abs(output - reference))
         if decision is not None:
-            estimates[name + AUTO_SUFFIX] = estimates[name] if decision.grid == told else run(decision.grid)[0]
+            found_consistency = resolved(consistency, decision.grid, decision.likely)
+            same_run = decision.grid == told and found_consistency == told_consistency
+            estimates[name + AUTO_SUFFIX] = (estimates[name] if same_run
+                                             else run(decision.grid, consistency=found_consistency)[0])
             result.decisions[name + AUTO_SUFFIX] = decision
     for name, estimate in estimates.items():
         result.details[name] = slice_scores(high_res, estimate, axis, scale)

@@ -35,6 +35,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends
 
+from medsr.consistency import resolved
 from medsr.engine import COMPILE_CHOICES, PRECISIONS, check_choice, enhance_scan, pick_device
 from medsr.enhance import Enhancer, enhancer_for, plan_in_plane, thin_slices
 from medsr.errors import MedsrError
@@ -151,10 +152,12 @@ class SuperResolve(Transform):
             array, new_affine, facts = enhanced.array, enhanced.affine, {"through_plane_factor": factor}
         else:
             plan = plan_in_plane(scan, self.enhancer, self.degradation)
+            named = None if plan.estimate is None else plan.estimate.likely
             enhanced = enhance_scan(scan, self.enhancer.model, plan.degradation, self.device, self.batch_size,
                                     self.enhancer.lower_percentile, self.enhancer.upper_percentile,
                                     survey=plan.survey, compile_model=self.compile_model,
-                                    precision=self.precision)
+                                    precision=self.precision,
+                                    consistency=resolved("auto", plan.degradation, named))
             array, facts = enhanced.array, {"degradation": plan.degradation}
             new_affine = enhanced.affine
         return _on_grid(img, array, new_affine, facts)

@@ -14,12 +14,13 @@ from typer.testing import CliRunner
 
 from medsr.cli import app
 from medsr.consistency import (
-    AUTO_GRIDS,
+    AUTO_DEGRADATIONS,
     TOLERANCE,
     consistency_error,
     degrade,
     project,
     projects,
+    resolved,
     volume_consistency_error,
 )
 from medsr.engine import enhance_volume
@@ -120,12 +121,19 @@ def test_projection_is_the_least_change(grid, shape, scale):
     np.testing.assert_allclose(projected.numpy().reshape(3, -1), np.stack(expected), atol=1e-12)
 
 
-@pytest.mark.parametrize("consistency, grid, expected", [
-    ("on", "bicubic", True), ("on", "kspace", True), ("off", "kspace", False), ("off", "bicubic", False),
-    ("auto", "kspace", "kspace" in AUTO_GRIDS), ("auto", "bicubic", "bicubic" in AUTO_GRIDS),
+@pytest.mark.parametrize("consistency, grid, named, expected", [
+    ("on", "bicubic", None, True), ("on", "kspace", "gaussian", True), ("off", "kspace", None, False),
+    ("off", "bicubic", None, False),
+    # auto: only what is named k-space truncation, told or found, where the operator is exact
+    ("auto", "kspace", None, True), ("auto", "kspace", "kspace", True),
+    ("auto", "kspace", "gaussian", False), ("auto", "kspace", "rician", False),
+    ("auto", "kspace", "bicubic", False),  # an unsure scan put on the kspace grid as the cheaper mistake
+    ("auto", "bicubic", None, False), ("auto", "bicubic", "lanczos", False),
 ])
-def test_which_runs_project(consistency, grid, expected):
-    assert projects(consistency, grid) is expected
+def test_which_runs_project(consistency, grid, named, expected):
+    assert projects(consistency, grid, named) is expected
+    assert resolved(consistency, grid, named) == ("on" if expected else "off")
+    assert {"kspace"} == AUTO_DEGRADATIONS
 
 
 def test_a_bad_choice_names_the_option():
@@ -159,12 +167,14 @@ def test_cli_records_the_choice(tmp_path, session_tiny_checkpoint):
                                  "--consistency", "on", "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     assert nib.load(output).header["descrip"].tobytes().decode().rstrip("\0") == "medsr x2 bicubic consistent"
-    # DICOM gets the long form, with the choice asked for; auto projects nowhere today
-    result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "series"), "--degradation",
-                                 "kspace", "--weights", str(session_tiny_checkpoint)])
-    assert result.exit_code == 0, result.output
-    written = pydicom.dcmread(sorted((tmp_path / "series").glob("*.dcm"))[0])
-    assert "consistency projection off (--consistency auto)" in written.DerivationDescription
+    # DICOM gets the long form, with the choice asked for; auto projects what is named (here told)
+    # k-space truncated, and nothing on the bicubic grid
+    for grid, state in (("kspace", "on"), ("bicubic", "off")):
+        result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / grid), "--degradation",
+                                     grid, "--weights", str(session_tiny_checkpoint)])
+        assert result.exit_code == 0, result.output
+        written = pydicom.dcmread(sorted((tmp_path / grid).glob("*.dcm"))[0])
+        assert f"consistency projection {state} (--consistency auto)" in written.DerivationDescription
     result = runner.invoke(app, ["enhance", str(MR_SERIES), "-o", str(tmp_path / "p.nii.gz"), "--consistency", "maybe",
                                  "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 1

@@ -102,6 +102,13 @@ def test_no_flag_enhance_of_a_coarse_nifti_is_right_and_beats_the_classical_answ
     np.testing.assert_allclose(enhanced.affine, slab.affine, atol=1e-4)
     for code in ("qform_code", "sform_code"):
         assert enhanced.header[code] == slab.header[code]
+    # --consistency auto projects a scan found k-space truncated (exact operator), not a resampled one
+    projected = "consistent" in enhanced.header["descrip"].tobytes().decode()
+    assert projected == (degradation == "kspace")
+    if projected:
+        from medsr.consistency import TOLERANCE, volume_consistency_error
+
+        assert volume_consistency_error(enhanced.get_fdata(dtype=np.float32), low_res, 0, "kspace", 2) < 10 * TOLERANCE
     _beats_the_best_classical_answer(high_res, low_res, enhanced.get_fdata(dtype=np.float32), 0, degradation)
 
 

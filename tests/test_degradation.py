@@ -112,7 +112,8 @@ def test_a_told_degradation_is_recorded_as_given(tmp_path, session_tiny_checkpoi
                                  "--weights", str(session_tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     assert "degradation:" not in result.output  # nothing was estimated
-    assert nib.load(output).header["descrip"].tobytes().decode().rstrip("\0") == "medsr x2 kspace"
+    # told k-space truncation: --consistency auto projects it (the exact operator)
+    assert nib.load(output).header["descrip"].tobytes().decode().rstrip("\0") == "medsr x2 kspace consistent"
 
 
 def test_evaluate_auto_scores_the_default_path_next_to_the_told_runs(tmp_path, session_tiny_checkpoint):
