@@ -93,8 +93,10 @@ def fresh_environment(root: Path, distributions) -> Path:
         installed = metadata.distribution(name)
         for file in installed.files or []:
             source, target = Path(installed.locate_file(file)), site / file
-            # outside site-packages (console scripts), or the editable install's path hook
-            if ".." in file.parts or file.name.startswith("__editable__") or not source.exists():
+            # outside site-packages (console scripts), the editable install's path hook, or medsr's
+            # own sources (some installers list them; the package is linked whole below)
+            if (".." in file.parts or file.name.startswith("__editable__") or not source.exists()
+                    or file.parts[0] == "medsr"):
                 continue
             if not os.path.lexists(target):
                 target.parent.mkdir(parents=True, exist_ok=True)
