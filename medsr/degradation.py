@@ -71,7 +71,8 @@ DEFAULT_CLASSIFIERS = {2: "degradation_x2.pt", 4: "degradation_x4.pt"}
 
 
 def slice_features(low_res: np.ndarray) -> np.ndarray:
-    """The 68 numbers that describe how one low-res slice was made.
+    """The 68 numbers that describe how one low-res slice was made: :func:`spectrum_features`
+    and :func:`tail_features` (what classifiers saved by medsr 0.2.0 read).
 
     Args:
         low_res: ``(H, W)`` slice in any units (every feature is unchanged by an increasing
@@ -79,16 +80,31 @@ def slice_features(low_res: np.ndarray) -> np.ndarray:
             MONOCHROME1 slices are negated first, see :func:`find_degradation`).
 
     Returns:
-        float64 ``(68,)``: 55 symmetrised 2-D log-spectrum bins, 10 bins of the spectrum along
-        the axes over the upper half of the band (both relative to the lowest 3x3 bins), and
-        three measures of how far the tails of the intensity histogram reach.
+        float64 ``(68,)``.
     """
+    return np.concatenate([spectrum_features(low_res), tail_features(low_res)])
+
+
+def tail_features(low_res: np.ndarray) -> np.ndarray:
+    """Three measures of how far the tails of the slice's intensity histogram reach past its
+    1st and 99th percentiles (ringing overshoots)."""
     plane = np.asarray(low_res, dtype=np.float64)
     low, high = np.percentile(plane, [1, 99])
     spread = max(high - low, 1e-12)
     darkest, brightest = np.percentile(plane, [0.1, 99.9])
-    tails = [(low - darkest) / spread, (brightest - high) / spread,
-             100.0 * float(np.mean(plane < low - 0.02 * spread))]
+    return np.array([(low - darkest) / spread, (brightest - high) / spread,
+                     100.0 * float(np.mean(plane < low - 0.02 * spread))])
+
+
+def spectrum_features(low_res: np.ndarray) -> np.ndarray:
+    """The spectrum alone, what the x2 classifier reads: 55 symmetrised 2-D log-spectrum bins
+    and 10 bins of the spectrum along the axes over the upper half of the band, both relative
+    to the lowest 3x3 bins (float64 ``(65,)``).
+
+    The tails (:func:`tail_features`) are lost when a file clips at zero or rounds, and measured
+    on sources the classifier never saw they cost more than they gave (model card, "Leave one
+    source out")."""
+    plane = np.asarray(low_res, dtype=np.float64)
     power = np.abs(np.fft.fft2(plane - plane.mean())) ** 2
     fy = 2 * np.abs(np.fft.fftfreq(plane.shape[0]))  # fractions of Nyquist
     fx = 2 * np.abs(np.fft.fftfreq(plane.shape[1]))
@@ -103,7 +119,9 @@ def slice_features(low_res: np.ndarray) -> np.ndarray:
     spectrum = np.log10(mean_power + 1e-30) - reference
     axis_profiles = [_axis_profile(power, fx, fy < 0.25), _axis_profile(power.T, fy, fx < 0.25)]
     along_axes = np.log10((axis_profiles[0] + axis_profiles[1]) / 2 + 1e-30) - reference
-    return np.concatenate([spectrum[np.triu_indices(n)], along_axes, tails])
+    return np.concatenate([spectrum[np.triu_indices(n)], along_axes])
+
+
 
 
 def _axis_profile(power: np.ndarray, along: np.ndarray, near_axis: np.ndarray) -> np.ndarray:
@@ -114,15 +132,6 @@ def _axis_profile(power: np.ndarray, along: np.ndarray, near_axis: np.ndarray) -
     n = len(AXIS_EDGES) - 1
     totals = np.bincount(bins[inside], rows[:, inside].sum(axis=0), n)
     return totals / np.maximum(np.bincount(bins[inside], minlength=n) * len(rows), 1)
-
-
-def spectrum_features(low_res: np.ndarray) -> np.ndarray:
-    """The first 65 of :func:`slice_features`: the spectrum alone, without the intensity tails.
-
-    The tails (how far ringing reaches past the percentiles) are lost when a file clips at zero
-    or rounds, and measured on sources the classifier never saw they cost more than they gave
-    (model card, "Leave one source out")."""
-    return slice_features(low_res)[:N_SPECTRUM]
 
 
 # what a classifier reads from each slice, by the name it is saved with ("spectrum and tails"
@@ -288,6 +297,12 @@ def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, l
     return [chosen[i] for i in keep]
 
 
+def usable_temperature(value: float) -> bool:
+    """Whether ``value`` can divide the logits: finite and positive (0 or NaN makes every
+    probability NaN, infinity makes them all equal)."""
+    return math.isfinite(value) and value > 0
+
+
 def save_classifier(path: Path, classifier: DegradationClassifier, scale: int, report: dict) -> None:
     """Write the classifier (plain tensors and data: loads with ``weights_only=True``)."""
     from medsr.writing import save_torch
@@ -326,6 +341,6 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: classifier weights do not fit ({str(exc).splitlines()[0]})") from None
     temperature = float(classifier.temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # else every probability is NaN or even
+    if not usable_temperature(temperature):
         raise CheckpointError(f"{path}: temperature must be finite and positive, not {temperature}")
     return classifier.eval()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,14 +604,21 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         MedsrError: no training scans.
     """
     from medsr.data import degradation_examples
-    from medsr.degradation import CLASSES, FEATURE_SETS, MAX_SLICES, choose_grid, save_classifier
+    from medsr.degradation import (
+        CLASSES,
+        FEATURE_SETS,
+        MAX_SLICES,
+        choose_grid,
+        save_classifier,
+        usable_temperature,
+    )
     from medsr.transforms import GRID_OF
 
     if not config.train_scans:
         raise MedsrError("the config lists no train_scans")
     if feature_set not in FEATURE_SETS:
         raise MedsrError(f"features must be one of {', '.join(FEATURE_SETS)}, not {feature_set!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not usable_temperature(temperature):
         raise MedsrError(f"temperature must be finite and positive, not {temperature}")
     check_patient_split(config)
     set_determinism(seed=config.seed)
