@@ -38,7 +38,7 @@ from degradation_loso import SOURCES, TEST, stored, views
 from medsr.checkpoint import default_weights, load_model
 from medsr.engine import enhance_volume
 from medsr.evaluation import upscale_bicubic, upscale_zero_fill
-from medsr.metrics import scored_slices, slice_ssims, trim_border
+from medsr.metrics import SliceScores, scored_slices, slice_scores
 from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS, degrade_volume
 
 MIXES = (0.25, 0.5, 0.75)
@@ -54,14 +54,12 @@ def chosen_slices(high_res: np.ndarray, axis: int, count: int) -> np.ndarray:
     return np.asarray(scored)[np.unique(picks)]
 
 
-def scores(high_res: np.ndarray, estimate: np.ndarray, axis: int, scale: int, volume_min: float,
-           data_range: float) -> dict[str, list[float]]:
-    reference = trim_border(high_res, axis, scale).astype(np.float64)
-    test = trim_border(estimate, axis, scale).astype(np.float64)
-    error = np.moveaxis((reference - test) ** 2, axis, 0).reshape(reference.shape[axis], -1)
-    ssim = slice_ssims(reference, test, axis, data_range, volume_min)
-    return {"sse": error.sum(axis=1).tolist(), "voxels": [float(error.shape[1])] * len(error),
-            "ssim": [None if np.isnan(v) else float(v) for v in ssim]}
+def scores(high_res: np.ndarray, estimate: np.ndarray, axis: int, scale: int,
+           volume_range: tuple[float, float]) -> dict[str, list]:
+    """The protocol's per-slice scores (:func:`medsr.metrics.slice_scores`) as JSON."""
+    scored = slice_scores(high_res, estimate, axis, scale, volume_range)
+    return {"sse": scored.squared_error.tolist(), "voxels": scored.voxels.tolist(),
+            "ssim": [None if np.isnan(v) else float(v) for v in scored.ssim]}
 
 
 def measure(args) -> None:
@@ -83,8 +81,7 @@ def measure(args) -> None:
                     started = time.perf_counter()
                     low_res, high_res, affine = degrade_volume(volume, np.eye(4), axis, args.scale, degradation)
                     low_res = stored(low_res, volume)
-                    volume_min = float(high_res.min())
-                    data_range = float(high_res.max()) - volume_min
+                    volume_range = (float(high_res.min()), float(high_res.max()))
                     picks = chosen_slices(high_res, axis, args.slices)
                     low, high = np.take(low_res, picks, axis=axis), np.take(high_res, picks, axis=axis)
                     with torch.inference_mode():
@@ -96,8 +93,9 @@ def measure(args) -> None:
                     for w in MIXES:
                         estimates[f"mix {w}"] = w * told["kspace"] + (1 - w) * told["bicubic"]
                     row = {"source": source, "volume": name, "plane": plane, "degradation": degradation,
-                           "truth": GRID_OF[degradation], "slices": picks.tolist(), "data_range": data_range,
-                           "scores": {k: scores(high, v, axis, args.scale, volume_min, data_range)
+                           "truth": GRID_OF[degradation], "slices": picks.tolist(),
+                           "data_range": volume_range[1] - volume_range[0],
+                           "scores": {k: scores(high, v, axis, args.scale, volume_range)
                                       for k, v in estimates.items()}}
                     with args.out.open("a") as file:
                         file.write(json.dumps(row) + "\n")
@@ -105,14 +103,18 @@ def measure(args) -> None:
                           + " ".join(f"{k} {psnr(row, k):.2f}" for k in estimates), flush=True)
 
 
+def _scored(row: dict, method: str) -> SliceScores:
+    kept = row["scores"][method]
+    ssim_values = np.array([np.nan if v is None else v for v in kept["ssim"]], dtype=np.float64)
+    return SliceScores(np.asarray(kept["sse"]), np.asarray(kept["voxels"]), ssim_values, row["data_range"])
+
+
 def psnr(row: dict, method: str) -> float:
-    s = row["scores"][method]
-    return float(10 * np.log10(row["data_range"] ** 2 / (sum(s["sse"]) / sum(s["voxels"]))))
+    return _scored(row, method).scores()["psnr"]
 
 
 def ssim(row: dict, method: str) -> float:
-    values = [v for v in row["scores"][method]["ssim"] if v is not None]
-    return float(np.mean(values)) if values else float("nan")
+    return _scored(row, method).scores()["ssim"]
 
 
 def best_classical(row: dict) -> tuple[float, float]:

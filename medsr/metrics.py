@@ -98,14 +98,16 @@ class SliceScores:
                 "ssim": float(scored.mean()) if len(scored) else float("nan")}
 
 
-def slice_scores(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int) -> SliceScores:
+def slice_scores(high_res: np.ndarray, estimate: np.ndarray, slice_axis: int, scale: int,
+                 volume_range: tuple[float, float] | None = None) -> SliceScores:
     """Protocol step 4, per slice: squared errors and SSIM of ``estimate`` against ``high_res``
     (same shape, units). The data range and the foreground threshold come from the whole
-    reference volume; a border of ``scale`` voxels is removed in-plane."""
+    reference volume, ``(min, max)`` in ``volume_range`` when ``high_res`` holds only some of
+    its slices; a border of ``scale`` voxels is removed in-plane."""
     if high_res.shape != estimate.shape:
         raise ValueError(f"shapes differ: reference {high_res.shape}, estimate {estimate.shape}")
-    volume_min = float(high_res.min())
-    data_range = float(high_res.max()) - volume_min
+    volume_min, volume_max = volume_range or (float(high_res.min()), float(high_res.max()))
+    data_range = volume_max - volume_min
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, not {data_range}")
     reference = np.moveaxis(trim_border(high_res, slice_axis, scale), slice_axis, 0).astype(np.float64)
