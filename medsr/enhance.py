@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medsr import __version__
-from medsr.consistency import check_consistency, resolved
+from medsr.consistency import check_consistency, projects
 from medsr.degradation import DegradationEstimate, find_degradation, load_classifier
 from medsr.engine import (
     COMPILE_CHOICES,
@@ -246,7 +246,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
-    consistent = resolved(consistency, degradation, None if estimate is None else estimate.likely) == "on"
+    consistent = projects(consistency, degradation, None if estimate is None else estimate.likely)
     projection = (f"consistency projection {'on' if consistent else 'off'} (--consistency {consistency}): "
                   + ("the output degraded as the input reproduces it" if consistent else "the network's output"))
     model_scale = enhancer.model.scale

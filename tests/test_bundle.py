@@ -45,6 +45,15 @@ def _files(root: Path) -> tuple[str, str]:
     return str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
 
 
+def _ckpt_exported(root: Path, path: Path) -> torch.jit.ScriptModule:
+    """What MONAI's ckpt_export makes of the bundle's models/model.pt (traced on the image alone), loaded."""
+    meta, config = _files(root)
+    ckpt_export(net_id="network_def", filepath=str(path), ckpt_file=str(root / "models" / "model.pt"),
+                meta_file=meta, config_file=config, bundle_root=str(root), use_trace=True,
+                input_shape=[1, 1, 16, 16])
+    return torch.jit.load(path)
+
+
 def _network(root: Path) -> torch.nn.Module:
     meta, config = _files(root)
     parser = ConfigParser()
@@ -176,11 +185,7 @@ def test_model_ts_and_ckpt_export_reproduce_model_pt(tmp_path, x2_bundle):
         expected, expected_bicubic = network(images, codes), network(images)
     shipped = torch.jit.load(x2_bundle / "models" / "model.ts")
     torch.testing.assert_close(shipped(images, codes), expected, atol=TOLERANCE, rtol=0)
-    meta, config = _files(x2_bundle)
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "exported.ts"),
-                ckpt_file=str(x2_bundle / "models" / "model.pt"), meta_file=meta, config_file=config,
-                bundle_root=str(x2_bundle), use_trace=True, input_shape=[1, 1, 16, 16])
-    exported = torch.jit.load(tmp_path / "exported.ts")
+    exported = _ckpt_exported(x2_bundle, tmp_path / "exported.ts")
     torch.testing.assert_close(exported(images), expected_bicubic, atol=TOLERANCE, rtol=0)
 
 
@@ -253,11 +258,7 @@ def test_through_plane_ckpt_export_reproduces_model_pt(tmp_path, through_plane_b
     with torch.inference_mode():
         expected, expected_three = network(planes, fours[:2]), network(planes, threes)
     assert float((expected - expected_three).abs().max()) > 100 * TOLERANCE  # the factor fixed is one that shows
-    meta, config = _files(through_plane_bundle)
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "exported.ts"),
-                ckpt_file=str(through_plane_bundle / "models" / "model.pt"), meta_file=meta, config_file=config,
-                bundle_root=str(through_plane_bundle), use_trace=True, input_shape=[1, 1, 16, 16])
-    exported = torch.jit.load(tmp_path / "exported.ts")
+    exported = _ckpt_exported(through_plane_bundle, tmp_path / "exported.ts")
     torch.testing.assert_close(exported(planes), expected, atol=TOLERANCE, rtol=0)
     shipped = torch.jit.load(through_plane_bundle / "models" / "model.ts")
     torch.testing.assert_close(shipped(planes, threes), expected_three, atol=TOLERANCE, rtol=0)
