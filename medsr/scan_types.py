@@ -9,7 +9,7 @@ readers, :mod:`medsr.dicom_reading` and :mod:`medsr.nifti_reading`, can build th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ UNKNOWN_XFORM_CODES = (0, 0)
 
 
 class _ScanFacts:
-    """What :class:`Scan` and :class:`OpenScan` both tell from their headers and affine."""
+    """What a scan tells from its headers and affine (the fields: :class:`ScanHeaders`)."""
 
     affine: np.ndarray
     dicom_headers: tuple
@@ -49,12 +49,12 @@ class _ScanFacts:
         return voxel_sizes(self.affine)
 
 
-@dataclass(frozen=True)
-class Scan(_ScanFacts):
-    """A volume in original units with its geometry.
+@dataclass(frozen=True, kw_only=True)
+class ScanHeaders(_ScanFacts):
+    """What a reader tells of a scan before its voxels: geometry and headers, shared by
+    :class:`Scan` and :class:`OpenScan` (keyword-only, so each can add its own required fields).
 
     Attributes:
-        array: ``(I, J, K)`` float32 voxels in original units (HU for CT, scanner units for MR).
         affine: ``(4, 4)`` voxel index -> RAS+ mm.
         slice_axis: the axis along which slices were acquired (0, 1 or 2).
         path: where the scan was read from.
@@ -78,7 +78,6 @@ class Scan(_ScanFacts):
             (original units), when the header sets one; an output of this scan keeps it.
     """
 
-    array: np.ndarray
     affine: np.ndarray
     slice_axis: int
     path: Path
@@ -90,6 +89,21 @@ class Scan(_ScanFacts):
     xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
     padding: tuple[float, float] | None = None
     display_range: tuple[float, float] | None = None
+
+    def headers(self) -> dict:
+        """This scan's :class:`ScanHeaders` fields by name, to build another kind of scan from."""
+        return {f.name: getattr(self, f.name) for f in fields(ScanHeaders)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scan(ScanHeaders):
+    """A volume in original units with its geometry (the rest: :class:`ScanHeaders`).
+
+    Attributes:
+        array: ``(I, J, K)`` float32 voxels in original units (HU for CT, scanner units for MR).
+    """
+
+    array: np.ndarray
 
     def to_metatensor(self):
         """The volume as a MONAI ``MetaTensor`` with ``affine`` and ``slice_axis`` in its meta."""
@@ -102,31 +116,19 @@ class Scan(_ScanFacts):
         )
 
 
-@dataclass(frozen=True)
-class OpenScan(_ScanFacts):
-    """A scan whose headers and geometry are read and whose voxels are read slice by slice.
+@dataclass(frozen=True, kw_only=True)
+class OpenScan(ScanHeaders):
+    """A scan whose headers and geometry are read and whose voxels are read slice by slice
+    (the rest: :class:`ScanHeaders`).
 
     Attributes:
         shape: ``(I, J, K)`` of the whole volume.
-        affine, slice_axis, path, source_format, dicom_headers, multiframe, frame_order,
-            geometry_assumed, xform_codes, padding, display_range: as in :class:`Scan`.
         read_plane: index along ``slice_axis`` -> that slice, float32 in original units, the
             two remaining axes in array order. Raises :class:`ScanReadError` on damaged data.
     """
 
     shape: tuple[int, int, int]
-    affine: np.ndarray
-    slice_axis: int
-    path: Path
-    source_format: str
     read_plane: Callable[[int], np.ndarray] = field(repr=False)
-    dicom_headers: tuple = field(default=(), repr=False)
-    multiframe: bool = False
-    frame_order: tuple[int, ...] = ()
-    geometry_assumed: bool = False
-    xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
-    padding: tuple[float, float] | None = None
-    display_range: tuple[float, float] | None = None
 
     @property
     def n_slices(self) -> int:
@@ -145,11 +147,7 @@ class OpenScan(_ScanFacts):
         """
         array = np.stack(list(self.planes()), axis=self.slice_axis)
         refuse_non_finite(self.path, int(np.count_nonzero(~np.isfinite(array))))
-        return Scan(array=np.ascontiguousarray(array, dtype=np.float32), affine=self.affine,
-                    slice_axis=self.slice_axis, path=self.path, source_format=self.source_format,
-                    dicom_headers=self.dicom_headers, multiframe=self.multiframe,
-                    frame_order=self.frame_order, geometry_assumed=self.geometry_assumed,
-                    xform_codes=self.xform_codes, padding=self.padding, display_range=self.display_range)
+        return Scan(array=np.ascontiguousarray(array, dtype=np.float32), **self.headers())
 
 
 def refuse_non_finite(path: Path, bad: int) -> None:
