@@ -53,7 +53,7 @@ import logging
 import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,15 @@ from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
 from medsr.reading import OpenScan
 from medsr.transforms import IntensityWindow
-from medsr.writing import move_into_place, output_taken, staging_folder, sync_file, sync_folder, write_errors
+from medsr.writing import (
+    commit_or_discard,
+    move_into_place,
+    output_taken,
+    staging_folder,
+    sync_file,
+    sync_folder,
+    write_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -781,6 +789,7 @@ class _DerivedSeriesWriter:
         with write_errors(self.folder):
             self.staging = self._cleanup.enter_context(staging_folder(self.folder))
         self._syncs = _Syncs()
+        self._cleanup.callback(self._syncs.close)  # first out: the syncs end before the staging goes
         self._frames = None
         if self.scan.multiframe:
             try:
@@ -814,25 +823,17 @@ class _DerivedSeriesWriter:
     def __exit__(self, kind, error, traceback) -> bool:
         """Rename the complete series into place; on any failure (in the block or here) remove
         the staging folder and leave ``folder`` as it was."""
-        with self._cleanup:  # removes the staging folder, whatever happens
-            try:
-                if kind is not None:
-                    with suppress(OSError):  # a failing disk fails the close too; the first error counts
-                        self._close_frames()
-                    return False
-                with write_errors(self.folder):
-                    self._close_frames()
-                    if self.written != self.layout.n_images:
-                        raise OutputError(f"{self.folder}: only {self.written} of {self.layout.n_images} slices "
-                                          "were written")
-                    if self.scan.multiframe:
-                        self._write_multiframe()
-                    self._syncs.wait()  # every file is on disk before the folder is
-                    sync_folder(self.staging)
-                    move_into_place(self.staging, self.folder)
-            finally:
-                self._syncs.close()
+        commit_or_discard(kind is not None, self._cleanup, self.folder, self._close_frames, self._commit)
         return False
+
+    def _commit(self) -> None:
+        if self.written != self.layout.n_images:
+            raise OutputError(f"{self.folder}: only {self.written} of {self.layout.n_images} slices were written")
+        if self.scan.multiframe:
+            self._write_multiframe()
+        self._syncs.wait()  # every file is on disk before the folder is
+        sync_folder(self.staging)
+        move_into_place(self.staging, self.folder)
 
     def _close_frames(self) -> None:
         frames, self._frames = self._frames, None

@@ -19,7 +19,7 @@ import errno
 import io
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
@@ -49,6 +49,23 @@ def write_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OutputError(f"{path}: cannot write it: {_reason(exc)}") from exc
+
+
+def commit_or_discard(failed: bool, cleanup: ExitStack, output: Path, close: Callable[[], None],
+                      commit_output: Callable[[], None]) -> None:
+    """How a writer leaves: ``close()`` its open files, then, unless the block ``failed``,
+    ``commit_output()`` (check it is complete, sync, rename into place) with an ``OSError`` named
+    after ``output``; ``cleanup`` removes every temporary whatever happens, so a failure leaves
+    ``output`` as it was. A failing disk fails the close of a failed block too: the block's
+    error is the one that counts."""
+    with cleanup:
+        if failed:
+            with suppress(OSError):
+                close()
+            return
+        with write_errors(output):
+            close()
+            commit_output()
 
 
 def _reason(error: OSError) -> str:
@@ -349,15 +366,7 @@ class NiftiSliceWriter:
     def __exit__(self, kind, error, traceback) -> bool:
         """Rename the complete file into place; on any failure (in the block or here) remove
         every temporary and leave ``path`` as it was."""
-        with self._temporaries:  # removes the temporary file and the scratch, whatever happens
-            if kind is not None:
-                with suppress(OSError):  # a failing disk fails the close too; the first error counts
-                    self._close()
-                return False
-            with write_errors(self.path):
-                self._close()
-                self._finish()
-                commit(self._temporary, self.path)
+        commit_or_discard(kind is not None, self._temporaries, self.path, self._close, self._commit)
         return False
 
     def _close(self) -> None:
@@ -367,6 +376,10 @@ class NiftiSliceWriter:
         voxels, self._voxels = getattr(self, "_voxels", None), None  # unmapped once unreferenced
         if voxels is not None:
             voxels.flush()
+
+    def _commit(self) -> None:
+        self._finish()
+        commit(self._temporary, self.path)
 
     def _finish(self) -> None:
         if self.written != self.shape[self.slice_axis]:
