@@ -18,7 +18,11 @@ slices) of ``consistency``, ``ensemble`` and ``both`` against ``plain``.
 each of the four options (after a warm-up; ``--repeat N`` interleaved runs of each, the median),
 in seconds per slice and as ratios to plain.
 
-Usage (the test cut-outs of the model card, 8 middle slices each, cut out with their affine):
+Usage (the model card's table: every 4th slice of the five whole test volumes; ``--every 1``
+scores every slice):
+    python benchmarks/consistency_ensemble_table.py <the 5 test volumes> --every 4 --scale 2 \
+        --degradation bicubic,kspace,area,gaussian,lanczos,rician --bootstrap 2000 --json OUT
+Earlier, on cut-outs (8 middle slices of 2 test volumes, cut out with their affine):
     python benchmarks/consistency_ensemble_table.py CUT1.nii.gz CUT2.nii.gz --scale 4 \
         --degradation bicubic,kspace,area,gaussian,lanczos,rician --bootstrap 2000 [--json OUT]
     python benchmarks/consistency_ensemble_table.py CUT1.nii.gz CUT2.nii.gz --scale 4 --time --repeat 3
@@ -51,11 +55,21 @@ def run(volume: np.ndarray, affine: np.ndarray, axis: int, model, grid: str, ens
     return projected, np.moveaxis(np.concatenate(plain), 0, axis)
 
 
-def score(path: str, degradation: str, model, precision: str, device: str) -> ScanResult:
+def every_nth(count: int, every: int) -> np.ndarray:
+    """Slice indices ``every`` apart, centred in the volume (all of them for 1)."""
+    return np.arange((count - 1) % every // 2, count, every)
+
+
+def score(path: str, degradation: str, model, precision: str, device: str, every: int = 1) -> ScanResult:
     scan = read_scan(path)
     axis = protocol_slice_axis(scan)
     scale = model.scale
     low_res, high_res, low_affine = degrade_volume(scan.array, scan.affine, axis, scale, degradation)
+    # Degraded whole (the Rician level comes from the whole volume), then thinned: every slice is
+    # enhanced and scored on its own, and the data range and foreground stay the whole volume's.
+    volume_range = (float(high_res.min()), float(high_res.max()))
+    keep = every_nth(high_res.shape[axis], every)
+    low_res, high_res = np.take(low_res, keep, axis=axis), np.take(high_res, keep, axis=axis)
     grid = GRID_OF[degradation]
     estimates = {name: baseline(low_res, axis, scale) for name, baseline in BASELINES.items()}
     estimates["consistency"], estimates["plain"] = run(low_res, low_affine, axis, model, grid, False,
@@ -64,7 +78,7 @@ def score(path: str, degradation: str, model, precision: str, device: str) -> Sc
                                                    precision, device)
     result = ScanResult(scan=str(path), degradation=degradation)
     for name, estimate in estimates.items():
-        result.details[name] = slice_scores(high_res, estimate, axis, scale)
+        result.details[name] = slice_scores(high_res, estimate, axis, scale, volume_range)
         result.scores[name] = result.details[name].scores()
     return result
 
@@ -125,6 +139,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--every", type=int, default=1,
+                        help="score every Nth slice of each whole volume (1: all; the slices are enhanced one by one)")
     parser.add_argument("--time", action="store_true", help="time the four options instead (first degradation)")
     parser.add_argument("--repeat", type=int, default=1, help="--time: runs of each option (median)")
     parser.add_argument("--json", help="write the figures here")
@@ -142,7 +158,7 @@ def main() -> None:
             results = []
             for path in args.scans:
                 started = time.perf_counter()
-                results.append(score(path, degradation, model, args.precision, args.device))
+                results.append(score(path, degradation, model, args.precision, args.device, args.every))
                 print(f"scored {path} {degradation} in {time.perf_counter() - started:.0f} s", flush=True)
             found.update(table(results, args.bootstrap))
             if args.json:  # after each degradation, so a run cut short keeps what it found
