@@ -29,7 +29,15 @@ import torch
 from scipy.stats import rankdata
 
 from medsr.checkpoint import load_model
-from medsr.detail_map import box_mean, departure, detail_map, gradient_magnitude, map_quality, spread
+from medsr.detail_map import (
+    box_mean,
+    departure,
+    detail_map,
+    gradient_magnitude,
+    map_quality,
+    noise_floor,
+    spread,
+)
 from medsr.engine import enhance_volume
 from medsr.evaluation import protocol_slice_axis
 from medsr.reading import read_scan
@@ -63,6 +71,11 @@ def candidates(passes: torch.Tensor, classical: torch.Tensor) -> dict[str, torch
         maps[f"local std {size}x{size}"] = local_std(output, size)
     maps["classical local std 5x5"] = local_std(classical, 5)
     # geometric means keep the output's units and rank like the products
+    maps["spread and structure"] = detail_map(passes, classical, "spread and structure")
+    maps["spread, structure and noise"] = detail_map(passes, classical, "spread, structure and noise")
+    for weight in (0.5, 2.0):
+        maps[f"hypot(spread and structure, {weight} x noise floor)"] = torch.hypot(
+            maps["spread and structure"], weight * noise_floor(output))
     for a, b in (("spread 3x3", "gradient 3x3"), ("spread 5x5", "gradient 3x3"), ("spread 3x3", "local std 5x5"),
                  ("spread 5x5", "local std 5x5"), ("spread 3x3", "departure 3x3"),
                  ("departure 3x3", "local std 5x5"), ("spread 5x5", "local std 7x7")):

@@ -245,8 +245,8 @@ def enhance(
                            "the 4 flips of each plane.")] = False,
     detail_map: Annotated[Path | None, typer.Option(
         help="Also write a map of how unsure the network is at each voxel (the spread of the 8 "
-             "flipped/transposed passes times the output's gradient, as a geometric mean, in the output's "
-             "units), on the output's grid and in its format: "
+             "flipped/transposed passes times the output's gradient, as a geometric mean, with the noise "
+             "floor of the signal, in the output's units), on the output's grid and in its format: "
              ".nii/.nii.gz, or a folder for a second DICOM series of the same study. One scan only.")] = None,
 ) -> None:
     """Enhance every slice of a scan and write the enhanced volume."""

@@ -180,8 +180,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
         detail_map: also write, at this path and in the output's format (a NIfTI file, or a
             second DICOM series of the same study), a volume on the output's grid showing how
             unsure the network is at each voxel (:mod:`medsr.detail_map`: the spread of the
-            eight passes times the output's gradient, as a geometric mean, in the output's
-            units). It runs the eight passes even without
+            eight passes times the output's gradient, as a geometric mean, with the noise
+            floor of the signal, in the output's units). It runs the eight passes even without
             ``ensemble``. In-plane only.
         progress, reading: called with ``(slices_done, total)`` while enhancing and while
             reading (the survey pass).
@@ -345,8 +345,9 @@ def _write(scan: OpenScan, output: Path, output_format: str, shape, affine, grid
     # window on validation): shown from 0 to a tenth of the window
     map_window = IntensityWindow(0.0, 0.1 * (window.high - window.low))
     map_text = ("medsr detail map: geometric mean of the spread of the 8 flipped/transposed passes (5x5 mean) "
-                "and the output's gradient (3x3 mean), same units as the enhanced series; high = the network "
-                "is unsure where the image has structure")
+                "and the output's gradient (3x3 mean), with the slice's noise floor on the signal added in "
+                "quadrature, same units as the enhanced series; high = the network is unsure where the image "
+                "has structure")
     with contextlib.ExitStack() as writers:
         if output_format == "dicom":
             from medsr.dicom_writing import DicomSeriesWriter

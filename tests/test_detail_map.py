@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from medsr.cli import app
-from medsr.detail_map import MEASURE, MEASURES, detail_map, map_quality
+from medsr.detail_map import MEASURE, MEASURES, detail_map, map_quality, noise_floor
 from medsr.engine import enhance_volume
 from medsr.enhance import enhance_file
 from medsr.errors import MedsrError
@@ -30,8 +30,10 @@ def test_every_measure_is_non_negative_and_shaped_like_the_output():
     for measure in MEASURES:
         values = detail_map(passes, classical, measure)
         assert values.shape == (2, 6, 4) and bool((values >= 0).all())
-    # eight equal passes: nothing to be unsure about
-    assert float(detail_map(passes[:1].expand(8, -1, -1, -1), classical).max()) == 0
+    # eight equal passes: nothing to be unsure about, so only the noise floor of the signal is left
+    equal = passes[:1].expand(8, -1, -1, -1)
+    assert float(detail_map(equal, classical, "spread and structure").max()) == 0
+    torch.testing.assert_close(detail_map(equal, classical), noise_floor(passes[0]))
     with pytest.raises(ValueError, match="measure must be one of .*, not 'loud'"):
         detail_map(passes, classical, "loud")
     assert MEASURE in MEASURES
@@ -50,6 +52,18 @@ def test_shipped_map_is_in_the_output_units_and_quiet_without_structure():
     edge[..., 5:] += 1
     values = detail_map(edge, edge[0])
     assert float(values[..., 4:6].min()) > 0.1 and float(values[..., :2].max()) < 1e-3
+
+
+def test_noise_floor_is_the_median_high_pass_of_the_signal_and_zero_off_it():
+    rng = np.random.default_rng(0)
+    image = np.zeros((1, 40, 40), dtype=np.float32)
+    image[0, 10:30, 10:30] = 0.5 + rng.normal(0, 0.02, (20, 20))  # a noisy square on an empty background
+    floor = noise_floor(torch.from_numpy(image))[0].numpy()
+    assert floor[0, 0] == 0 and floor[20, 20] > 0  # off the signal nothing, on it the floor
+    assert np.unique(floor[floor > 0]).size == 1  # one value per slice
+    assert 0.005 < floor[20, 20] < 0.03  # of the order of the noise (0.02), not of the square's edge (0.5)
+    # no signal at all: no floor
+    assert float(noise_floor(torch.zeros(2, 8, 8)).max()) == 0
 
 
 def test_map_flags_the_largest_errors_on_a_real_validation_slice(monkeypatch):
