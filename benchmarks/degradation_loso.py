@@ -21,9 +21,10 @@ confidence; ``--test`` adds the collection's test split, decided by a classifier
 every other source (nothing is chosen with it).
 
     python benchmarks/degradation_loso.py --data-root ../shared/scans [--scale 2] [--test]
-        [--epochs 300] [--out .cache/loso] [--features "spectrum and tails" --no-history]
+        [--epochs 300] [--out .cache/loso] [--features "spectrum and tails" --no-history --no-storage]
 
-(``--features "spectrum and tails" --no-history`` is medsr 0.2.0's recipe.)
+(``--features "spectrum and tails" --no-history --no-storage`` is medsr 0.2.0's recipe, and
+``--no-storage`` alone that of the first x2 classifier of 2026-12-06.)
 
 Features are cached under ``--out`` (a few minutes the first time on a 2-core CPU; each fit
 about half a minute).
@@ -85,6 +86,7 @@ PLANE_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
 TRAIN_SLICES_PER_VIEW = 60
 # bump when medsr.data.degradation_examples changes what it makes (it keys the feature cache)
 RECIPE = "source history"
+STORAGE = ", file storage"
 ON_KSPACE = np.array([GRID_OF[name] == "kspace" for name in CLASSES])
 
 
@@ -119,7 +121,7 @@ class _View:
 
 
 def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, features_of,
-          history: bool = True) -> dict:
+          history: bool = True, storage: bool = True) -> dict:
     """Training examples and decision features of every view of every volume in ``groups``."""
     cases, train = [], {}
     for source, paths in groups.items():
@@ -128,7 +130,8 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, 
                 name = f"{relative} [{plane}]"
                 print(f"  {name}", flush=True)
                 features, labels, _ = degradation_examples([_View(volume, axis)], scale, TRAIN_SLICES_PER_VIEW, seed,
-                                                              features_of=features_of, history=history)
+                                                              features_of=features_of, history=history,
+                                                              storage=storage)
                 train[name] = (source, acquired, features, labels)
                 for degradation in ALL_DEGRADATIONS:
                     low_res, _, _ = degrade_volume(volume, np.eye(4), axis, scale, degradation)
@@ -201,6 +204,9 @@ def main() -> None:
                         help="what the classifier reads from each slice (medsr.degradation.FEATURE_SETS)")
     parser.add_argument("--no-history", dest="history", action="store_false",
                         help="fit on the slices as they are (medsr 0.2.0), without medsr.data.source_history")
+    parser.add_argument("--no-storage", dest="storage", action="store_false",
+                        help="fit on the degraded slices unrounded (medsr 0.2.0, the first 2026-12-06 x2 classifier), "
+                             "without medsr.data.stored_as_file")
     parser.add_argument("--variants", nargs="+", default=["native", "planes"], choices=["native", "planes"])
     args = parser.parse_args()
     torch.set_num_threads(1)  # a small network: more threads only fight over the two cores
@@ -208,7 +214,7 @@ def main() -> None:
     # keyed on everything the features depend on, so a changed list or seed never reuses stale
     # ones; the file is this script's own (pickled dictionaries): keep --out private
     keyed = [str(args.data_root.resolve()), SOURCES, TEST, args.seed, TRAIN_SLICES_PER_VIEW, MAX_SLICES,
-             args.features, RECIPE if args.history else "no history"]
+             args.features, (RECIPE if args.history else "no history") + (STORAGE if args.storage else "")]
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:12]
     cache = args.out / f"features_x{args.scale}_{key}.npz"
     if cache.exists():
@@ -216,7 +222,7 @@ def main() -> None:
     else:
         print("features:")
         data = build(args.data_root, {**SOURCES, **TEST}, args.scale, args.seed, FEATURE_SETS[args.features],
-                     args.history)
+                     args.history, args.storage)
         np.savez_compressed(cache, data=np.array(data, dtype=object))
     train, cases = data["train"], data["cases"]
     variants = {"native": lambda acquired: acquired, "planes": lambda acquired: True}

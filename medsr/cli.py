@@ -175,6 +175,9 @@ def fit_degradation(
     history: Annotated[bool, typer.Option(
         help="Give each training slice a random history first (resampled, blurred, noisier); "
              "--no-history: as medsr 0.2.0 fitted its classifiers.")] = True,
+    storage: Annotated[bool, typer.Option(
+        help="Store each degraded training slice as a file may (rounded to 256-4096 levels, clipped), half "
+             "the time; --no-storage: as medsr 0.2.0 and the first 2026-12-06 x2 classifier.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Fit the classifier that tells from the pixels how a scan lost its resolution."""
@@ -186,7 +189,7 @@ def fit_degradation(
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     report = train_degradation_classifier(load_config(config, set_ or []), out, feature_set=features,
-                                          temperature=temperature, history=history)
+                                          temperature=temperature, history=history, storage=storage)
     typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
     for name, result in report["validation"].items():
         typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "

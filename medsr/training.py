@@ -586,7 +586,7 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300,
 
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
                                  epochs: int = 300, feature_set: str = DEFAULT_FEATURE_SET,
-                                 temperature: float = 1.0, history: bool = True) -> dict:
+                                 temperature: float = 1.0, history: bool = True, storage: bool = True) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
     with MONAI's ``SupervisedTrainer``, score it on the validation scans, save it to
     ``out_path`` with that report inside, and return the report.
@@ -594,7 +594,9 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
     ``feature_set`` names what it reads from each slice (:data:`medsr.degradation.FEATURE_SETS`);
     ``temperature`` divides its logits (1: as fitted; the calibrated value comes from the
     leave-one-source-out decisions of ``benchmarks/degradation_loso.py``); ``history`` gives
-    each training slice a random :func:`medsr.data.source_history` first (medsr 0.2.0: none).
+    each training slice a random :func:`medsr.data.source_history` first (medsr 0.2.0: none);
+    ``storage`` stores each degraded slice as a file may (:func:`medsr.data.stored_as_file`:
+    rounded, clipped; medsr 0.2.0 and the first 2026-12-06 x2 classifier: never).
 
     The validation report gives, per degradation, how many volumes got the right grid (the
     decision :func:`medsr.degradation.estimate_degradation` makes, from up to 64 slices) and
@@ -625,11 +627,11 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
     features_of = FEATURE_SETS[feature_set]
     features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
                                                slices_per_scan, config.seed, features_of=features_of,
-                                               history=history)
+                                               history=history, storage=storage)
     classifier = fit_classifier(features, labels, epochs, feature_set)
     classifier.temperature.fill_(temperature)
     report = {"train_examples": int(len(labels)), "scale": config.scale, "features": feature_set,
-              "history": history, "calibration": {"temperature": temperature}, "validation": {}}
+              "history": history, "storage": storage, "calibration": {"temperature": temperature}, "validation": {}}
     val_scans = _cached(config, "val_scans") if config.val_scans else []
     if val_scans:
         features, labels, owners = degradation_examples(val_scans, config.scale, MAX_SLICES,

@@ -279,3 +279,31 @@ def test_training_slices_get_a_random_history_before_the_degradation():
     np.testing.assert_array_equal(plain_a[noiseless], plain_b[noiseless])  # no history without randomise
     varied = degradation_examples([_Scan()], 2, 2, seed=0)[0]
     assert varied.shape == plain_a.shape and not np.allclose(varied[noiseless], plain_a[noiseless])
+
+
+def test_training_slices_are_stored_as_a_file_may_store_them():
+    """After the degradation, half the training slices are rounded to 256-4096 levels over the
+    source slice's range and clipped at its minimum, as an integer file holds them; --no-storage
+    (storage=False) leaves them as computed, as the first 2026-12-06 x2 classifier was fitted."""
+    from medsr.data import degradation_examples, stored_as_file
+    from medsr.transforms import degrade_bicubic
+
+    original = read_scan(MR_NIFTI).array[:, :, 80].astype(np.float32)
+    low_res = degrade_bicubic(original, 2)
+    draws = [stored_as_file(low_res, original, np.random.default_rng(seed)) for seed in range(16)]
+    rounded = [d for d in draws if not np.array_equal(d, low_res)]
+    assert 0 < len(rounded) < len(draws)  # about half
+    low, width = float(original.min()), float(original.max() - original.min())
+    for stored in rounded:
+        assert stored.dtype == np.float32 and stored.min() >= low
+        levels = np.unique(stored)
+        assert len(levels) <= 4097 and np.diff(levels).min() >= width / 4096 * 0.99  # at most 4096 steps
+        assert np.abs(stored - np.maximum(low_res, low)).max() <= width / 256 / 2 * 1.01  # half a step at most
+    np.testing.assert_array_equal(stored_as_file(low_res, original, np.random.default_rng(5)), draws[5])
+
+    class _Scan:
+        slices = read_scan(MR_NIFTI).array.transpose(2, 0, 1)[70:90:10]
+
+    unrounded = degradation_examples([_Scan()], 2, 2, seed=0, storage=False)[0]
+    stored = degradation_examples([_Scan()], 2, 2, seed=0)[0]
+    assert stored.shape == unrounded.shape and not np.allclose(stored, unrounded)

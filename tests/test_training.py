@@ -194,6 +194,7 @@ def test_fit_degradation_writes_a_classifier_with_its_validation_report(tmp_path
     load_classifier(out, 2)
     report = safe_torch_load(out)["report"]
     assert set(report["validation"]) == set(CLASSES)
+    assert report["history"] is True and report["storage"] is True  # the shipped x2 recipe by default
     for found in report["validation"].values():
         assert found["volume_names"] == ["mr_pd_oblique_dicom"] and found["volumes"] == 1
         assert 0 <= found["slice_accuracy"] <= 1
