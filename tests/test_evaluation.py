@@ -28,7 +28,8 @@ def test_bicubic_baseline_is_the_protocol_zoom():
 @pytest.mark.parametrize("degradation", ["bicubic", "kspace"])
 def test_evaluate_scan_on_a_real_series(degradation, tiny_checkpoint):
     scan = read_scan(MR_SERIES)
-    small = type(scan)(scan.array[:, :, 8:11], scan.affine, 2, scan.path, "dicom")
+    small = type(scan)(array=scan.array[:, :, 8:11], affine=scan.affine, slice_axis=2, path=scan.path,
+                       source_format="dicom")
     model, _ = load_model(tiny_checkpoint)
     result = evaluate_scan(small, {"tiny": model}, degradation, 2, keep_images=True)
     assert set(result.scores) == {"bicubic", "zero_fill", "tiny"}
