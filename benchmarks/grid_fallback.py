@@ -19,6 +19,7 @@ One JSON line per view and degradation (sums of squared errors per slice, SSIM p
 
     python benchmarks/grid_fallback.py --data-root ../shared/scans [--scale 2] [--slices 4]
     python benchmarks/grid_fallback.py --summary [--decisions .cache/loso/decisions_x2.json]
+    python benchmarks/grid_fallback.py --summary --average --decisions SEED0.json SEED1.json SEED2.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from degradation_loso import SOURCES, TEST, stored, views
 
 from medsr.checkpoint import default_weights, load_model
+from medsr.degradation import choose_grid
 from medsr.engine import enhance_volume
 from medsr.evaluation import upscale_bicubic, upscale_zero_fill
 from medsr.metrics import SliceScores, scored_slices, slice_scores
@@ -124,6 +126,30 @@ def best_classical(row: dict) -> tuple[float, float]:
     return max(psnr(row, m) for m in counted), max(ssim(row, m) for m in counted)
 
 
+def calibrated_decisions(path: Path) -> dict:
+    """``(volume, degradation)`` -> the calibrated decision of one ``degradation_loso.py`` file."""
+    if not path.exists():
+        raise SystemExit(f"error: {path}: no such decisions file (benchmarks/degradation_loso.py writes it)")
+    variants = json.loads(path.read_text())
+    if "native" not in variants:
+        raise SystemExit(f"error: {path}: holds no 'native' variant (run degradation_loso.py with it)")
+    return {(d["volume"], d["degradation"]): d for d in variants["native"]["calibrated"]}
+
+
+def averaged(runs) -> dict:
+    """One decision from several classifiers (e.g. fitted with other seeds): the mean of their
+    calibrated probabilities of the ``kspace`` grid, then the grid a single classifier would take
+    (:func:`medsr.degradation.choose_grid`)."""
+    runs = list(runs)
+    out = {}
+    for key, first in runs[0].items():
+        kspace = np.mean([d["confidence"] if d["grid"] == "kspace" else 1 - d["confidence"]
+                          for d in (run[key] for run in runs)])
+        grid = choose_grid(float(kspace))
+        out[key] = {**first, "grid": grid, "confidence": float(kspace if grid == "kspace" else 1 - kspace)}
+    return out
+
+
 def summary(args) -> None:
     rows = [json.loads(line) for line in args.out.read_text().splitlines()]
     methods = ["kspace", "bicubic", *(f"mix {w}" for w in MIXES)]
@@ -134,14 +160,11 @@ def summary(args) -> None:
         for m in methods:
             gap = np.array([psnr(r, m) - best_classical(r)[0] for r in mine])
             print(f"    {m:10s} mean {gap.mean():+6.2f}  worst {gap.min():+6.2f}  below 0: {int((gap < 0).sum())}")
-    for path in args.decisions:
-        if not path.exists():
-            raise SystemExit(f"error: {path}: no such decisions file (benchmarks/degradation_loso.py writes it)")
-        variants = json.loads(path.read_text())
-        if "native" not in variants:
-            raise SystemExit(f"error: {path}: holds no 'native' variant (run degradation_loso.py with it)")
-        decisions = {(d["volume"], d["degradation"]): d for d in variants["native"]["calibrated"]}
-        print(f"\n{path}: the calibrated decision (leave-one-source-out; test: fitted on every source)")
+    named = [(str(path), calibrated_decisions(path)) for path in args.decisions]
+    if args.average:
+        named = [(f"the average of {len(named)} files", averaged(d for _, d in named))]
+    for label, decisions in named:
+        print(f"\n{label}: the calibrated decision (leave-one-source-out; test: fitted on every source)")
         rules = {"hard": lambda d: d["grid"],
                  "hard if >= 0.8, else mix 0.5": lambda d: d["grid"] if d["confidence"] >= 0.8 else "mix 0.5"}
         for name, rule in rules.items():
@@ -171,6 +194,9 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--decisions", type=Path, nargs="+",
                         help="decisions_x{scale}.json files of degradation_loso.py to score")
+    parser.add_argument("--average", action="store_true",
+                        help="score one decision: the mean kspace probability of all --decisions files "
+                             "(classifiers fitted with other seeds)")
     args = parser.parse_args()
     args.out = args.out or Path(f".cache/fallback/x{args.scale}.jsonl")
     args.decisions = args.decisions or [Path(f".cache/loso/decisions_x{args.scale}.json")]
