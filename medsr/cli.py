@@ -170,8 +170,12 @@ def fit_degradation(
     features: Annotated[str, typer.Option(
         help="What it reads from each slice: spectrum, or spectrum and tails (also how far the intensities "
              "reach past their percentiles: the classifiers shipped with 0.2.0).")] = "spectrum",
-    temperature: Annotated[float, typer.Option(
-        help="Divide the logits by this (calibrated by benchmarks/degradation_loso.py; 1: as fitted).")] = 1.0,
+    temperature: Annotated[list[float] | None, typer.Option(
+        help="Divide the logits by this (calibrated by benchmarks/degradation_loso.py; 1: as fitted); "
+             "repeat it to give each member its own, in seed order.")] = None,
+    members: Annotated[int, typer.Option(
+        help="Fit this many classifiers with seeds seed, seed+1, ... and average their probabilities "
+             "(the x2 classifier shipped: 3).")] = 3,
     history: Annotated[bool, typer.Option(
         help="Give each training slice a random history first (resampled, blurred, noisier); "
              "--no-history: as medsr 0.2.0 fitted its classifiers.")] = True,
@@ -189,8 +193,9 @@ def fit_degradation(
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     report = train_degradation_classifier(load_config(config, set_ or []), out, feature_set=features,
-                                          temperature=temperature, history=history, storage=storage)
-    typer.echo(f"wrote {out} ({report['train_examples']} training slices, x{report['scale']})")
+                                          temperature=temperature or [1.0], history=history, storage=storage,
+                                          members=members)
+    typer.echo(f"wrote {out} ({report['members']} x {report['train_examples']} training slices, x{report['scale']})")
     for name, result in report["validation"].items():
         typer.echo(f"{name:9s} -> {result['grid']:7s}: {result['volumes_right']}/{result['volumes']} "
                    f"validation volumes right, {result['slice_accuracy']:.3f} of slices")

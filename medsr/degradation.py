@@ -181,6 +181,31 @@ class DegradationClassifier(nn.Module):
         return torch.softmax(logits / self.temperature, dim=1).double().numpy()
 
 
+class ClassifierEnsemble(nn.Module):
+    """Several :class:`DegradationClassifier` fitted with other seeds, each with its own
+    calibrated temperature: :meth:`probabilities` is the mean of theirs.
+
+    Why: fitted on the same slices with another seed, one classifier decides a few views of an
+    unseen source differently each time (leave one source out: 80-84 of 96 protocol views right
+    over three seeds); the mean of three takes most of that chance out (model card, "Seeds").
+    """
+
+    def __init__(self, members: list[DegradationClassifier]) -> None:
+        super().__init__()
+        if not members or len({m.feature_set for m in members}) != 1:
+            raise ValueError("an ensemble needs one or more members that read the same features")
+        self.members = nn.ModuleList(members)
+        self.feature_set = members[0].feature_set
+
+    def features(self, plane: np.ndarray) -> np.ndarray:
+        """What every member reads from one low-res slice."""
+        return FEATURE_SETS[self.feature_set](plane)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """``(N, 6)`` the mean of the members' class probabilities."""
+        return np.mean([member.probabilities(features) for member in self.members], axis=0)
+
+
 @dataclass(frozen=True)
 class DegradationEstimate:
     """What :func:`estimate_degradation` found for one scan.
@@ -228,7 +253,8 @@ def choose_grid(probability_kspace: float) -> str:
     return "kspace" if cost_if_kspace < cost_if_bicubic else "bicubic"
 
 
-def estimate_degradation(planes: Iterable[np.ndarray], classifier: DegradationClassifier) -> DegradationEstimate:
+def estimate_degradation(planes: Iterable[np.ndarray],
+                         classifier: DegradationClassifier | ClassifierEnsemble) -> DegradationEstimate:
     """Estimate how the low-res ``planes`` of one scan were made.
 
     Args:
@@ -248,7 +274,8 @@ def estimate_degradation(planes: Iterable[np.ndarray], classifier: DegradationCl
     return DegradationEstimate(grid, confidence, CLASSES[int(np.argmax(probabilities))], len(features))
 
 
-def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, window, classifier: DegradationClassifier,
+def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, window,
+                     classifier: DegradationClassifier | ClassifierEnsemble,
                      padding: tuple[float, float] | None = None,
                      photometric: str | None = None) -> DegradationEstimate:
     """How a scan lost its resolution, as the default path decides it (``medsr enhance`` and
@@ -303,17 +330,26 @@ def usable_temperature(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-def save_classifier(path: Path, classifier: DegradationClassifier, scale: int, report: dict) -> None:
-    """Write the classifier (plain tensors and data: loads with ``weights_only=True``)."""
+MAX_MEMBERS = 16  # a classifier file holding more is refused, not loaded
+
+
+def save_classifier(path: Path, classifier: DegradationClassifier | ClassifierEnsemble, scale: int,
+                    report: dict) -> None:
+    """Write the classifier, or each member of an ensemble (plain tensors and data: loads with
+    ``weights_only=True``)."""
     from medsr.writing import save_torch
 
     payload = {"format": FORMAT, "version": 1, "scale": scale, "classes": list(CLASSES),
-               "features": classifier.feature_set, "state_dict": classifier.state_dict(), "report": report}
+               "features": classifier.feature_set, "report": report}
+    if isinstance(classifier, ClassifierEnsemble):
+        payload["members"] = [member.state_dict() for member in classifier.members]
+    else:
+        payload["state_dict"] = classifier.state_dict()
     save_torch(payload, Path(path))
 
 
-def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifier:
-    """The classifier in ``path``, or the one shipped for ``scale``.
+def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifier | ClassifierEnsemble:
+    """The classifier (or ensemble) in ``path``, or the one shipped for ``scale``.
 
     Raises:
         CheckpointError: missing, unsafe, or not a classifier for ``scale``.
@@ -333,12 +369,23 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
     feature_set = payload.get("features", "spectrum and tails")  # saved before there was a choice
     if not isinstance(feature_set, str) or feature_set not in FEATURE_SETS:
         raise CheckpointError(f"{path}: reads unknown features {str(feature_set)[:40]!r}")
+    states = payload.get("members", [payload.get("state_dict")])
+    if not isinstance(states, list) or not 1 <= len(states) <= MAX_MEMBERS:
+        raise CheckpointError(f"{path}: members must be a list of 1 to {MAX_MEMBERS} classifiers")
+    members = [_member(path, state, feature_set) for state in states]
+    if "members" not in payload:
+        return members[0]
+    return ClassifierEnsemble(members).eval()
+
+
+def _member(path: str | Path, state, feature_set: str) -> DegradationClassifier:
+    """One classifier of a file from its weights, checked."""
     classifier = DegradationClassifier(feature_set=feature_set)
     try:
-        state = dict(payload["state_dict"])
+        state = dict(state)
         state.setdefault("temperature", torch.ones(()))  # classifiers saved before calibration
         classifier.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: classifier weights do not fit ({str(exc).splitlines()[0]})") from None
     temperature = float(classifier.temperature)
     if not usable_temperature(temperature):

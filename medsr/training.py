@@ -584,16 +584,42 @@ def fit_classifier(features: np.ndarray, labels: np.ndarray, epochs: int = 300,
     return classifier.eval()
 
 
+def member_temperatures(temperature: float | list[float], members: int) -> list[float]:
+    """One temperature per member: ``temperature`` for all, or its values one by one.
+
+    Raises:
+        MedsrError: a member count out of range, a list of another length, or a value that is
+            not finite and positive.
+    """
+    from medsr.degradation import MAX_MEMBERS, usable_temperature
+
+    if not 1 <= members <= MAX_MEMBERS:
+        raise MedsrError(f"members must be 1 to {MAX_MEMBERS}, not {members}")
+    values = [float(temperature)] * members if np.isscalar(temperature) else [float(t) for t in temperature]
+    if len(values) == 1:
+        values = values * members
+    if len(values) != members:
+        raise MedsrError(f"give one temperature, or one per member ({members}), not {len(values)}")
+    for value in values:
+        if not usable_temperature(value):
+            raise MedsrError(f"temperature must be finite and positive, not {value}")
+    return values
+
+
 def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slices_per_scan: int = 60,
                                  epochs: int = 300, feature_set: str = DEFAULT_FEATURE_SET,
-                                 temperature: float = 1.0, history: bool = True, storage: bool = True) -> dict:
+                                 temperature: float | list[float] = 1.0, history: bool = True, storage: bool = True,
+                                 members: int = 1) -> dict:
     """Fit the degradation classifier (:mod:`medsr.degradation`) on the config's training scans
     with MONAI's ``SupervisedTrainer``, score it on the validation scans, save it to
     ``out_path`` with that report inside, and return the report.
 
     ``feature_set`` names what it reads from each slice (:data:`medsr.degradation.FEATURE_SETS`);
     ``temperature`` divides its logits (1: as fitted; the calibrated value comes from the
-    leave-one-source-out decisions of ``benchmarks/degradation_loso.py``); ``history`` gives
+    leave-one-source-out decisions of ``benchmarks/degradation_loso.py``); ``members`` > 1 fits
+    that many classifiers, member ``i`` with seed ``config.seed + i``, and saves them as one
+    :class:`~medsr.degradation.ClassifierEnsemble` (``temperature``: one value for all, or one
+    per member, each calibrated at the same seed); ``history`` gives
     each training slice a random :func:`medsr.data.source_history` first (medsr 0.2.0: none);
     ``storage`` stores each degraded slice as a file may (:func:`medsr.data.stored_as_file`:
     rounded, clipped; medsr 0.2.0 and the first 2026-12-06 x2 classifier: never).
@@ -610,9 +636,9 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         CLASSES,
         FEATURE_SETS,
         MAX_SLICES,
+        ClassifierEnsemble,
         choose_grid,
         save_classifier,
-        usable_temperature,
     )
     from medsr.transforms import GRID_OF
 
@@ -620,18 +646,22 @@ def train_degradation_classifier(config: TrainConfig, out_path: str | Path, slic
         raise MedsrError("the config lists no train_scans")
     if feature_set not in FEATURE_SETS:
         raise MedsrError(f"features must be one of {', '.join(FEATURE_SETS)}, not {feature_set!r}")
-    if not usable_temperature(temperature):
-        raise MedsrError(f"temperature must be finite and positive, not {temperature}")
+    temperatures = member_temperatures(temperature, members)
     check_patient_split(config)
-    set_determinism(seed=config.seed)
     features_of = FEATURE_SETS[feature_set]
-    features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
-                                               slices_per_scan, config.seed, features_of=features_of,
-                                               history=history, storage=storage)
-    classifier = fit_classifier(features, labels, epochs, feature_set)
-    classifier.temperature.fill_(temperature)
+    fitted = []
+    for member, member_temperature in enumerate(temperatures):  # member 0: what a single fit gives
+        seed = config.seed + member
+        set_determinism(seed=seed)
+        features, labels, _ = degradation_examples(_cached(config, "train_scans"), config.scale,
+                                                   slices_per_scan, seed, features_of=features_of,
+                                                   history=history, storage=storage)
+        fitted.append(fit_classifier(features, labels, epochs, feature_set))
+        fitted[-1].temperature.fill_(member_temperature)
+    classifier = fitted[0] if members == 1 else ClassifierEnsemble(fitted).eval()
     report = {"train_examples": int(len(labels)), "scale": config.scale, "features": feature_set,
-              "history": history, "storage": storage, "calibration": {"temperature": temperature}, "validation": {}}
+              "history": history, "storage": storage, "members": members,
+              "calibration": {"temperature": temperatures[0] if members == 1 else temperatures}, "validation": {}}
     val_scans = _cached(config, "val_scans") if config.val_scans else []
     if val_scans:
         features, labels, owners = degradation_examples(val_scans, config.scale, MAX_SLICES,

@@ -187,8 +187,8 @@ def test_the_temperature_softens_the_probabilities_and_older_files_load_without_
     (no temperature in its weights) loads with 1, i.e. as it was fitted."""
     from medsr.degradation import save_classifier
 
-    classifier = load_classifier(None, 2)
-    features = np.stack([classifier.features(np.asarray(pydicom.dcmread(p).pixel_array, np.float32)[::2, ::2])
+    classifier = load_classifier(None, 4)  # a single classifier (the shipped x2 is an ensemble)
+    features = np.stack([classifier.features(np.asarray(pydicom.dcmread(p).pixel_array, np.float32)[::4, ::4])
                          for p in sorted(MR_SERIES.glob("*.dcm"))[8:12]])
     state = {k: v.clone() for k, v in classifier.state_dict().items()}
     state["temperature"] = torch.tensor(1.0)
@@ -203,11 +203,11 @@ def test_the_temperature_softens_the_probabilities_and_older_files_load_without_
 
     state["temperature"] = torch.tensor(1.0)
     classifier.load_state_dict(state)
-    save_classifier(tmp_path / "old.pt", classifier, 2, {})
+    save_classifier(tmp_path / "old.pt", classifier, 4, {})
     payload = torch.load(tmp_path / "old.pt", weights_only=True)
     payload["state_dict"].pop("temperature", None)
     torch.save(payload, tmp_path / "old.pt")
-    loaded = load_classifier(tmp_path / "old.pt", 2)
+    loaded = load_classifier(tmp_path / "old.pt", 4)
     assert float(loaded.temperature) == 1.0
     np.testing.assert_allclose(loaded.probabilities(features), sharp, rtol=1e-6)
 
@@ -247,13 +247,47 @@ def test_a_classifier_reads_the_features_it_was_saved_with(tmp_path):
             load_classifier(tmp_path / "odd.pt", 2)
 
 
-@pytest.mark.parametrize("option", [["--features", "tea leaves"], ["--temperature", "0"], ["--temperature", "inf"]])
+def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
+    """The shipped x2 classifier is three members, each with its own temperature; the ensemble's
+    probabilities are the mean of theirs, and it saves and loads as it was. A file whose members
+    are not a short list of fitting weights is refused."""
+    from medsr.degradation import MAX_MEMBERS, ClassifierEnsemble, save_classifier
+
+    shipped = load_classifier(None, 2)
+    assert isinstance(shipped, ClassifierEnsemble) and len(shipped.members) == 3
+    assert len({float(m.temperature) for m in shipped.members}) == 3  # calibrated one by one
+    planes = [read_scan(MR_NIFTI).array[::2, ::2, k] for k in (70, 80, 90)]
+    features = np.stack([shipped.features(p) for p in planes])
+    np.testing.assert_allclose(shipped.probabilities(features),
+                               np.mean([m.probabilities(features) for m in shipped.members], axis=0))
+    np.testing.assert_allclose(shipped.probabilities(features).sum(axis=1), 1.0, rtol=1e-6)
+
+    save_classifier(tmp_path / "ensemble.pt", shipped, 2, {})
+    again = load_classifier(tmp_path / "ensemble.pt", 2)
+    assert isinstance(again, ClassifierEnsemble)
+    np.testing.assert_array_equal(again.probabilities(features), shipped.probabilities(features))
+    payload = torch.load(tmp_path / "ensemble.pt", weights_only=True)
+    for members, message in ((payload["members"][0], "members must be a list"), ([], "members must be a list"),
+                             (payload["members"] * (MAX_MEMBERS + 1), "members must be a list"),
+                             ([{"layers.0.weight": torch.zeros(2, 2)}], "weights do not fit")):
+        torch.save({**payload, "members": members}, tmp_path / "odd.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_classifier(tmp_path / "odd.pt", 2)
+    with pytest.raises(ValueError, match="read the same features"):
+        ClassifierEnsemble([shipped.members[0], DegradationClassifier(feature_set="spectrum and tails")])
+
+
+@pytest.mark.parametrize("option", [["--features", "tea leaves"], ["--temperature", "0"], ["--temperature", "inf"],
+                                    ["--members", "2", "--temperature", "1", "--temperature", "2",
+                                     "--temperature", "3"],
+                                    ["--members", "0"]])
 def test_fit_degradation_refuses_bad_options_before_any_work(tmp_path, option):
     result = runner.invoke(app, ["fit-degradation", "--config", str(Path(medsr.__file__).parents[1] / "configs" /
                                                                     "srresnet_l1_x2.yaml"),
                                  "--out", str(tmp_path / "c.pt"), *option])
     assert result.exit_code == 1 and "error:" in result.output
-    assert ("features must be one of" in result.output) or ("temperature must be finite" in result.output)
+    assert any(reason in result.output for reason in ("features must be one of", "temperature must be finite",
+                                                      "one per member", "members must be"))
     assert not (tmp_path / "c.pt").exists()
 
 

@@ -187,12 +187,15 @@ def test_fit_degradation_writes_a_classifier_with_its_validation_report(tmp_path
     arguments = ["fit-degradation", "--config", "configs/srresnet_l1_x2.yaml", "--out", str(out),
                  "--set", f"data_root={SAMPLES}", "--set", f"cache_dir={tmp_path / 'cache'}",
                  "--set", "train_scans=[ct_chest_3slice_dicom, mr_t1_nifti]",
-                 "--set", "val_scans=[mr_pd_oblique_dicom]"]
+                 "--set", "val_scans=[mr_pd_oblique_dicom]", "--members", "2",
+                 "--temperature", "1.2", "--temperature", "0.9"]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "training slices, x2" in result.stdout and "validation volumes right" in result.stdout
-    load_classifier(out, 2)
+    ensemble = load_classifier(out, 2)
+    assert [float(m.temperature) for m in ensemble.members] == pytest.approx([1.2, 0.9])
     report = safe_torch_load(out)["report"]
+    assert report["members"] == 2
     assert set(report["validation"]) == set(CLASSES)
     assert report["history"] is True and report["storage"] is True  # the shipped x2 recipe by default
     for found in report["validation"].values():
