@@ -122,8 +122,6 @@ def spectrum_features(low_res: np.ndarray) -> np.ndarray:
     return np.concatenate([spectrum[np.triu_indices(n)], along_axes])
 
 
-
-
 def _axis_profile(power: np.ndarray, along: np.ndarray, near_axis: np.ndarray) -> np.ndarray:
     """Mean power of the rows ``near_axis`` in bins of ``along`` over the upper half band."""
     rows = power[near_axis]

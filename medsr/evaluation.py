@@ -34,7 +34,7 @@ import numpy as np
 from scipy.ndimage import zoom
 
 from medsr.consistency import resolved, volume_consistency_error
-from medsr.degradation import DegradationClassifier, DegradationEstimate, find_degradation
+from medsr.degradation import ClassifierEnsemble, DegradationClassifier, DegradationEstimate, find_degradation
 from medsr.detail_map import map_quality
 from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
@@ -134,7 +134,7 @@ def protocol_slice_axis(scan: Scan) -> int:
 def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, scale: int,
                   slice_axis: int | None = None, device="cpu", batch_size: int | None = None,
                   keep_images: bool = False, precision: str = "auto",
-                  classifier: DegradationClassifier | None = None, consistency: str = "off",
+                  classifier: DegradationClassifier | ClassifierEnsemble | None = None, consistency: str = "off",
                   ensemble: bool = False) -> ScanResult:
     """Run protocol v1 on one scan for one degradation with every model and baseline.
 
@@ -168,9 +168,8 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
         run = functools.partial(_enhanced, low_res, low_res_affine, axis, model, device=device,
                                 batch_size=batch_size, precision=precision)
         estimates[name], plain[name] = run(told, consistency=told_consistency)
-        if consistency != "off":  # (the same as the output where this scan is not projected)
+        if consistency != "off":  # (plain is the same as the output where this scan is not projected)
             estimates[name + PLAIN_SUFFIX] = plain[name]
-        if consistency != "off":
             result.consistency[name] = tuple(volume_consistency_error(image, low_res, axis, told, scale)
                                              for image in (plain[name], estimates[name]))
         if ensemble:

@@ -595,7 +595,7 @@ def member_temperatures(temperature: float | list[float], members: int) -> list[
 
     if not 1 <= members <= MAX_MEMBERS:
         raise MedsrError(f"members must be 1 to {MAX_MEMBERS}, not {members}")
-    values = [float(temperature)] * members if np.isscalar(temperature) else [float(t) for t in temperature]
+    values = [float(temperature)] if np.isscalar(temperature) else [float(t) for t in temperature]
     if len(values) == 1:
         values = values * members
     if len(values) != members:
