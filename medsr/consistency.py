@@ -53,7 +53,9 @@ CONSISTENCY_CHOICES = ("auto", "on", "off")
 # k-space truncation, whose operator the projection applies exactly. It gains there (+0.17 dB on
 # validation, +0.8-0.95 dB on the collection's CTs, where it also lifts the model above zero-
 # filled k-space) but loses where the kspace grid holds another kernel (Gaussian blur -0.67 dB,
-# Rician noise -0.50 dB), which the classifier names apart (every validation and test volume);
+# Rician noise -0.50 dB), which the classifier mostly names apart (on the 12 validation and test
+# volumes, the shipped x2 classifier names one k-space FLAIR Rician, left unprojected, and two
+# Rician volumes k-space, projected at -0.55 dB: model card);
 # on the bicubic grid the gain is small (+0.04 dB) and Lanczos or area loses (model card,
 # "Data consistency")
 AUTO_DEGRADATIONS: frozenset[str] = frozenset({"kspace"})
