@@ -264,7 +264,8 @@ def main() -> None:
 
 def reliability_figure(results: dict, path: Path) -> None:
     """Stated confidence against the share right, per confidence bin, before and after the
-    temperature (marker area: how many volume views)."""
+    temperature (marker area: how many volume views). ``results``: variant -> ``{"temperature":
+    a number, or words such as "per member", "decisions": [...], "calibrated": [...]}``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +275,9 @@ def reliability_figure(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.6), squeeze=False)
     for axis, (variant, result) in zip(axes[0], results.items(), strict=True):
         axis.plot([0.5, 1], [0.5, 1], color="grey", linestyle=":", label="honest")
-        for key, label in (("decisions", "as fitted"), ("calibrated", f"logits / {result['temperature']:g}")):
+        temperature = result["temperature"]
+        calibrated = f"logits / {temperature:g}" if isinstance(temperature, float) else str(temperature)
+        for key, label in (("decisions", "as fitted"), ("calibrated", calibrated)):
             stated, right, counts = [], [], []
             for low, high in zip(edges[:-1], edges[1:], strict=True):
                 inside = [d for d in result[key] if low <= d["confidence"] < high]

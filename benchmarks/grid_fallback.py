@@ -19,7 +19,8 @@ One JSON line per view and degradation (sums of squared errors per slice, SSIM p
 
     python benchmarks/grid_fallback.py --data-root ../shared/scans [--scale 2] [--slices 4]
     python benchmarks/grid_fallback.py --summary [--decisions .cache/loso/decisions_x2.json]
-    python benchmarks/grid_fallback.py --summary --average --decisions SEED0.json SEED1.json SEED2.json
+    python benchmarks/grid_fallback.py --summary --average --decisions SEED0.json SEED1.json SEED2.json \
+        [--figure docs/decision/reliability_x2.png]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from degradation_loso import SOURCES, TEST, stored, views
+from degradation_loso import SOURCES, TEST, reliability_figure, stored, views
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.degradation import choose_grid
@@ -136,6 +137,12 @@ def calibrated_decisions(path: Path) -> dict:
     return {(d["volume"], d["degradation"]): d for d in variants["native"]["calibrated"]}
 
 
+def decisions_as_fitted(path: Path) -> dict:
+    """``(volume, degradation)`` -> the uncalibrated decision of one ``degradation_loso.py`` file."""
+    calibrated_decisions(path)  # the same checks
+    return {(d["volume"], d["degradation"]): d for d in json.loads(path.read_text())["native"]["decisions"]}
+
+
 def averaged(runs) -> dict:
     """One decision from several classifiers (e.g. fitted with other seeds): the mean of their
     calibrated probabilities of the ``kspace`` grid, then the grid a single classifier would take
@@ -163,6 +170,11 @@ def summary(args) -> None:
     named = [(str(path), calibrated_decisions(path)) for path in args.decisions]
     if args.average:
         named = [(f"the average of {len(named)} files", averaged(d for _, d in named))]
+        if args.figure:
+            as_fitted = averaged(decisions_as_fitted(path) for path in args.decisions)
+            reliability_figure({f"{len(args.decisions)} classifiers averaged": {
+                "temperature": "each member's temperature", "decisions": list(as_fitted.values()),
+                "calibrated": list(named[0][1].values())}}, args.figure)
     for label, decisions in named:
         print(f"\n{label}: the calibrated decision (leave-one-source-out; test: fitted on every source)")
         rules = {"hard": lambda d: d["grid"],
@@ -197,6 +209,8 @@ def main() -> None:
     parser.add_argument("--average", action="store_true",
                         help="score one decision: the mean kspace probability of all --decisions files "
                              "(classifiers fitted with other seeds)")
+    parser.add_argument("--figure", type=Path,
+                        help="with --average: the averaged decision's reliability diagram (PNG)")
     args = parser.parse_args()
     args.out = args.out or Path(f".cache/fallback/x{args.scale}.jsonl")
     args.decisions = args.decisions or [Path(f".cache/loso/decisions_x{args.scale}.json")]
