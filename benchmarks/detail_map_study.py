@@ -30,6 +30,7 @@ from scipy.stats import rankdata
 
 from medsr.checkpoint import load_model
 from medsr.detail_map import (
+    FOREGROUND,
     box_mean,
     departure,
     detail_map,
@@ -56,6 +57,13 @@ def local_std(image: torch.Tensor, size: int) -> torch.Tensor:
     return (box_mean(image * image, size) - box_mean(image, size) ** 2).clamp_min(0).sqrt()
 
 
+def local_noise_floor(output: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`medsr.detail_map.noise_floor` as a local mean over ``size`` x ``size`` on the signal."""
+    high_pass = (output - box_mean(output, 3)).abs()
+    signal = (box_mean(output, 5) > FOREGROUND).float()
+    return box_mean(high_pass * signal, size) / box_mean(signal, size).clamp_min(1e-6) * signal
+
+
 def candidates(passes: torch.Tensor, classical: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every candidate map of one batch, ``(B, H, W)`` each, normalised units (or unitless where
     the name says rank)."""
@@ -76,6 +84,9 @@ def candidates(passes: torch.Tensor, classical: torch.Tensor) -> dict[str, torch
     for weight in (0.5, 2.0):
         maps[f"hypot(spread and structure, {weight} x noise floor)"] = torch.hypot(
             maps["spread and structure"], weight * noise_floor(output))
+    for size in (15, 31):  # the floor measured around each voxel, not per slice
+        maps[f"hypot(spread and structure, local noise floor {size}x{size})"] = torch.hypot(
+            maps["spread and structure"], local_noise_floor(output, size))
     for a, b in (("spread 3x3", "gradient 3x3"), ("spread 5x5", "gradient 3x3"), ("spread 3x3", "local std 5x5"),
                  ("spread 5x5", "local std 5x5"), ("spread 3x3", "departure 3x3"),
                  ("departure 3x3", "local std 5x5"), ("spread 5x5", "local std 7x7")):

@@ -65,45 +65,59 @@ def scores(high_res: np.ndarray, estimate: np.ndarray, axis: int, scale: int,
             "ssim": [None if np.isnan(v) else float(v) for v in scored.ssim]}
 
 
-def measure(args) -> None:
-    model, _ = load_model(default_weights(args.scale))
-    model.eval()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if args.out.exists():
-        done = {(r["volume"], r["degradation"]) for r in map(json.loads, args.out.read_text().splitlines())}
-    groups = {**{f"test: {k}": v for k, v in TEST.items()}, **SOURCES} if args.test_first else {**SOURCES, **TEST}
+def degraded_views(data_root: Path, groups: dict[str, list[str]], scale: int, slice_count: int, done: set):
+    """Every view of every volume in ``groups``, degraded whole by each degradation and stored
+    as its file would store it, with ``slice_count`` evenly spaced scored slices: yields
+    ``(source, name, degradation, axis, picks, low, high, volume_range)``, ``low`` and ``high``
+    the picked slices in the volume's layout (slices along ``axis``). ``(name, degradation)``
+    pairs in ``done`` are skipped. ``source`` keeps the ``test: `` of :data:`TEST`'s keys."""
     for source, paths in groups.items():
-        source = source.removeprefix("test: ")
         for relative in paths:
-            for plane, volume, axis, _ in views(args.data_root / relative):
+            for plane, volume, axis, _ in views(data_root / relative):
                 name = f"{relative} [{plane}]"
                 for degradation in ALL_DEGRADATIONS:
                     if (name, degradation) in done:
                         continue
-                    started = time.perf_counter()
-                    low_res, high_res, affine = degrade_volume(volume, np.eye(4), axis, args.scale, degradation)
+                    low_res, high_res, _ = degrade_volume(volume, np.eye(4), axis, scale, degradation)
                     low_res = stored(low_res, volume)
                     volume_range = (float(high_res.min()), float(high_res.max()))
-                    picks = chosen_slices(high_res, axis, args.slices)
-                    low, high = np.take(low_res, picks, axis=axis), np.take(high_res, picks, axis=axis)
-                    with torch.inference_mode():
-                        # the network's own answer on each grid (no consistency projection)
-                        told = {grid: enhance_volume(low, affine, axis, model, grid, consistency="off").array
-                                for grid in ("kspace", "bicubic")}
-                    estimates = {**told, "cubic": upscale_bicubic(low, axis, args.scale),
-                                 "zero_fill": upscale_zero_fill(low, axis, args.scale)}
-                    for w in MIXES:
-                        estimates[f"mix {w}"] = w * told["kspace"] + (1 - w) * told["bicubic"]
-                    row = {"source": source, "volume": name, "plane": plane, "degradation": degradation,
-                           "truth": GRID_OF[degradation], "slices": picks.tolist(),
-                           "data_range": volume_range[1] - volume_range[0],
-                           "scores": {k: scores(high, v, axis, args.scale, volume_range)
-                                      for k, v in estimates.items()}}
-                    with args.out.open("a") as file:
-                        file.write(json.dumps(row) + "\n")
-                    print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s "
-                          + " ".join(f"{k} {psnr(row, k):.2f}" for k in estimates), flush=True)
+                    picks = chosen_slices(high_res, axis, slice_count)
+                    yield (source, name, degradation, axis, picks, np.take(low_res, picks, axis=axis),
+                           np.take(high_res, picks, axis=axis), volume_range)
+
+
+def done_in(path: Path) -> set:
+    """The ``(volume, degradation)`` pairs a JSON-lines table already holds."""
+    if not path.exists():
+        return set()
+    return {(r["volume"], r["degradation"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def measure(args) -> None:
+    model, _ = load_model(default_weights(args.scale))
+    model.eval()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    groups = {**TEST, **SOURCES} if args.test_first else {**SOURCES, **TEST}
+    for source, name, degradation, axis, picks, low, high, volume_range in degraded_views(
+            args.data_root, groups, args.scale, args.slices, done_in(args.out)):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            # the network's own answer on each grid (no consistency projection)
+            told = {grid: enhance_volume(low, np.eye(4), axis, model, grid, consistency="off").array
+                    for grid in ("kspace", "bicubic")}
+        estimates = {**told, "cubic": upscale_bicubic(low, axis, args.scale),
+                     "zero_fill": upscale_zero_fill(low, axis, args.scale)}
+        for w in MIXES:
+            estimates[f"mix {w}"] = w * told["kspace"] + (1 - w) * told["bicubic"]
+        row = {"source": source, "volume": name, "degradation": degradation,
+               "truth": GRID_OF[degradation], "slices": picks.tolist(),
+               "data_range": volume_range[1] - volume_range[0],
+               "scores": {k: scores(high, v, axis, args.scale, volume_range)
+                          for k, v in estimates.items()}}
+        with args.out.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s "
+              + " ".join(f"{k} {psnr(row, k):.2f}" for k in estimates), flush=True)
 
 
 def _scored(row: dict, method: str) -> SliceScores:

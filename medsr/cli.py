@@ -660,7 +660,9 @@ def _print_table(results, summary, model_names: list[str]) -> None:
         for name in summary:
             mine = [d for r, d in decided if r.degradation == name]
             right = sum(d.grid == GRID_OF[name] for d in mine)
-            typer.echo(f"{name}: auto found the {GRID_OF[name]} grid on {right} of {len(mine)} scans")
+            looked = sum(bool(d.probed) for d in mine)
+            typer.echo(f"{name}: auto found the {GRID_OF[name]} grid on {right} of {len(mine)} scans"
+                       + (f" (a second look by synthesis on {looked})" if looked else ""))
 
 
 def _print_consistency(results) -> None:

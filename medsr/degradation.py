@@ -29,8 +29,11 @@ margins down to 0.63; a CNN on 32x32 low-res patches stayed at chance (0.50) aft
 the 1-D radial spectrum cannot tell ``bicubic`` from ``kspace`` at all (their mean profiles
 differ by less than their spread). The classifier here: 0.93, every volume right (model card).
 
-When the two grids are close to equally likely, it takes the grid whose mistake costs less
-(:data:`WRONG_GRID_COST_DB`, measured) and says so.
+When the classifier is unsure (under :data:`SURE`) and its file holds a synthesis rule fitted
+with the model that will run, the model itself takes a second look on four slices
+(:mod:`medsr.synthesis`, :func:`second_look`). When the two grids are still close to equally
+likely, it takes the grid whose mistake costs less (:data:`WRONG_GRID_COST_DB`, measured) and
+says so.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import nn
 
 from medsr.errors import CheckpointError
 from medsr.metrics import FOREGROUND_FRACTION, FOREGROUND_LEVEL
+from medsr.synthesis import PROBE_SLICES, ModelAnswer, SynthesisRule, can_probe, probe_features
 from medsr.transforms import GRID_OF
 
 logger = logging.getLogger(__name__)
@@ -215,12 +219,15 @@ class DegradationEstimate:
             expected loss, :func:`choose_grid`).
         likely: the most probable of the six degradations.
         slices: how many slices were looked at.
+        probed: how many slices the second look enhanced on each grid (:mod:`medsr.synthesis`;
+            0 when the classifier was sure, or no rule ships for the scale).
     """
 
     grid: str
     confidence: float
     likely: str
     slices: int
+    probed: int = 0
 
     @property
     def sure(self) -> bool:
@@ -229,6 +236,9 @@ class DegradationEstimate:
     def describe(self) -> str:
         """One line for people: ``bicubic (resampled image), confidence 0.97``."""
         text = f"{self.grid} ({GRID_DESCRIPTIONS[self.grid]}), confidence {self.confidence:.2f}"
+        if self.probed:
+            text += (f"; the classifier was unsure, so the model was run on {self.probed} slices on each "
+                     "grid and each answer degraded back (analysis by synthesis)")
         if not self.sure:
             other = "bicubic" if self.grid == "kspace" else "kspace"
             # the expected loss of each choice, as choose_grid weighs it
@@ -241,7 +251,8 @@ class DegradationEstimate:
 
     def short(self) -> str:
         """A few characters for tight header fields: ``kspace p=0.97``."""
-        return f"{self.grid} p={self.confidence:.2f}{'' if self.sure else ' unsure'}"
+        return (f"{self.grid} p={self.confidence:.2f}{' synthesis' if self.probed else ''}"
+                f"{'' if self.sure else ' unsure'}")
 
 
 def choose_grid(probability_kspace: float) -> str:
@@ -275,7 +286,8 @@ def estimate_degradation(planes: Iterable[np.ndarray],
 def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, window,
                      classifier: DegradationClassifier | ClassifierEnsemble,
                      padding: tuple[float, float] | None = None,
-                     photometric: str | None = None) -> DegradationEstimate:
+                     photometric: str | None = None,
+                     enhance: ModelAnswer | None = None) -> DegradationEstimate:
     """How a scan lost its resolution, as the default path decides it (``medsr enhance`` and
     ``medsr evaluate --degradation auto`` both call this).
 
@@ -291,6 +303,10 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
         classifier: the classifier for the model's scale (:func:`load_classifier`).
         padding: the scan's padding range, or None.
         photometric: the DICOM photometric interpretation, or None.
+        enhance: the model's answer on a grid for a few slices
+            (:class:`medsr.synthesis.ModelAnswer`): when given and the classifier is unsure, the
+            file's synthesis rule takes a second look (:func:`second_look`) if that model is
+            the one the rule was fitted with. None: the classifier alone.
     """
     def prepared(index: int) -> np.ndarray:
         plane = read_plane(index)
@@ -299,7 +315,33 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
         return -plane if photometric == "MONOCHROME1" else plane
 
     low, high = (-window.high, -window.low) if photometric == "MONOCHROME1" else (window.low, window.high)
-    return estimate_degradation(informative_planes(prepared, n_slices, low, high), classifier)
+    planes = informative_planes(prepared, n_slices, low, high)
+    estimate = estimate_degradation(planes, classifier)
+    if enhance is None or estimate.sure:
+        return estimate
+    return second_look(estimate, planes, classifier, enhance)
+
+
+def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],
+                classifier: DegradationClassifier | ClassifierEnsemble,
+                enhance: ModelAnswer) -> DegradationEstimate:
+    """The estimate after analysis by synthesis (:mod:`medsr.synthesis`) on up to
+    :data:`~medsr.synthesis.PROBE_SLICES` evenly spaced ``planes``; ``estimate`` unchanged when
+    the classifier file holds no synthesis rule, the rule was fitted with another model than
+    ``enhance`` runs, or the slices are too small to probe."""
+    rule = getattr(classifier, "synthesis", None)
+    scale = getattr(classifier, "scale", None)
+    if (rule is None or scale is None or not planes or not can_probe(planes[0].shape, scale)
+            or not rule.applies_to(enhance.model)):
+        return estimate
+    picks = np.unique(np.linspace(0, len(planes) - 1, min(PROBE_SLICES, len(planes))).round().astype(int))
+    slices = np.stack([planes[i] for i in picks])
+    probability_kspace = estimate.confidence if estimate.grid == "kspace" else 1.0 - estimate.confidence
+    combined = rule.probability(probability_kspace, probe_features(enhance, slices, scale))
+    grid = choose_grid(combined)
+    logger.debug("second look: kspace probability %.3f -> %.3f", probability_kspace, combined)
+    return DegradationEstimate(grid, combined if grid == "kspace" else 1.0 - combined, estimate.likely,
+                               estimate.slices, probed=len(picks))
 
 
 def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, low: float, high: float,
@@ -343,6 +385,8 @@ def save_classifier(path: Path, classifier: DegradationClassifier | ClassifierEn
         payload["members"] = [member.state_dict() for member in classifier.members]
     else:
         payload["state_dict"] = classifier.state_dict()
+    if getattr(classifier, "synthesis", None) is not None:
+        payload["synthesis"] = classifier.synthesis.to_payload()
     save_torch(payload, Path(path))
 
 
@@ -371,9 +415,12 @@ def load_classifier(path: str | Path | None, scale: int) -> DegradationClassifie
     if not isinstance(states, list) or not 1 <= len(states) <= MAX_MEMBERS:
         raise CheckpointError(f"{path}: members must be a list of 1 to {MAX_MEMBERS} classifiers")
     members = [_member(path, state, feature_set) for state in states]
-    if "members" not in payload:
-        return members[0]
-    return ClassifierEnsemble(members).eval()
+    classifier = members[0] if "members" not in payload else ClassifierEnsemble(members).eval()
+    # the second look for unsure scans (medsr.synthesis), fitted for this file's decisions
+    classifier.synthesis = (SynthesisRule.from_payload(path, payload["synthesis"])
+                            if "synthesis" in payload else None)
+    classifier.scale = scale
+    return classifier
 
 
 def _member(path: str | Path, state, feature_set: str) -> DegradationClassifier:

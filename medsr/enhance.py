@@ -39,6 +39,7 @@ from medsr.errors import MedsrError
 from medsr.geometry import enhanced_affine, through_plane_factors
 from medsr.model import DEGRADATION_CODES, ThroughPlaneNet
 from medsr.reading import NIFTI_SUFFIXES, OpenScan, open_scan, planes_from_whole
+from medsr.synthesis import ModelAnswer
 from medsr.transforms import IntensityWindow
 from medsr.writing import write_errors
 
@@ -243,7 +244,8 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
                               precision, overwrite, progress, reading, ensemble, uid_seed)
-    survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading)
+    survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading, torch_device,
+                                                          precision)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
     consistent = projects(consistency, degradation, None if estimate is None else estimate.likely)
@@ -305,28 +307,32 @@ class InPlanePlan(NamedTuple):
 
 
 def plan_in_plane(scan: OpenScan, enhancer: Enhancer, degradation: str = "auto",
-                  reading: Callable[[int, int], None] | None = None) -> InPlanePlan:
+                  reading: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu",
+                  precision: str = "auto") -> InPlanePlan:
     """The survey pass, the intensity window the model was trained with, and the grid:
-    ``degradation`` when told (``bicubic`` or ``kspace``), else found from the pixels.
-    ``medsr enhance`` and :class:`medsr.transforms.SuperResolve` both decide here; pass the
-    result's ``survey`` and ``degradation`` on to :func:`~medsr.engine.enhance_scan`."""
+    ``degradation`` when told (``bicubic`` or ``kspace``), else found from the pixels (where the
+    classifier is unsure, with a second look that runs the model on a few slices, on ``device``
+    in ``precision``: :mod:`medsr.synthesis`). ``medsr enhance`` and
+    :class:`medsr.transforms.SuperResolve` both decide here; pass the result's ``survey`` and
+    ``degradation`` on to :func:`~medsr.engine.enhance_scan`."""
     survey = survey_scan(scan, progress=reading)
     window = survey.counts.window(enhancer.lower_percentile, enhancer.upper_percentile)
     estimate = None
     if degradation == "auto":
-        estimate = _estimate(scan, survey, enhancer, window)
+        estimate = _estimate(scan, survey, enhancer, window, device, precision)
         degradation = estimate.grid
     return InPlanePlan(survey, window, degradation, estimate)
 
 
-def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window) -> DegradationEstimate:
+def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window, device, precision) -> DegradationEstimate:
     """How the scan lost its resolution, from up to 64 informative slices (those the survey
     kept in memory are not decoded again)."""
     def read(index: int) -> np.ndarray:
         return survey.kept[index] if index in survey.kept else scan.read_plane(index)
 
+    answer = ModelAnswer(enhancer.model, device, precision, enhancer.lower_percentile, enhancer.upper_percentile)
     estimate = find_degradation(read, scan.n_slices, window, enhancer.classifier(enhancer.model.scale),
-                                scan.padding, scan.photometric)
+                                scan.padding, scan.photometric, enhance=answer)
     logger.info("%s: degradation %s", scan.path, estimate.describe())
     return estimate
 

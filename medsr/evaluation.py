@@ -42,6 +42,7 @@ from medsr.geometry import largest_spacing_axis
 from medsr.metrics import SliceScores, score_through_plane, slice_scores, trim_border
 from medsr.model import SRResNet, ThroughPlaneNet
 from medsr.reading import Scan, plane_of
+from medsr.synthesis import ModelAnswer
 from medsr.through_plane import enhance_through_plane
 from medsr.transforms import (
     GRID_OF,
@@ -158,8 +159,10 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     told = GRID_OF[degradation]
     decision = None
     if classifier is not None:
+        # the second look for unsure scans runs the first model, as enhance runs its one
+        answer = ModelAnswer(next(iter(models.values())), device, precision) if models else None
         decision = find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                    robust_window(low_res), classifier)
+                                    robust_window(low_res), classifier, enhance=answer)
     # told, as if the user named the degradation itself (so auto projects a k-space truncated
     # scan, not a Gaussian-blurred one on the same grid)
     told_consistency = resolved(consistency, told, degradation)

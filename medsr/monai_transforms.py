@@ -151,7 +151,8 @@ class SuperResolve(Transform):
                                            self.precision)
             array, new_affine, facts = enhanced.array, enhanced.affine, {"through_plane_factor": factor}
         else:
-            plan = plan_in_plane(scan, self.enhancer, self.degradation)
+            plan = plan_in_plane(scan, self.enhancer, self.degradation, device=self.device,
+                                 precision=self.precision)
             named = None if plan.estimate is None else plan.estimate.likely
             enhanced = enhance_scan(scan, self.enhancer.model, plan.degradation, self.device, self.batch_size,
                                     self.enhancer.lower_percentile, self.enhancer.upper_percentile,

@@ -221,7 +221,8 @@ def write_metrics(folder: Path, results, summary, protocol: str = "v1", interval
         folder.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": f"medsr evaluation protocol {protocol}",
                "scans": [{"scan": r.scan, "degradation": r.degradation, "scores": r.scores,
-                          "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely}
+                          "decisions": {m: {"grid": d.grid, "confidence": d.confidence, "likely": d.likely,
+                                            "second_look_slices": d.probed}
                                         for m, d in r.decisions.items()},
                           "consistency_error": {m: {"plain": plain, "projected": projected}
                                                 for m, (plain, projected) in r.consistency.items()},

@@ -1,0 +1,180 @@
+"""The second look at the grid for unsure scans: analysis by synthesis (issue #21)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medsr.checkpoint import default_weights, load_model
+from medsr.degradation import (
+    DegradationEstimate,
+    find_degradation,
+    load_classifier,
+    save_classifier,
+    second_look,
+)
+from medsr.errors import CheckpointError
+from medsr.reading import read_scan
+from medsr.synthesis import (
+    N_WEIGHTS,
+    PROBE_SLICES,
+    ModelAnswer,
+    SynthesisRule,
+    as_stored,
+    can_probe,
+    model_fingerprint,
+    probe_features,
+)
+from medsr.transforms import degrade_volume, robust_window
+
+from conftest import MR_NIFTI
+
+DIGEST = "0" * 64
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    model, _ = load_model(default_weights(2))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def real_low_res():
+    """Four informative slices of the shipped T1 NIfTI, degraded by each protocol grid and
+    stored as the file stores it (rounded, not below zero)."""
+    scan = read_scan(MR_NIFTI)
+    out = {}
+    for degradation in ("bicubic", "kspace"):
+        low_res, _, _ = degrade_volume(scan.array, scan.affine, scan.slice_axis, 2, degradation)
+        slices = np.moveaxis(low_res, scan.slice_axis, 0)
+        middle = len(slices) // 2
+        out[degradation] = as_stored(slices[middle - 6:middle + 6:3].astype(np.float64), scan.array)
+    return out
+
+
+def test_the_shipped_x2_classifier_holds_a_rule_for_the_shipped_model_and_x4_none(shipped_model):
+    rule = load_classifier(None, 2).synthesis
+    assert rule is not None and len(rule.weights) == N_WEIGHTS
+    assert rule.applies_to(shipped_model)
+    assert load_classifier(None, 4).synthesis is None
+
+
+def test_probe_features_move_towards_kspace_on_real_kspace_truncated_slices(shipped_model, real_low_res):
+    """The model, told each grid and degraded back, reproduces a k-space truncated input
+    relatively better on the k-space grid than it does a resampled one (both differences
+    larger), on the same anatomy."""
+    answer = ModelAnswer(shipped_model)
+    with torch.inference_mode():
+        kspace = probe_features(answer, real_low_res["kspace"], 2)
+        bicubic = probe_features(answer, real_low_res["bicubic"], 2)
+    assert kspace.shape == bicubic.shape == (2,)
+    assert np.all(np.isfinite(kspace)) and np.all(np.isfinite(bicubic))
+    assert kspace[0] > bicubic[0] and kspace[1] > bicubic[1]
+
+
+def test_as_stored_rounds_and_clips_like_the_file_it_comes_from():
+    image = np.array([[-0.6, 1.4], [2.5, 3.49]])
+    np.testing.assert_array_equal(as_stored(image, np.array([0.0, 7.0])), [[0.0, 1.0], [2.0, 3.0]])
+    np.testing.assert_array_equal(as_stored(image, np.array([-1.0, 7.0])), [[-1.0, 1.0], [2.0, 3.0]])
+    np.testing.assert_array_equal(as_stored(image, np.array([-0.5, 7.0])), image)
+
+
+def test_the_rule_is_fitted_towards_the_truth():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 400).astype(float)
+    differences = np.column_stack([truth - 0.5 + 0.3 * rng.standard_normal(400), rng.standard_normal(400)])
+    uninformed = np.full(400, 0.5)
+    rule = SynthesisRule.fit(uninformed, differences, truth, DIGEST)
+    assert rule.probability(0.5, np.array([0.5, 0.0])) > 0.9
+    assert rule.probability(0.5, np.array([-0.5, 0.0])) < 0.1
+
+
+@pytest.mark.parametrize("weights, model, match", [
+    ((1.0,) * (N_WEIGHTS - 1), DIGEST, "7 finite weights"),
+    ((float("nan"),) + (1.0,) * (N_WEIGHTS - 1), DIGEST, "7 finite weights"),
+    ((1.0,) * N_WEIGHTS, "abc", "SHA-256"),
+])
+def test_a_bad_rule_is_refused(weights, model, match):
+    with pytest.raises(ValueError, match=match):
+        SynthesisRule(weights, model)
+
+
+@pytest.mark.parametrize("synthesis, match", [
+    ({"weights": [1.0] * 3, "model": DIGEST}, "7 finite weights"),
+    ({"weights": ["1"] * N_WEIGHTS, "model": DIGEST}, "7 finite weights"),
+    ({"weights": [float("inf")] * N_WEIGHTS, "model": DIGEST}, "7 finite weights"),
+    ({"weights": [1.0] * N_WEIGHTS, "model": "Z" * 64}, "SHA-256"),
+    ({"weights": [1.0] * N_WEIGHTS}, "SHA-256"),
+    ("run me", "7 finite weights"),
+])
+def test_a_classifier_file_with_a_hostile_rule_is_refused(tmp_path, synthesis, match):
+    path = tmp_path / "classifier.pt"
+    save_classifier(path, load_classifier(None, 2), 2, {})
+    payload = torch.load(path, weights_only=True)
+    payload["synthesis"] = synthesis
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=match):
+        load_classifier(path, 2)
+
+
+def test_the_rule_is_saved_and_loaded_with_the_classifier(tmp_path):
+    path = tmp_path / "classifier.pt"
+    shipped = load_classifier(None, 2)
+    save_classifier(path, shipped, 2, {})
+    assert load_classifier(path, 2).synthesis == shipped.synthesis
+
+
+def test_the_fingerprint_follows_the_weights(shipped_model):
+    other, _ = load_model(default_weights(2))
+    assert model_fingerprint(other) == model_fingerprint(shipped_model)
+    with torch.no_grad():
+        other.tail.conv.bias.add_(1e-3)
+    assert model_fingerprint(other) != model_fingerprint(shipped_model)
+
+
+def _classifier_with_rule(bias: float, model: torch.nn.Module):
+    """The shipped classifier with a rule that ignores the classifier and the probe and says
+    ``kspace`` (bias > 0) or ``bicubic`` (bias < 0), for the model given."""
+    classifier = load_classifier(None, 2)
+    classifier.synthesis = SynthesisRule((0.0,) * (N_WEIGHTS - 1) + (bias,), model_fingerprint(model))
+    return classifier
+
+
+def test_an_unsure_estimate_gets_a_second_look_on_real_slices(shipped_model, real_low_res):
+    planes = list(real_low_res["bicubic"])
+    unsure = DegradationEstimate("bicubic", 0.6, "bicubic", len(planes))
+    with torch.inference_mode():
+        looked = second_look(unsure, planes, _classifier_with_rule(8.0, shipped_model), ModelAnswer(shipped_model))
+    assert looked.grid == "kspace" and looked.confidence > 0.99
+    assert looked.probed == min(PROBE_SLICES, len(planes)) and looked.likely == "bicubic"
+    assert "analysis by synthesis" in looked.describe() and "synthesis" in looked.short()
+
+
+def test_no_second_look_with_another_model_or_without_a_rule(shipped_model, session_tiny_checkpoint, real_low_res):
+    planes = list(real_low_res["bicubic"])
+    unsure = DegradationEstimate("bicubic", 0.6, "bicubic", len(planes))
+    tiny, _ = load_model(session_tiny_checkpoint)
+    classifier = _classifier_with_rule(8.0, shipped_model)
+    assert second_look(unsure, planes, classifier, ModelAnswer(tiny)) == unsure
+    classifier.synthesis = None
+    assert second_look(unsure, planes, classifier, ModelAnswer(shipped_model)) == unsure
+
+
+def test_a_sure_estimate_runs_no_model(real_low_res):
+    """find_degradation looks again only when the classifier is unsure: a sure scan costs no
+    model pass (the answer here would fail if it were called)."""
+    class Refusing(ModelAnswer):
+        def __call__(self, low_res, grid):
+            raise AssertionError("the model ran on a sure scan")
+
+    stack = np.moveaxis(real_low_res["kspace"], 0, 2)
+    classifier = load_classifier(None, 2)
+    estimate = find_degradation(lambda i: stack[..., i], stack.shape[2], robust_window(stack), classifier,
+                                enhance=Refusing(torch.nn.Identity()))
+    assert estimate.sure and estimate.probed == 0
+
+
+def test_slices_too_small_are_not_probed():
+    assert can_probe((4, 64, 64), 2) and can_probe((32, 32), 2)
+    assert not can_probe((4, 30, 64), 2)
