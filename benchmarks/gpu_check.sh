@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #5 and #12 as one run of at most 8 minutes (each step has its own
+# The GPU checks of issues #5, #12 and #21 (the second look on CUDA) as one run of at most 8 minutes (each step has its own
 # time limit; a step that fails or runs out is reported and the others still run), for a fresh
 # CUDA machine with Python 3.12 and a CUDA build of PyTorch (plus numpy, scipy, scikit-image,
 # typer, rich, pyyaml, matplotlib, tensorboard, hypothesis, pytest). The rest of medsr's

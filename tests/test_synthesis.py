@@ -178,3 +178,15 @@ def test_a_sure_estimate_runs_no_model(real_low_res):
 def test_slices_too_small_are_not_probed():
     assert can_probe((4, 64, 64), 2) and can_probe((32, 32), 2)
     assert not can_probe((4, 30, 64), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_second_look_on_the_gpu_matches_the_cpu(real_low_res):
+    """The rule was fitted with the probe run on a CPU in bf16; on CUDA (bf16 autocast there
+    too) the two differences move by far less than the rule's margins."""
+    model = load_model(default_weights(2))[0].eval()  # its own copy: the engine moves it to the GPU
+    with torch.inference_mode():
+        cpu = probe_features(ModelAnswer(model, "cpu", "fp32"), real_low_res["kspace"], 2)
+        gpu = probe_features(ModelAnswer(model, "cuda"), real_low_res["kspace"], 2)
+    np.testing.assert_allclose(gpu, cpu, atol=0.05)
