@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #5, #12 and #21 (the second look on CUDA) as one run of at most 8 minutes (each step has its own
-# time limit; a step that fails or runs out is reported and the others still run), for a fresh
-# CUDA machine with Python 3.12 and a CUDA build of PyTorch (plus numpy, scipy, scikit-image,
+# The GPU checks of issues #5, #12 and #21 (the second look on CUDA) as one run of at most 8
+# minutes (each step has its own time limit; a step that fails or runs out is reported and the
+# others still run), for a fresh CUDA machine with Python 3.12 and a CUDA build of PyTorch (plus numpy, scipy, scikit-image,
 # typer, rich, pyyaml, matplotlib, tensorboard, hypothesis, pytest). The rest of medsr's
 # dependencies come from the wheels benchmarks/fetch_gpu_wheels.sh put in .whl/ (copy that
 # folder to the machine), installed into /tmp/site; medsr itself runs from this checkout.
