@@ -42,7 +42,7 @@ from medsr.checkpoint import default_weights, load_model
 from medsr.consistency import GRIDS, project
 from medsr.degradation import SURE, choose_grid, load_classifier, save_classifier
 from medsr.reading import read_scan
-from medsr.synthesis import ModelAnswer, SynthesisRule, model_fingerprint, probe_features
+from medsr.synthesis import ModelAnswer, SynthesisRule, can_probe, model_fingerprint, probe_features
 from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS
 
 
@@ -61,18 +61,19 @@ def measure(args) -> None:
         started = time.perf_counter()
         low, high = np.moveaxis(low, axis, 0), np.moveaxis(high, axis, 0)
         with torch.inference_mode():
-            features = probe_features(enhance, low, args.scale)
+            # as the default path: slices too small to degrade once more are not probed
+            features = probe_features(enhance, low, args.scale) if can_probe(low.shape, args.scale) else None
             measured = torch.from_numpy(low.astype(np.float64))
             projected = {f"{g} projected": project(torch.from_numpy(enhance(low, g)), measured, g,
                                                    args.scale).numpy() for g in GRIDS}
-        row = {"source": source, "volume": name, "degradation": degradation,
-               "truth": GRID_OF[degradation], "slices": picks.tolist(), "features": features.tolist(),
+        row = {"source": source, "volume": name, "degradation": degradation, "truth": GRID_OF[degradation],
+               "slices": picks.tolist(), "features": None if features is None else features.tolist(),
                "data_range": volume_range[1] - volume_range[0],
                "scores": {k: scores(high, v, 0, args.scale, volume_range) for k, v in projected.items()}}
         with args.out.open("a") as file:
             file.write(json.dumps(row) + "\n")
-        print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s  "
-              f"features {features[0]:+.2f} {features[1]:+.2f}", flush=True)
+        print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s  features "
+              + ("(too small to probe)" if features is None else f"{features[0]:+.2f} {features[1]:+.2f}"), flush=True)
 
 
 def psnr_of(row: dict, grid: str, projected: bool) -> float:
@@ -85,20 +86,21 @@ def psnr_of(row: dict, grid: str, projected: bool) -> float:
 
 def summary(args) -> None:
     fallback = {(r["volume"], r["degradation"]): r for r in map(json.loads, args.fallback.read_text().splitlines())}
-    probed = {}
+    measured = {}
     for path in sorted(args.out.parent.glob(f"x{args.scale}*.jsonl")):
-        probed.update({(r["volume"], r["degradation"]): r for r in map(json.loads, path.read_text().splitlines())})
+        measured.update({(r["volume"], r["degradation"]): r for r in map(json.loads, path.read_text().splitlines())})
     decisions = averaged(calibrated_decisions(path) for path in args.decisions)
-    keys = [k for k in probed if k in fallback and k in decisions]
-    rows = [{**fallback[k], "probe": probed[k]} for k in keys]
+    keys = [k for k in measured if k in fallback and k in decisions]
+    rows = [{**fallback[k], "probe": measured[k]} for k in keys]
     print(f"{len(rows)} views in both tables and the decisions")
     p_kspace = np.array([d["confidence"] if d["grid"] == "kspace" else 1 - d["confidence"]
                          for d in (decisions[k] for k in keys)])
     truth = np.array([r["truth"] == "kspace" for r in rows], dtype=float)
-    differences = np.array([r["probe"]["features"] for r in rows])
+    probed = np.array([r["probe"]["features"] is not None for r in rows])
+    differences = np.array([r["probe"]["features"] or [0.0, 0.0] for r in rows])
     sources = np.array([r["source"] for r in rows])
     is_test = np.array([s in TEST for s in sources])
-    unsure = np.maximum(p_kspace, 1 - p_kspace) < SURE
+    unsure = (np.maximum(p_kspace, 1 - p_kspace) < SURE) & probed  # what the default path looks at again
     model = model_fingerprint(load_model(default_weights(args.scale))[0])  # the model the probe ran
 
     def left_out(uses_classifier: bool) -> np.ndarray:
@@ -107,10 +109,10 @@ def summary(args) -> None:
         prior = p_kspace if uses_classifier else np.full(len(rows), 0.5)
         out = np.empty(len(rows))
         for source in np.unique(sources):
-            mine, train = sources == source, (sources != source) & ~is_test
+            mine, train = sources == source, (sources != source) & ~is_test & probed
             rule = SynthesisRule.fit(prior[train], differences[train], truth[train], model, l2=args.l2)
             out[mine] = [rule.probability(p, d) for p, d in zip(prior[mine], differences[mine], strict=True)]
-        return out
+        return np.where(probed, out, p_kspace)  # a view too small to probe keeps the classifier's
 
     def as_grids(probability: np.ndarray) -> np.ndarray:
         return np.array([choose_grid(float(p)) for p in probability])
@@ -168,7 +170,7 @@ def summary(args) -> None:
                   + (f", projected {psnr_of(r, 'kspace', True) - best_classical(r)[0]:+.2f} dB"
                      if shipped[i] == "kspace" else ""))
     if args.save_rule:
-        train = ~is_test
+        train = ~is_test & probed
         rule = SynthesisRule.fit(p_kspace[train], differences[train], truth[train], model, l2=args.l2)
         classifier = load_classifier(args.save_rule, args.scale)
         classifier.synthesis = rule
