@@ -10,16 +10,16 @@ operator leaves the smaller one whatever the truth), so the input's log ratio
 each way (``D_kspace(y)``, ``D_bicubic(y)``), where the last step is known: the scan's content
 and history cancel in the two differences (:func:`probe_features`).
 
-Those two numbers alone put k-space truncation, Rician noise and the resampling kernels where
-they belong (leave one source out: 277 of 366 views right, 58 of 61 protocol ``bicubic`` against
-the classifier's 51), but Gaussian blur, on the k-space grid, lands beyond the resampling
-kernels (0 of 61). So they are combined with the classifier's probability, not used alone: a
+Those two numbers put k-space truncation and Rician noise on one side of the resampling
+kernels (median first difference +0.50 and +0.54 against -0.07 to -0.29), but Gaussian blur,
+also on the k-space grid, far on the other (-1.57). Alone, even through a quadratic rule, they
+decide worse than the classifier. So they are combined with the classifier's probability: a
 logistic rule on the classifier's logit, the two differences, their squares and their product
 (:class:`SynthesisRule`; the quadratic terms let one rule put Gaussian blur and truncation on
 the same grid), fitted on the leave-one-source-out decisions of the training and validation
-sources. Leave one source out, x2, only on views the classifier is unsure of (under 0.8): views
-below the best classical answer, protocol 15 -> 12 of 96, stress 22 -> 19 of 192; test split
-1 -> 0 of 26 and 8 -> 5 of 52 (model card, "Analysis by synthesis").
+sources, and asked only where the classifier is unsure (under 0.8). Leave one source out, x2,
+views below the best classical answer: protocol 15 -> 12 of 96, stress 22 -> 21 of 192; test
+split 1 -> 0 of 26 and 8 -> 8 of 52 (model card, "A second look by synthesis").
 
 It costs four slices enhanced on each grid and four more at half size each way: about 3% of the
 model time of a 384-slice series, and only for unsure scans.
