@@ -68,9 +68,10 @@ def scores(high_res: np.ndarray, estimate: np.ndarray, axis: int, scale: int,
 def degraded_views(data_root: Path, groups: dict[str, list[str]], scale: int, slice_count: int, done: set):
     """Every view of every volume in ``groups``, degraded whole by each degradation and stored
     as its file would store it, with ``slice_count`` evenly spaced scored slices: yields
-    ``(source, name, degradation, axis, picks, low, high, volume_range)``, ``low`` and ``high``
-    the picked slices in the volume's layout (slices along ``axis``). ``(name, degradation)``
-    pairs in ``done`` are skipped. ``source`` keeps the ``test: `` of :data:`TEST`'s keys."""
+    ``(source, name, degradation, axis, picks, low, high, volume_range, low_res)``, ``low`` and
+    ``high`` the picked slices in the volume's layout (slices along ``axis``), ``low_res`` the
+    whole stored low-res volume. ``(name, degradation)`` pairs in ``done`` are skipped.
+    ``source`` keeps the ``test: `` of :data:`TEST`'s keys."""
     for source, paths in groups.items():
         for relative in paths:
             for plane, volume, axis, _ in views(data_root / relative):
@@ -83,7 +84,7 @@ def degraded_views(data_root: Path, groups: dict[str, list[str]], scale: int, sl
                     volume_range = (float(high_res.min()), float(high_res.max()))
                     picks = chosen_slices(high_res, axis, slice_count)
                     yield (source, name, degradation, axis, picks, np.take(low_res, picks, axis=axis),
-                           np.take(high_res, picks, axis=axis), volume_range)
+                           np.take(high_res, picks, axis=axis), volume_range, low_res)
 
 
 def done_in(path: Path) -> set:
@@ -98,7 +99,7 @@ def measure(args) -> None:
     model.eval()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     groups = {**TEST, **SOURCES} if args.test_first else {**SOURCES, **TEST}
-    for source, name, degradation, axis, picks, low, high, volume_range in degraded_views(
+    for source, name, degradation, axis, picks, low, high, volume_range, _ in degraded_views(
             args.data_root, groups, args.scale, args.slices, done_in(args.out)):
         started = time.perf_counter()
         with torch.inference_mode():

@@ -2,12 +2,14 @@
 no-flag path is never worse than interpolation"): where the degradation classifier is unsure,
 does the model itself, told each grid and its answer degraded back, name the true grid?
 
-For the same views, degradations and slices as :mod:`grid_fallback` (each view degraded whole,
-stored as a file would store it, 4 evenly spaced scored slices), :func:`medsr.synthesis.probe_features`
-(the default path's own code, the shipped model in bf16 autocast where the CPU has it) gives the
-two differences of log residual ratios. Recorded per view and degradation (``--out``, one JSON
-line each; a rerun skips what is there): those two numbers, and the protocol's per-slice scores
-of each told output after the consistency projection (``kspace projected``, ``bicubic
+For the same views and degradations as :mod:`grid_fallback` (each view degraded whole and
+stored as a file would store it), :func:`medsr.synthesis.probe_features` (the default path's own
+code, the shipped model in bf16 autocast where the CPU has it) gives the two differences of log
+residual ratios on the slices the default path probes: of the informative slices the classifier
+reads, up to four evenly spaced non-constant ones (:func:`medsr.synthesis.probe_slices`).
+Recorded per view and degradation (``--out``, one JSON line each; a rerun skips what is there):
+those two numbers, and on ``grid_fallback``'s 4 scored slices the protocol's per-slice scores of
+each told output after the consistency projection (``kspace projected``, ``bicubic
 projected``), so the default path's ``auto`` (which projects scans named k-space truncated) can
 be bracketed with ``grid_fallback``'s table.
 
@@ -26,6 +28,7 @@ left-out views of the training and validation sources and writes it into that cl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -40,10 +43,10 @@ from grid_fallback import averaged, best_classical, calibrated_decisions, degrad
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.consistency import GRIDS, project
-from medsr.degradation import SURE, choose_grid, load_classifier, save_classifier
-from medsr.reading import read_scan
-from medsr.synthesis import ModelAnswer, SynthesisRule, can_probe, model_fingerprint, probe_features
-from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS
+from medsr.degradation import SURE, choose_grid, informative_planes, load_classifier, save_classifier
+from medsr.reading import plane_of, read_scan
+from medsr.synthesis import ModelAnswer, SynthesisRule, can_probe, model_fingerprint, probe_features, probe_slices
+from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS, robust_window
 
 
 def measure(args) -> None:
@@ -56,13 +59,18 @@ def measure(args) -> None:
     selected = {}
     for source, relative in volumes:
         selected.setdefault(source, []).append(relative)
-    for source, name, degradation, axis, picks, low, high, volume_range in degraded_views(
+    for source, name, degradation, axis, picks, low, high, volume_range, low_res in degraded_views(
             args.data_root, selected, args.scale, args.slices, done_in(args.out)):
         started = time.perf_counter()
         low, high = np.moveaxis(low, axis, 0), np.moveaxis(high, axis, 0)
+        # the slices the default path probes: of the informative slices the classifier reads
+        # (medsr evaluate's window), up to four evenly spaced non-constant ones
+        window = robust_window(low_res)
+        planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
+                                    window.low, window.high)
+        probed = probe_slices(planes) if can_probe(planes[0].shape, args.scale) else None
         with torch.inference_mode():
-            # as the default path: slices too small to degrade once more are not probed
-            features = probe_features(enhance, low, args.scale) if can_probe(low.shape, args.scale) else None
+            features = None if probed is None else probe_features(enhance, probed, args.scale)
             measured = torch.from_numpy(low.astype(np.float64))
             projected = {f"{g} projected": project(torch.from_numpy(enhance(low, g)), measured, g,
                                                    args.scale).numpy() for g in GRIDS}

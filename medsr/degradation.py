@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsr.errors import CheckpointError
+from medsr.errors import CheckpointError, MedsrError
 from medsr.metrics import FOREGROUND_FRACTION, FOREGROUND_LEVEL
-from medsr.synthesis import PROBE_SLICES, ModelAnswer, SynthesisRule, can_probe, probe_features
+from medsr.synthesis import ModelAnswer, SynthesisRule, can_probe, probe_features, probe_slices
 from medsr.transforms import GRID_OF
 
 logger = logging.getLogger(__name__)
@@ -319,29 +319,38 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
     estimate = estimate_degradation(planes, classifier)
     if enhance is None or estimate.sure:
         return estimate
-    return second_look(estimate, planes, classifier, enhance)
+    # the model makes the output from the values as stored, so it is probed on them
+    as_stored = [-plane for plane in planes] if photometric == "MONOCHROME1" else planes
+    return second_look(estimate, as_stored, classifier, enhance)
 
 
 def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],
                 classifier: DegradationClassifier | ClassifierEnsemble,
                 enhance: ModelAnswer) -> DegradationEstimate:
-    """The estimate after analysis by synthesis (:mod:`medsr.synthesis`) on up to
-    :data:`~medsr.synthesis.PROBE_SLICES` evenly spaced ``planes``; ``estimate`` unchanged when
-    the classifier file holds no synthesis rule, the rule was fitted with another model than
-    ``enhance`` runs, or the slices are too small to probe."""
+    """The estimate after analysis by synthesis (:mod:`medsr.synthesis`) on the
+    :func:`~medsr.synthesis.probe_slices` of ``planes`` (the informative slices the classifier
+    read, in stored values). ``estimate`` unchanged when the classifier file holds no synthesis
+    rule, the rule was fitted with another model than ``enhance`` runs, the slices are too small
+    or blank, or the model refuses them."""
     rule = getattr(classifier, "synthesis", None)
     scale = getattr(classifier, "scale", None)
     if (rule is None or scale is None or not planes or not can_probe(planes[0].shape, scale)
             or not rule.applies_to(enhance.model)):
         return estimate
-    picks = np.unique(np.linspace(0, len(planes) - 1, min(PROBE_SLICES, len(planes))).round().astype(int))
-    slices = np.stack([planes[i] for i in picks])
+    slices = probe_slices(planes)
+    if slices is None:
+        return estimate
+    try:
+        differences = probe_features(enhance, slices, scale)
+    except MedsrError as exc:  # a second opinion is optional: without it the classifier decides
+        logger.warning("second look skipped: %s", exc)
+        return estimate
     probability_kspace = estimate.confidence if estimate.grid == "kspace" else 1.0 - estimate.confidence
-    combined = rule.probability(probability_kspace, probe_features(enhance, slices, scale))
+    combined = rule.probability(probability_kspace, differences)
     grid = choose_grid(combined)
     logger.debug("second look: kspace probability %.3f -> %.3f", probability_kspace, combined)
     return DegradationEstimate(grid, combined if grid == "kspace" else 1.0 - combined, estimate.likely,
-                               estimate.slices, probed=len(picks))
+                               estimate.slices, probed=len(slices))
 
 
 def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, low: float, high: float,

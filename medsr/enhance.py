@@ -267,6 +267,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                                      + ("; mean of the 8 flips/transposes (--ensemble)" if ensemble else ""),
                     short_description=f"medsr x{model_scale} {degradation}"
                                       + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
+                                      + (" 2nd look" if estimate is not None and estimate.probed else "")
                                       + (" consistent" if consistent else "") + (" ens8" if ensemble else ""),
                     run=run, detail_map=detail_map, uid_seed=uid_seed)
     return EnhancedFile(output, volume, degradation, estimate, consistent=consistent, ensemble=ensemble,

@@ -157,12 +157,11 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     result = ScanResult(scan=str(scan.path), degradation=degradation)
     estimates = {name: baseline(low_res, axis, scale) for name, baseline in BASELINES.items()}
     told = GRID_OF[degradation]
-    decision = None
-    if classifier is not None:
-        # the second look for unsure scans runs the first model, as enhance runs its one
-        answer = ModelAnswer(next(iter(models.values())), device, precision) if models else None
-        decision = find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                    robust_window(low_res), classifier, enhance=answer)
+    def decided(model) -> DegradationEstimate:
+        """What medsr enhance decides for this scan with ``model`` (whose second look is its own)."""
+        return find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
+                                robust_window(low_res), classifier, enhance=ModelAnswer(model, device, precision))
+
     # told, as if the user named the degradation itself (so auto projects a k-space truncated
     # scan, not a Gaussian-blurred one on the same grid)
     told_consistency = resolved(consistency, told, degradation)
@@ -184,7 +183,8 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
             output, reference = (trim_border(v, axis, scale) for v in (estimates[name + ENSEMBLE_SUFFIX], high_res))
             result.map_quality[name] = map_quality(trim_border(result.maps[name], axis, scale),
                                                    np.abs(output - reference))
-        if decision is not None:
+        if classifier is not None:
+            decision = decided(model)
             found_consistency = resolved(consistency, decision.grid, decision.likely)
             same_run = decision.grid == told and found_consistency == told_consistency
             estimates[name + AUTO_SUFFIX] = (estimates[name] if same_run

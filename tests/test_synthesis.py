@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from medsr.checkpoint import default_weights, load_model
+from medsr.cli import app
 from medsr.degradation import (
     DegradationEstimate,
+    estimate_degradation,
     find_degradation,
+    informative_planes,
     load_classifier,
     save_classifier,
     second_look,
@@ -25,6 +30,7 @@ from medsr.synthesis import (
     can_probe,
     model_fingerprint,
     probe_features,
+    probe_slices,
 )
 from medsr.transforms import degrade_volume, robust_window
 
@@ -190,3 +196,81 @@ def test_the_second_look_on_the_gpu_matches_the_cpu(real_low_res):
         cpu = probe_features(ModelAnswer(model, "cpu", "fp32"), real_low_res["kspace"], 2)
         gpu = probe_features(ModelAnswer(model, "cuda"), real_low_res["kspace"], 2)
     np.testing.assert_allclose(gpu, cpu, atol=0.05)
+
+
+def test_probe_slices_skip_blank_ones():
+    blank, varied = np.zeros((40, 40)), np.arange(1600.0).reshape(40, 40)
+    assert probe_slices([blank, blank]) is None
+    picked = probe_slices([blank, varied, blank, 2 * varied, blank])
+    assert picked.shape == (2, 40, 40) and all(np.ptp(p) > 0 for p in picked)
+    assert len(probe_slices([varied + i for i in range(20)])) == PROBE_SLICES
+
+
+def test_a_sparse_scan_the_classifier_is_unsure_of_is_enhanced_with_no_flags(tmp_path):
+    """A 40-slice volume blank but for a 20 x 20 patch of the real T1 on 11 slices: no slice has
+    enough foreground, so the classifier reads evenly spaced slices (most of them blank) and is
+    unsure. The second look must probe the slices that hold something, not fail on blank ones."""
+    scan = read_scan(MR_NIFTI)
+    source = np.moveaxis(scan.array, scan.slice_axis, 2)
+    volume = np.zeros((96, 96, 40), np.float32)
+    middle = source.shape[2] // 2
+    for j, k in enumerate(range(14, 25)):
+        volume[38:58, 38:58, k] = source[source.shape[0] // 2 - 10:source.shape[0] // 2 + 10,
+                                         source.shape[1] // 2 - 10:source.shape[1] // 2 + 10, middle - 5 + j]
+    path = tmp_path / "sparse.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(volume).astype(np.int16), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+    window = robust_window(volume)
+    planes = informative_planes(lambda i: volume[..., i], 40, window.low, window.high)
+    assert not estimate_degradation(planes, load_classifier(None, 2)).sure  # what the test is about
+
+    result = CliRunner().invoke(app, ["enhance", str(path), "-o", str(tmp_path / "out.nii.gz")])
+
+    assert result.exit_code == 0, result.output
+    assert "analysis by synthesis" in result.output
+    assert nib.load(tmp_path / "out.nii.gz").shape == (192, 192, 40)
+
+
+def test_a_monochrome1_scan_is_probed_on_its_stored_values(real_low_res):
+    """The classifier reads MONOCHROME1 slices negated (dark and bright swapped), but the model
+    makes the output from the stored values, so the second look is taken on those."""
+    seen = []
+
+    class Recording(ModelAnswer):
+        def __call__(self, low_res, grid):
+            seen.append(np.asarray(low_res))
+            return super().__call__(low_res, grid)
+
+    stored = real_low_res["bicubic"].astype(np.float32)
+    stack = np.moveaxis(stored, 0, 2)
+    model = load_model(default_weights(2))[0].eval()
+    classifier = _classifier_with_rule(0.0, model)
+    for member in classifier.members:  # flat probabilities: the classifier is unsure
+        member.temperature.fill_(1e4)
+    with torch.inference_mode():
+        estimate = find_degradation(lambda i: stack[..., i], stack.shape[2], robust_window(stack), classifier,
+                                    photometric="MONOCHROME1", enhance=Recording(model))
+    assert estimate.probed and seen
+    first = seen[0]  # the input slices of the first model pass
+    assert all(any(np.array_equal(plane, candidate) for candidate in stored) for plane in first)
+
+
+@pytest.mark.parametrize("grid", ["kspace", "bicubic"])
+def test_a_rule_that_trusts_the_classifier_keeps_its_grid_and_confidence(shipped_model, real_low_res, grid):
+    """The probability handed to the rule, and the confidence made from the rule's, point the
+    right way for either grid: a rule that is the classifier's logit alone changes nothing."""
+    classifier = load_classifier(None, 2)
+    classifier.synthesis = SynthesisRule((1.0,) + (0.0,) * (N_WEIGHTS - 1), model_fingerprint(shipped_model))
+    unsure = DegradationEstimate(grid, 0.7, grid, 4)
+    with torch.inference_mode():
+        looked = second_look(unsure, list(real_low_res["bicubic"]), classifier, ModelAnswer(shipped_model))
+    assert looked.grid == grid and looked.confidence == pytest.approx(0.7, abs=1e-4) and looked.probed
+
+
+def test_a_weight_too_large_for_a_float_is_refused(tmp_path):
+    path = tmp_path / "classifier.pt"
+    save_classifier(path, load_classifier(None, 2), 2, {})
+    payload = torch.load(path, weights_only=True)
+    payload["synthesis"] = {"weights": [10 ** 400] + [1.0] * (N_WEIGHTS - 1), "model": DIGEST}
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="7 finite weights"):
+        load_classifier(path, 2)
