@@ -160,8 +160,9 @@ def summary(args) -> None:
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (stated >= low) & (stated < high)
         if inside.any():
+            wrong = [f"{rows[i]['volume']} {rows[i]['degradation']}" for i in np.flatnonzero(inside & ~right)]
             print(f"  {low:.2f}-{min(high, 1):.2f}: {int(inside.sum()):3d} views, stated {stated[inside].mean():.3f}, "
-                  f"right {right[inside].mean():.3f}")
+                  f"right {right[inside].mean():.3f}" + (f"; wrong: {', '.join(wrong)}" if low >= 0.95 else ""))
     print("\nviews whose grid the second look changes (PSNR minus the best classical answer, before -> after):")
     for i in np.flatnonzero(shipped != before):
         r = rows[i]

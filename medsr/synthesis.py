@@ -11,14 +11,14 @@ each way (``D_kspace(y)``, ``D_bicubic(y)``), where the last step is known: the 
 and history cancel in the two differences (:func:`probe_features`).
 
 Those two numbers put k-space truncation and Rician noise on one side of the resampling
-kernels (median first difference +0.50 and +0.54 against -0.07 to -0.29), but Gaussian blur,
-also on the k-space grid, far on the other (-1.57). Alone, even through a quadratic rule, they
+kernels (median first difference +0.50 and +0.55 against -0.06 to -0.33), but Gaussian blur,
+also on the k-space grid, far on the other (-1.59). Alone, even through a quadratic rule, they
 decide worse than the classifier. So they are combined with the classifier's probability: a
 logistic rule on the classifier's logit, the two differences, their squares and their product
 (:class:`SynthesisRule`; the quadratic terms let one rule put Gaussian blur and truncation on
 the same grid), fitted on the leave-one-source-out decisions of the training and validation
 sources, and asked only where the classifier is unsure (under 0.8). Leave one source out, x2,
-views below the best classical answer: protocol 15 -> 12 of 96, stress 22 -> 21 of 192; test
+views below the best classical answer: protocol 15 -> 11 of 96, stress 22 -> 20 of 192; test
 split 1 -> 0 of 26 and 8 -> 8 of 52 (model card, "A second look by synthesis").
 
 It costs the model on four slices told each grid, and on the same four degraded once more each
