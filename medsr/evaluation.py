@@ -157,6 +157,7 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     result = ScanResult(scan=str(scan.path), degradation=degradation)
     estimates = {name: baseline(low_res, axis, scale) for name, baseline in BASELINES.items()}
     told = GRID_OF[degradation]
+
     def decided(model) -> DegradationEstimate:
         """What medsr enhance decides for this scan with ``model`` (whose second look is its own)."""
         return find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
