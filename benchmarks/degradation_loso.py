@@ -144,13 +144,18 @@ def build(data_root: Path, groups: dict[str, list[str]], scale: int, seed: int, 
     return {"cases": cases, "train": train}
 
 
-def decide(logits: np.ndarray, temperature: float = 1.0) -> tuple[str, float]:
-    """The grid and its confidence from one volume's ``(N, 6)`` slice logits, as
-    :func:`medsr.degradation.estimate_degradation` decides (logits divided by ``temperature``)."""
+def class_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``(6,)`` the mean over one volume's slices of the class probabilities (:data:`CLASSES`)."""
     scaled = logits / temperature
     probabilities = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    probability_kspace = float(probabilities.mean(axis=0)[ON_KSPACE].sum())
+    return probabilities.mean(axis=0)
+
+
+def decide(logits: np.ndarray, temperature: float = 1.0) -> tuple[str, float]:
+    """The grid and its confidence from one volume's ``(N, 6)`` slice logits, as
+    :func:`medsr.degradation.estimate_degradation` decides (logits divided by ``temperature``)."""
+    probability_kspace = float(class_probabilities(logits, temperature)[ON_KSPACE].sum())
     grid = choose_grid(probability_kspace)
     return grid, probability_kspace if grid == "kspace" else 1 - probability_kspace
 
@@ -252,8 +257,10 @@ def main() -> None:
         temperature = fit_temperature([d for d in decisions if d["source"] in SOURCES])
         calibrated = []
         for d in decisions:
-            grid, confidence = decide(d.pop("logits"), temperature)
-            calibrated.append({**d, "grid": grid, "confidence": confidence})
+            logits = d.pop("logits")
+            grid, confidence = decide(logits, temperature)
+            calibrated.append({**d, "grid": grid, "confidence": confidence,
+                               "classes": class_probabilities(logits, temperature).tolist()})
         report(f"{variant}, logits / {temperature:g} (temperature fitted on the leave-one-source-out decisions)",
                calibrated)
         results[variant] = {"temperature": temperature, "decisions": decisions, "calibrated": calibrated}
