@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -274,3 +276,22 @@ def test_a_weight_too_large_for_a_float_is_refused(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="7 finite weights"):
         load_classifier(path, 2)
+
+
+def test_evaluate_decides_per_model_each_with_its_own_second_look(session_tiny_checkpoint):
+    """`medsr evaluate --degradation auto` scores each model as `medsr enhance --weights` would
+    run it: the rule's model takes a second look, another model is decided by the classifier
+    alone (the order of the models does not matter)."""
+    from medsr.evaluation import evaluate_scan
+
+    scan = read_scan(MR_NIFTI)
+    small = dataclasses.replace(scan, array=scan.array[60:76].copy())  # 16 sagittal planes
+    classifier = load_classifier(None, 2)
+    for member in classifier.members:  # flat probabilities: the classifier is unsure
+        member.temperature.fill_(1e4)
+    tiny = load_model(session_tiny_checkpoint)[0].eval()
+    shipped = load_model(default_weights(2))[0].eval()
+    result = evaluate_scan(small, {"tiny": tiny, "shipped": shipped}, "bicubic", 2, slice_axis=0,
+                           classifier=classifier)
+    assert result.decisions["tiny auto"].probed == 0
+    assert result.decisions["shipped auto"].probed > 0
