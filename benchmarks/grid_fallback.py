@@ -142,6 +142,18 @@ def best_classical(row: dict) -> tuple[float, float]:
     return max(psnr(row, m) for m in counted), max(ssim(row, m) for m in counted)
 
 
+def gap_line(label: str, rows: list[dict], values, told, wrong: int) -> str:
+    """One summary line for a decision rule on ``rows``: each view's PSNR under the rule
+    (``values``) against the best classical answer and against the model told the truth
+    (``told``), how many views are below the former, the mean against the latter, the worst."""
+    gaps = np.asarray(values) - [best_classical(r)[0] for r in rows]
+    against_told = np.asarray(values) - np.asarray(told)
+    worst = int(np.argmin(gaps))
+    return (f"  {label} views {len(rows):3d}  wrong grid {wrong:3d}  below classical {int((gaps < 0).sum()):3d}  "
+            f"mean vs told {against_told.mean():+.2f}  worst {gaps[worst]:+.2f} "
+            f"({rows[worst]['volume']} {rows[worst]['degradation']})")
+
+
 def calibrated_decisions(path: Path) -> dict:
     """``(volume, degradation)`` -> the calibrated decision of one ``degradation_loso.py`` file."""
     if not path.exists():
@@ -202,13 +214,9 @@ def summary(args) -> None:
                              and (r["source"] in TEST) == (split == "test")]
                     if not table:
                         continue
-                    gaps = np.array([psnr(r, rule(d)) - best_classical(r)[0] for r, d in table])
-                    told = np.array([psnr(r, rule(d)) - psnr(r, r["truth"]) for r, d in table])
-                    wrong = sum(d["grid"] != r["truth"] for r, d in table)
-                    worst = int(np.argmin(gaps))
-                    print(f"  {name:29s} {split:20s} {kind:8s} views {len(table):3d}  wrong grid {wrong:3d}  "
-                          f"below classical {int((gaps < 0).sum()):3d}  mean vs told {told.mean():+.2f}  "
-                          f"worst {gaps[worst]:+.2f} ({table[worst][0]['volume']} {table[worst][0]['degradation']})")
+                    print(gap_line(f"{name:29s} {split:20s} {kind:8s}", [r for r, _ in table],
+                                   [psnr(r, rule(d)) for r, d in table], [psnr(r, r["truth"]) for r, _ in table],
+                                   sum(d["grid"] != r["truth"] for r, d in table)))
 
 
 def main() -> None:

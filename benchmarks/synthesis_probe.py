@@ -39,13 +39,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from degradation_loso import SOURCES, TEST
-from grid_fallback import averaged, best_classical, calibrated_decisions, degraded_views, done_in, psnr, scores
+from grid_fallback import (
+    averaged,
+    best_classical,
+    calibrated_decisions,
+    degraded_views,
+    done_in,
+    gap_line,
+    psnr,
+    scores,
+)
 
 from medsr.checkpoint import default_weights, load_model
 from medsr.consistency import GRIDS, project
 from medsr.degradation import CLASSES, SURE, choose_grid, informative_planes, load_classifier, save_classifier
 from medsr.reading import plane_of, read_scan
-from medsr.synthesis import ModelAnswer, SynthesisRule, can_probe, model_fingerprint, probe_features, probe_slices
+from medsr.synthesis import (
+    ModelAnswer,
+    SynthesisRule,
+    can_probe,
+    logistic_probability,
+    logistic_weights,
+    model_fingerprint,
+    probe_features,
+    probe_slices,
+)
 from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS, robust_window
 
 
@@ -82,19 +100,6 @@ def measure(args) -> None:
             file.write(json.dumps(row) + "\n")
         print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s  features "
               + ("(too small to probe)" if features is None else f"{features[0]:+.2f} {features[1]:+.2f}"), flush=True)
-
-
-def logistic(train: np.ndarray, truth: np.ndarray, apply: np.ndarray, l2: float) -> np.ndarray:
-    """A candidate rule's probabilities on ``apply``: L2-regularised logistic regression on
-    ``train`` (bias added, not penalised), by Newton's method as :meth:`SynthesisRule.fit`."""
-    design = np.hstack([train, np.ones((len(train), 1))])
-    penalty = np.diag([l2] * train.shape[1] + [0.0])
-    weights = np.zeros(design.shape[1])
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ weights, -50, 50)))
-        hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(len(weights))
-        weights = weights - np.linalg.solve(hessian, design.T @ (p - truth) + penalty @ weights)
-    return 1.0 / (1.0 + np.exp(-np.clip(np.hstack([apply, np.ones((len(apply), 1))]) @ weights, -50, 50)))
 
 
 # "... and not named Gaussian" (measured 2026-12-07): left-out protocol 11 -> 12 of 96 below the
@@ -166,7 +171,8 @@ def summary(args) -> None:
         with_gaussian = np.empty(len(rows))
         for source in np.unique(sources):
             mine, train = sources == source, (sources != source) & ~is_test & probed
-            with_gaussian[mine] = logistic(terms[train], truth[train], terms[mine], args.l2)
+            with_gaussian[mine] = logistic_probability(logistic_weights(terms[train], truth[train], args.l2),
+                                                       terms[mine])
         grids["classifier and probe + Gaussian logit, only when unsure"] = np.where(
             unsure, as_grids(with_gaussian), grids["classifier (shipped before)"])
     print(f"unsure (classifier under {SURE}): {int(unsure.sum())} of {len(rows)}")
@@ -181,14 +187,10 @@ def summary(args) -> None:
                 for kind, names in (("protocol", ("bicubic", "kspace")), ("stress", STRESS_DEGRADATIONS)):
                     mask = (is_test == (split == "test")) & np.array([r["degradation"] in names for r in rows])
                     table = [(rows[i], chosen[i]) for i in np.flatnonzero(mask)]
-                    value = np.array([psnr_of(r, g, projected) for r, g in table])
-                    gaps = value - [best_classical(r)[0] for r, _ in table]
-                    told = value - [psnr_of(r, r["truth"], projected) for r, _ in table]
-                    worst = int(np.argmin(gaps))
-                    print(f"  {'kspace projected' if projected else 'no projection':16s} {split:20s} {kind:8s} "
-                          f"views {len(table):3d}  wrong grid {sum(g != r['truth'] for r, g in table):3d}  "
-                          f"below classical {int((gaps < 0).sum()):3d}  mean vs told {told.mean():+.2f}  "
-                          f"worst {gaps[worst]:+.2f} ({table[worst][0]['volume']} {table[worst][0]['degradation']})")
+                    label = f"{'kspace projected' if projected else 'no projection':16s} {split:20s} {kind:8s}"
+                    print(gap_line(label, [r for r, _ in table], [psnr_of(r, g, projected) for r, g in table],
+                                   [psnr_of(r, r["truth"], projected) for r, _ in table],
+                                   sum(g != r["truth"] for r, g in table)))
     print(f"\nbelow, the decision shipped: {SHIPPED}")
     shipped, before = grids[SHIPPED], grids["classifier (shipped before)"]
     stated = np.where(unsure, combined, p_kspace)

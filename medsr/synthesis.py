@@ -139,6 +139,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def logistic_probability(weights: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """``(N,)`` the probabilities of a logistic rule: ``weights`` for the ``(N, K)`` ``terms``,
+    then the bias."""
+    z = np.asarray(terms, dtype=np.float64) @ weights[:-1] + weights[-1]
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+
+
+def logistic_weights(terms: np.ndarray, truth: np.ndarray, l2: float = 1.0, steps: int = 50) -> np.ndarray:
+    """``(K + 1,)`` L2-regularised logistic regression of ``truth`` (0 or 1) on ``(N, K)``
+    ``terms``, by Newton's method; the last weight is the bias, which is not penalised."""
+    terms = np.asarray(terms, dtype=np.float64)
+    design = np.hstack([terms, np.ones((len(terms), 1))])
+    penalty = np.diag([l2] * terms.shape[1] + [0.0])
+    weights = np.zeros(design.shape[1])
+    for _ in range(steps):
+        p = logistic_probability(weights, terms)
+        gradient = design.T @ (p - np.asarray(truth, dtype=np.float64)) + penalty @ weights
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(len(weights))
+        weights = weights - np.linalg.solve(hessian, gradient)
+    return weights
+
+
 @dataclass(frozen=True)
 class SynthesisRule:
     """The logistic rule that turns the classifier's ``kspace`` probability and the probe's
@@ -175,9 +197,8 @@ class SynthesisRule:
 
     def probability(self, probability_kspace: float, differences: np.ndarray) -> float:
         """The combined probability of the ``kspace`` grid for one scan."""
-        weights = np.asarray(self.weights)
-        z = float(self.terms(np.array([probability_kspace]), differences)[0] @ weights[:-1] + weights[-1])
-        return 1.0 / (1.0 + math.exp(-min(max(z, -50.0), 50.0)))
+        terms = self.terms(np.array([probability_kspace]), differences)
+        return float(logistic_probability(np.asarray(self.weights), terms)[0])
 
     @classmethod
     def fit(cls, probability_kspace: np.ndarray, differences: np.ndarray, kspace_truth: np.ndarray,
@@ -191,15 +212,7 @@ class SynthesisRule:
             kspace_truth: ``(N,)`` 1 where the view's true grid is ``kspace``.
             model: :func:`model_fingerprint` of the model that gave ``differences``.
         """
-        design = np.hstack([cls.terms(probability_kspace, differences), np.ones((len(kspace_truth), 1))])
-        truth = np.asarray(kspace_truth, dtype=np.float64)
-        penalty = np.diag([l2] * (N_WEIGHTS - 1) + [0.0])
-        weights = np.zeros(N_WEIGHTS)
-        for _ in range(steps):
-            p = 1.0 / (1.0 + np.exp(-np.clip(design @ weights, -50, 50)))
-            gradient = design.T @ (p - truth) + penalty @ weights
-            hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty + 1e-9 * np.eye(N_WEIGHTS)
-            weights = weights - np.linalg.solve(hessian, gradient)
+        weights = logistic_weights(cls.terms(probability_kspace, differences), kspace_truth, l2, steps)
         return cls(tuple(float(w) for w in weights), model)
 
     def to_payload(self) -> dict:
