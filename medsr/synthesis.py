@@ -59,23 +59,25 @@ def as_stored(image: np.ndarray, like: np.ndarray) -> np.ndarray:
     return image
 
 
-def grid_residuals(enhance, low_res: np.ndarray, scale: int) -> dict[str, float]:
-    """``||D_g(x_g) - y||^2`` summed over the slices, for each grid.
+def grid_residuals(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
+    """``(N, 2)``: per slice, ``||D_g(x_g) - y||^2`` for each grid of :data:`GRIDS`.
 
     Args:
         enhance: ``(slices, grid) -> (N, H*s, W*s)`` the model's answer on ``grid`` (no projection).
         low_res: ``(N, H, W)`` low-res slices ``y`` in original units.
         scale: integer factor.
     """
-    out = {}
+    out = []
     for grid in GRIDS:
         again = degrade(torch.from_numpy(np.asarray(enhance(low_res, grid), dtype=np.float64)), grid, scale)
-        out[grid] = float(((again.numpy() - low_res) ** 2).sum())
-    return out
+        out.append(((again.numpy() - low_res) ** 2).sum(axis=(-2, -1)))
+    return np.stack(out, axis=1)
 
 
-def probe_features(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
-    """The input's log ratio less each self-reference's: ``[a - r_bicubic, a - r_kspace]``.
+def residual_table(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
+    """``(N, 3, 2)``: per slice, :func:`grid_residuals` of the input, of the input degraded once
+    more on the ``bicubic`` grid, and once more on the ``kspace`` grid (stored like the input,
+    :func:`as_stored`); the last axis follows :data:`GRIDS`.
 
     Args:
         enhance: ``(slices, grid) -> (N, H*s, W*s)`` the model's answer on ``grid``.
@@ -83,14 +85,31 @@ def probe_features(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
         scale: integer factor.
     """
     low_res = np.asarray(low_res, dtype=np.float64)
-    at_input = _log_ratio(grid_residuals(enhance, low_res, scale))
     height, width = (side - side % scale for side in low_res.shape[-2:])
     cropped = torch.from_numpy(np.ascontiguousarray(low_res[:, :height, :width]))
-    references = {}
-    for last in GRIDS:
-        coarser = as_stored(degrade(cropped, last, scale).numpy(), low_res)
-        references[last] = _log_ratio(grid_residuals(enhance, coarser, scale))
-    return np.array([at_input - references["bicubic"], at_input - references["kspace"]])
+    coarser = {last: as_stored(degrade(cropped, last, scale).numpy(), low_res) for last in GRIDS}
+    return np.stack([grid_residuals(enhance, low_res, scale), grid_residuals(enhance, coarser["bicubic"], scale),
+                     grid_residuals(enhance, coarser["kspace"], scale)], axis=1)
+
+
+def features_of(table: np.ndarray) -> np.ndarray:
+    """The two differences of a :func:`residual_table`, its slices' residuals summed first (a
+    median of each slice's own differences, or more slices, decided worse: model card)."""
+    residuals = np.asarray(table, dtype=np.float64).sum(axis=0)
+    ratios = [_log_ratio(dict(zip(GRIDS, row, strict=True))) for row in residuals]
+    return np.array([ratios[0] - ratios[1], ratios[0] - ratios[2]])
+
+
+def probe_features(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
+    """The input's log ratio less each self-reference's: ``[a - a_bicubic, a - a_kspace]``,
+    the residuals of the slices summed (:func:`residual_table`, :func:`features_of`).
+
+    Args:
+        enhance: ``(slices, grid) -> (N, H*s, W*s)`` the model's answer on ``grid``.
+        low_res: ``(N, H, W)`` low-res slices in original units (a few informative ones).
+        scale: integer factor.
+    """
+    return features_of(residual_table(enhance, low_res, scale))
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,11 @@ from medsr.synthesis import (
     SynthesisRule,
     as_stored,
     can_probe,
+    features_of,
     model_fingerprint,
     probe_features,
     probe_slices,
+    residual_table,
 )
 from medsr.transforms import degrade_volume, robust_window
 
@@ -79,6 +81,19 @@ def test_probe_features_move_towards_kspace_on_real_kspace_truncated_slices(ship
     assert kspace.shape == bicubic.shape == (2,)
     assert np.all(np.isfinite(kspace)) and np.all(np.isfinite(bicubic))
     assert kspace[0] > bicubic[0] and kspace[1] > bicubic[1]
+
+
+def test_the_residual_table_holds_each_slice_and_sums_to_the_probe(shipped_model, real_low_res):
+    """Per slice, the residual of each grid on the input and on both self-references (the
+    slices enhanced together, in one intensity window); summed over the slices it gives the
+    shipped probe."""
+    answer = ModelAnswer(shipped_model, precision="fp32")
+    slices = real_low_res["kspace"]
+    with torch.inference_mode():
+        table = residual_table(answer, slices, 2)
+        probed = probe_features(answer, slices, 2)
+    assert table.shape == (len(slices), 3, 2) and np.all(table > 0)
+    np.testing.assert_allclose(features_of(table), probed, rtol=1e-9, atol=1e-9)
 
 
 def test_as_stored_rounds_and_clips_like_the_file_it_comes_from():
