@@ -135,7 +135,7 @@ def score(run: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     # unitless, and only per scan (the engine streams slices): the mean of the two ranks
     maps["rank average(spread 5x5, gradient 3x3)"] = (rankdata(maps["spread 5x5"]).reshape(error.shape)
                                                       + rankdata(maps["gradient 3x3"]).reshape(error.shape))
-    return {name: map_quality(values, error) for name, values in maps.items()}
+    return {name: map_quality(values, error, run["reference"][inner]) for name, values in maps.items()}
 
 
 def map_seconds_per_slice(run: dict[str, np.ndarray], repeats: int = 3) -> float:
@@ -178,7 +178,7 @@ def main() -> None:
                   f"for the 8 passes, {map_seconds_per_slice(run) * 1000:.1f} ms for the shipped map (CPU)", flush=True)
     columns = list(table)
     names = list(table[columns[0]])
-    for metric in ("auroc", "spearman"):
+    for metric in ("auroc", "auroc_anatomy", "spearman"):
         print(f"\n{metric} per scan ({args.split}); min and mean over scans")
         print("| candidate | " + " | ".join(columns) + " | min | mean |")
         print("|---" * (len(columns) + 3) + "|")

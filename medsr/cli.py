@@ -598,7 +598,8 @@ def _print_map_quality(results) -> None:
     for r in results:
         for model, quality in r.map_quality.items():
             typer.echo(f"detail map {Path(r.scan).name} {r.degradation}: {model} Spearman with |error| "
-                       f"{quality['spearman']:.3f}, AUROC for the 5% largest errors {quality['auroc']:.3f}")
+                       f"{quality['spearman']:.3f}, AUROC for the 5% largest errors {quality['auroc']:.3f} "
+                       f"({quality['auroc_anatomy']:.3f} within the anatomy)")
 
 
 def _print_bootstrap(results, pairs: list[tuple[str, str]], replicates: int) -> dict:

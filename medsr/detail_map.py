@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
+from medsr.metrics import FOREGROUND_LEVEL
 from medsr.model import zero_fill_upsample
 
 
@@ -149,10 +150,27 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
 
 
-def map_quality(detail: np.ndarray, error: np.ndarray) -> dict[str, float]:
+def map_quality(detail: np.ndarray, error: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
     """How well ``detail`` predicts ``error`` (same shape, e.g. ``|output - reference|`` with
     the protocol's border removed): ``spearman`` (rank correlation over all voxels) and
-    ``auroc`` (flagging the :data:`TOP_FRACTION` of voxels with the largest error)."""
+    ``auroc`` (flagging the :data:`TOP_FRACTION` of voxels with the largest error).
+
+    With ``reference`` (the true image, same shape), also ``auroc_anatomy``: the same AUROC
+    within the protocol's foreground only (above the reference's minimum plus 10% of its range),
+    flagging the largest :data:`TOP_FRACTION` of the errors there. Why: over the whole volume
+    much of the AUROC is the map telling anatomy from empty background, which the error does
+    too; within the anatomy it is whether the map finds the worst voxels (model card, "Detail
+    map").
+    """
     detail, error = np.ravel(detail).astype(np.float64), np.ravel(error).astype(np.float64)
     positive = error >= np.quantile(error, 1 - TOP_FRACTION)
-    return {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
+    quality = {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
+    if reference is not None:
+        reference = np.ravel(reference).astype(np.float64)
+        inside = reference > reference.min() + FOREGROUND_LEVEL * (reference.max() - reference.min())
+        if inside.any():
+            worst = error[inside] >= np.quantile(error[inside], 1 - TOP_FRACTION)
+            quality["auroc_anatomy"] = auroc(detail[inside], worst)
+        else:
+            quality["auroc_anatomy"] = float("nan")
+    return quality

@@ -104,7 +104,8 @@ class ScanResult:
     ``consistency[model] = (plain, projected)`` the relative consistency errors
     ``||D(x) - y|| / ||y||`` of the model told the grid, without and with the projection;
     with the ensemble, ``maps[model]`` its detail map (kept with the images) and
-    ``map_quality[model] = {"spearman", "auroc"}`` against the ensemble output's error."""
+    ``map_quality[model] = {"spearman", "auroc", "auroc_anatomy"}`` against the ensemble
+    output's error (:func:`medsr.detail_map.map_quality`)."""
 
     scan: str
     degradation: str
@@ -183,7 +184,7 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
             result.maps[name] = np.moveaxis(np.concatenate(maps), 0, axis)
             output, reference = (trim_border(v, axis, scale) for v in (estimates[name + ENSEMBLE_SUFFIX], high_res))
             result.map_quality[name] = map_quality(trim_border(result.maps[name], axis, scale),
-                                                   np.abs(output - reference))
+                                                   np.abs(output - reference), reference)
         if classifier is not None:
             decision = decided(model)
             found_consistency = resolved(consistency, decision.grid, decision.likely)
