@@ -221,6 +221,7 @@ class DegradationEstimate:
         slices: how many slices were looked at.
         probed: how many slices the second look enhanced on each grid (:mod:`medsr.synthesis`;
             0 when the classifier was sure, or no rule ships for the scale).
+        first_look: after a second look, the classifier's own grid and confidence.
     """
 
     grid: str
@@ -228,6 +229,7 @@ class DegradationEstimate:
     likely: str
     slices: int
     probed: int = 0
+    first_look: tuple[str, float] | None = None
 
     @property
     def sure(self) -> bool:
@@ -237,8 +239,11 @@ class DegradationEstimate:
         """One line for people: ``bicubic (resampled image), confidence 0.97``."""
         text = f"{self.grid} ({GRID_DESCRIPTIONS[self.grid]}), confidence {self.confidence:.2f}"
         if self.probed:
-            text += (f"; the classifier was unsure, so the model was run on {self.probed} slices on each "
-                     "grid and each answer degraded back (analysis by synthesis)")
+            # the confidence above is the second look's: say where the first one stood
+            before = (f" ({self.first_look[0]}, {self.first_look[1]:.2f})" if self.first_look else "")
+            text += (f" after a second look: the classifier alone was unsure{before}, so the model was run on "
+                     f"{self.probed} slice{'s' if self.probed != 1 else ''} on each grid and each answer "
+                     "degraded back (analysis by synthesis)")
         if not self.sure:
             other = "bicubic" if self.grid == "kspace" else "kspace"
             # the expected loss of each choice, as choose_grid weighs it
@@ -350,7 +355,8 @@ def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],
     grid = choose_grid(combined)
     logger.debug("second look: kspace probability %.3f -> %.3f", probability_kspace, combined)
     return DegradationEstimate(grid, combined if grid == "kspace" else 1.0 - combined, estimate.likely,
-                               estimate.slices, probed=len(slices))
+                               estimate.slices, probed=len(slices),
+                               first_look=(estimate.grid, estimate.confidence))
 
 
 def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, low: float, high: float,

@@ -172,6 +172,10 @@ def test_an_unsure_estimate_gets_a_second_look_on_real_slices(shipped_model, rea
     assert looked.grid == "kspace" and looked.confidence > 0.99
     assert looked.probed == min(PROBE_SLICES, len(planes)) and looked.likely == "bicubic"
     assert "analysis by synthesis" in looked.describe() and "synthesis" in looked.short()
+    # the line says whose confidence it prints, and where the classifier alone stood
+    assert looked.first_look == ("bicubic", 0.6)
+    assert "confidence 1.00 after a second look: the classifier alone was unsure (bicubic, 0.60)" in looked.describe()
+    assert f"on {looked.probed} slices on each grid" in looked.describe()
 
 
 def test_no_second_look_with_another_model_or_without_a_rule(shipped_model, session_tiny_checkpoint, real_low_res):
