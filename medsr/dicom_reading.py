@@ -41,7 +41,7 @@ from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medsr.errors import ScanReadError
-from medsr.geometry import LPS_TO_RAS
+from medsr.geometry import LPS_TO_RAS, XFORM_TOLERANCE
 from medsr.scan_types import NIFTI_SUFFIXES, SCANNER_XFORM_CODES, UNKNOWN_XFORM_CODES, OpenScan
 
 # the readers log under one name, the one they had before they were split by format
@@ -461,8 +461,12 @@ def _affine(row_dir, col_dir, row_spacing, col_spacing, origin, slice_step) -> n
     return LPS_TO_RAS @ lps
 
 
-def _slice_step(positions: np.ndarray, normal: np.ndarray, fallback: float, path: Path) -> np.ndarray:
-    """Mean step between consecutive sorted slice positions (LPS mm), warning on uneven gaps."""
+def _slice_step(positions: np.ndarray, normal: np.ndarray, fallback: float, path: Path,
+                pixel_size: float) -> np.ndarray:
+    """Mean step between consecutive sorted slice positions (LPS mm), warning on uneven gaps
+    and on a shear (gantry tilt) that moves the last slice in-plane by more than
+    :data:`~medsr.geometry.XFORM_TOLERANCE` of a pixel (``pixel_size``, mm): below that,
+    ImagePositionPatient's rounding alone leans a short series by a few hundredths of a degree."""
     if len(positions) < 2:
         return normal * fallback
     gaps = np.diff(positions @ normal)
@@ -473,7 +477,7 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, fallback: float, path
             path, gaps.min(), gaps.max(), np.mean(gaps),
         )
     along = np.dot(mean_step, normal)
-    if np.linalg.norm(mean_step - along * normal) > 1e-3 * abs(along):
+    if np.linalg.norm(mean_step - along * normal) * (len(positions) - 1) > XFORM_TOLERANCE * pixel_size:
         logger.warning("%s: slices are sheared (gantry tilt); the affine keeps the tilt", path)
     return mean_step
 
@@ -633,7 +637,7 @@ def _open_slices(images: list[_DicomFile], path: Path, select: tuple[str, str] |
     images, positions = _sort_and_deduplicate(images, np.asarray(positions), normal, path, attribute_of)
     first = images[0].header
     thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-    step = _slice_step(positions, normal, thickness, path)
+    step = _slice_step(positions, normal, thickness, path, min(row_spacing, col_spacing))
     decoders = [_FrameDecoder(image) for image in images]
     headers = tuple(image.header for image in images)
     mappings = [_value_mapping(header) for header in headers]
@@ -709,7 +713,7 @@ def _open_multiframe(image: _DicomFile, path: Path, select: tuple[str, str] | No
     row_dir, col_dir = orientation
     normal = np.cross(row_dir, col_dir)
     order, positions = _sort_and_deduplicate(frames, np.asarray(positions), normal, path, attribute_of)
-    step = _slice_step(positions, normal, thickness, path)
+    step = _slice_step(positions, normal, thickness, path, min(spacing))
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     decoder = _FrameDecoder(image, n_frames)
     own_padding = stored_padding_range(dataset)

@@ -29,6 +29,12 @@ import numpy as np
 # DICOM patient coordinates are LPS; NIfTI world coordinates are RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# Two voxel-to-world maps of one volume agree when they place every voxel within this fraction
+# of its smallest size of each other (real series with uneven gaps differ by 1/8 of an in-plane
+# voxel between their affine and its nearest qform; a gantry tilt by tens of mm). The DICOM
+# reader calls a series sheared only past it too.
+XFORM_TOLERANCE = 0.25
+
 
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Length in mm of each voxel axis of a 4x4 affine, shape ``(3,)``."""

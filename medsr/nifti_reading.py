@@ -17,16 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from medsr.errors import ScanReadError
-from medsr.geometry import slice_axis_of, voxel_sizes
+from medsr.geometry import XFORM_TOLERANCE, slice_axis_of, voxel_sizes
 from medsr.scan_types import OpenScan, planes_from_whole
 
 # the readers log under one name, the one they had before they were split by format
 logger = logging.getLogger("medsr.reading")
-
-# Two voxel-to-world maps of one volume agree when they place every voxel within this fraction
-# of its smallest size of each other (real series with uneven gaps differ by 1/8 of an in-plane
-# voxel between their affine and its nearest qform; a gantry tilt by tens of mm).
-XFORM_TOLERANCE = 0.25
 
 
 def open_nifti(path: Path) -> OpenScan:
