@@ -216,6 +216,10 @@ def _is_image(header: pydicom.Dataset) -> bool:
 
 def _check_has_image(dataset: pydicom.Dataset, path: Path) -> None:
     if not _is_image(dataset):
+        if "SOPClassUID" not in dataset and "Modality" not in dataset:
+            # what a damaged file parses to: a DICM marker followed by nothing DICOM can name
+            raise ScanReadError(f"{path}: not a readable DICOM object (no SOP class, no modality, no image "
+                                "size); the file is damaged or is not DICOM")
         modality = dataset.get("Modality", "unknown modality")
         raise ScanReadError(f"{path}: DICOM object ({modality}) has no pixel data to enhance")
     if int(dataset.get("SamplesPerPixel", 1)) != 1:

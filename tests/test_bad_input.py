@@ -53,6 +53,19 @@ def test_errors_never_print_patient_identity(tmp_path):
         assert secret not in result.output
 
 
+def test_a_damaged_dicom_file_is_called_damaged_not_an_image_without_pixels(tmp_path):
+    """A DICM marker followed by bytes DICOM cannot name parses to an empty header: the error
+    says the file is damaged, not that some DICOM object lacks pixel data."""
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(b"\0" * 128 + b"DICM" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    result = runner.invoke(app, ["enhance", str(damaged), "-o", str(tmp_path / "o.nii.gz")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "damaged or is not DICOM" in result.stderr and "no pixel data" not in result.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_hostile_checkpoint_via_cli_is_refused_without_running(tmp_path):
     import torch
 
