@@ -692,6 +692,10 @@ class _DerivedHeaders:
         for one frame per rescale of ``mappings``, the frames' in order."""
         scan, header = self.scan, self.scan.dicom_headers[0]
         dataset = self.identity.derive(header)
+        # enhanced IODs have no General Image module: the description is each frame's
+        # Derivation Image macro's (below), and at the top level it would make the object an
+        # extended SOP class
+        del dataset.DerivationDescription
         for tag in [t for t in dataset.keys() if t >= PIXEL_DATA]:
             del dataset[tag]  # the pixel data goes last, appended by the writer
         dataset.SOPInstanceUID = self.identity.instance_uid(header.SOPInstanceUID)

@@ -42,6 +42,15 @@ def new_dciodvfy_errors(source: Path, derived: Path) -> set[str]:
     return {e for e in after - before if not any(uid in e for uid in inherited_uids)}
 
 
+def derivation_description(dataset: pydicom.Dataset) -> str:
+    """A derived image's DerivationDescription: on top for single-frame images, in the first
+    frame's Derivation Image macro for enhanced multi-frame ones (their IODs have it nowhere
+    else)."""
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        return dataset.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].DerivationDescription
+    return dataset.DerivationDescription
+
+
 def pydicom_test_file(name: str) -> Path:
     """A file from pydicom's bundled test data (no network)."""
     return Path(pydicom.data.get_testdata_file(name, download=False))

@@ -17,7 +17,14 @@ from medsr.cli import app
 from medsr.geometry import enhanced_affine
 from medsr.reading import read_scan
 
-from conftest import CT_SERIES, MR_MULTIFRAME, MR_SERIES, NEEDS_DCIODVFY, new_dciodvfy_errors
+from conftest import (
+    CT_SERIES,
+    MR_MULTIFRAME,
+    MR_SERIES,
+    NEEDS_DCIODVFY,
+    derivation_description,
+    new_dciodvfy_errors,
+)
 
 runner = CliRunner()
 
@@ -60,7 +67,12 @@ def test_series_attributes_follow_the_source(exported, name):
         # enhanced (multi-frame) IODs only allow PRIMARY as value 2
         assert list(dataset.ImageType[:2]) == ["DERIVED", "PRIMARY" if name == "multiframe" else "SECONDARY"]
         assert "medsr" in dataset.SeriesDescription and "x2" in dataset.SeriesDescription
-        assert "super-resolution" in dataset.DerivationDescription
+        if name == "multiframe":  # enhanced IODs: in each frame's Derivation Image macro, not on top
+            assert "DerivationDescription" not in dataset
+            for frame in dataset.PerFrameFunctionalGroupsSequence:
+                assert "super-resolution" in frame.DerivationImageSequence[0].DerivationDescription
+        else:
+            assert "super-resolution" in dataset.DerivationDescription
         assert dataset.SeriesNumber == int(first.get("SeriesNumber", 0) or 0) + 1000
         assert (dataset.Rows, dataset.Columns) == (first.Rows * 2, first.Columns * 2)
         assert dataset.BitsAllocated == 16 and dataset.PixelRepresentation == first.PixelRepresentation
@@ -87,7 +99,7 @@ def test_round_trip_geometry_and_units(exported, name):
     original = read_scan(source)
     written = read_scan(folder if name != "multiframe" else _files(folder)[0])
     # on the grid found, which the output records: tiling (resampled) or first pixel kept (k-space)
-    found = re.search(r"degradation (bicubic|kspace)", pydicom.dcmread(_files(folder)[0]).DerivationDescription)
+    found = re.search(r"degradation (bicubic|kspace)", derivation_description(pydicom.dcmread(_files(folder)[0])))
     expected_affine = enhanced_affine(original.affine, 2, 2, found.group(1))
     np.testing.assert_allclose(written.affine, expected_affine, atol=1e-4)
     enhanced = nib.load(nifti).get_fdata(dtype=np.float32)  # float32, no rounding
@@ -186,6 +198,14 @@ def test_dciodvfy_reports_no_new_errors(exported, name):
     source, folder, _ = exported[name]
     source_file = source if source.is_file() else _files(source)[0]
     assert not new_dciodvfy_errors(source_file, _files(folder)[0])
+    # nor an attribute the IOD does not define that the source did not already carry
+
+    def undefined(path):
+        report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        return {line.strip() for line in (report.stdout + report.stderr).splitlines()
+                if "not present in standard DICOM IOD -" in line}
+
+    assert undefined(_files(folder)[0]) <= undefined(source_file)
 
 
 def test_dicom_output_refuses_unsafe_targets_and_leaves_nothing_behind(tmp_path, tiny_checkpoint, monkeypatch):
