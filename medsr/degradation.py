@@ -294,12 +294,8 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
                      photometric: str | None = None,
                      enhance: ModelAnswer | None = None) -> DegradationEstimate:
     """How a scan lost its resolution, as the default path decides it (``medsr enhance`` and
-    ``medsr evaluate --degradation auto`` both call this).
-
-    The slices are looked at as the model sees them: padding (``padding``, original units)
-    replaced by the window's low end, since the cliff at the edge of a field of view is no part
-    of how the image was made; MONOCHROME1 values negated, since the intensity-tail features
-    tell dark from bright (ringing undershoots the dark side).
+    ``medsr evaluate --degradation auto`` both call this): the classifier's :func:`first_look`,
+    then, when it is unsure, the model's :func:`second_look`.
 
     Args:
         read_plane: index -> low-res slice in original units.
@@ -313,6 +309,25 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
             file's synthesis rule takes a second look (:func:`second_look`) if that model is
             the one the rule was fitted with. None: the classifier alone.
     """
+    estimate, stored = first_look(read_plane, n_slices, window, classifier, padding, photometric)
+    if enhance is None or estimate.sure:
+        return estimate
+    return second_look(estimate, stored, classifier, enhance)
+
+
+def first_look(read_plane: Callable[[int], np.ndarray], n_slices: int, window,
+               classifier: DegradationClassifier | ClassifierEnsemble,
+               padding: tuple[float, float] | None = None,
+               photometric: str | None = None) -> tuple[DegradationEstimate, list[np.ndarray]]:
+    """The classifier's estimate, and the informative slices it read as stored (what a
+    :func:`second_look` probes; arguments as :func:`find_degradation`'s). It needs no model, so
+    ``medsr evaluate`` takes it once per scan whatever the number of models.
+
+    The slices are looked at as the model sees them: padding (``padding``, original units)
+    replaced by the window's low end, since the cliff at the edge of a field of view is no part
+    of how the image was made; MONOCHROME1 values negated, since the intensity-tail features
+    tell dark from bright (ringing undershoots the dark side).
+    """
     def prepared(index: int) -> np.ndarray:
         plane = read_plane(index)
         if padding is not None:
@@ -321,12 +336,9 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
 
     low, high = (-window.high, -window.low) if photometric == "MONOCHROME1" else (window.low, window.high)
     planes = informative_planes(prepared, n_slices, low, high)
-    estimate = estimate_degradation(planes, classifier)
-    if enhance is None or estimate.sure:
-        return estimate
     # the model makes the output from the values as stored, so it is probed on them
-    as_stored = [-plane for plane in planes] if photometric == "MONOCHROME1" else planes
-    return second_look(estimate, as_stored, classifier, enhance)
+    stored = [-plane for plane in planes] if photometric == "MONOCHROME1" else planes
+    return estimate_degradation(planes, classifier), stored
 
 
 def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],

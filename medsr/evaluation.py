@@ -34,7 +34,13 @@ import numpy as np
 from scipy.ndimage import zoom
 
 from medsr.consistency import resolved, volume_consistency_error
-from medsr.degradation import ClassifierEnsemble, DegradationClassifier, DegradationEstimate, find_degradation
+from medsr.degradation import (
+    ClassifierEnsemble,
+    DegradationClassifier,
+    DegradationEstimate,
+    first_look,
+    second_look,
+)
 from medsr.detail_map import map_quality
 from medsr.engine import enhance_volume
 from medsr.errors import MedsrError
@@ -159,10 +165,16 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     estimates = {name: baseline(low_res, axis, scale) for name, baseline in BASELINES.items()}
     told = GRID_OF[degradation]
 
+    # the classifier's look needs no model: taken once, each model then takes its own second look
+    first, stored = ((None, None) if classifier is None else
+                     first_look(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
+                                robust_window(low_res), classifier))
+
     def decided(model) -> DegradationEstimate:
         """What medsr enhance decides for this scan with ``model`` (whose second look is its own)."""
-        return find_degradation(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                robust_window(low_res), classifier, enhance=ModelAnswer(model, device, precision))
+        if first.sure:
+            return first
+        return second_look(first, stored, classifier, ModelAnswer(model, device, precision))
 
     # told, as if the user named the degradation itself (so auto projects a k-space truncated
     # scan, not a Gaussian-blurred one on the same grid)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import medsr.degradation
 from medsr.checkpoint import default_weights, load_model
 from medsr.cli import app
 from medsr.degradation import (
@@ -297,7 +298,7 @@ def test_a_weight_too_large_for_a_float_is_refused(tmp_path):
         load_classifier(path, 2)
 
 
-def test_evaluate_decides_per_model_each_with_its_own_second_look(session_tiny_checkpoint):
+def test_evaluate_decides_per_model_each_with_its_own_second_look(session_tiny_checkpoint, monkeypatch):
     """`medsr evaluate --degradation auto` scores each model as `medsr enhance --weights` would
     run it: the rule's model takes a second look, another model is decided by the classifier
     alone (the order of the models does not matter)."""
@@ -310,7 +311,12 @@ def test_evaluate_decides_per_model_each_with_its_own_second_look(session_tiny_c
         member.temperature.fill_(1e4)
     tiny = load_model(session_tiny_checkpoint)[0].eval()
     shipped = load_model(default_weights(2))[0].eval()
+    looks = []
+    real_estimate = medsr.degradation.estimate_degradation
+    monkeypatch.setattr(medsr.degradation, "estimate_degradation",
+                        lambda *args: looks.append(1) or real_estimate(*args))
     result = evaluate_scan(small, {"tiny": tiny, "shipped": shipped}, "bicubic", 2, slice_axis=0,
                            classifier=classifier)
     assert result.decisions["tiny auto"].probed == 0
     assert result.decisions["shipped auto"].probed > 0
+    assert len(looks) == 1  # the classifier's look is taken once, whatever the number of models
