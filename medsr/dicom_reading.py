@@ -49,6 +49,7 @@ logger = logging.getLogger("medsr.reading")
 
 # Relative tolerance on slice gaps before the series counts as unevenly spaced.
 GAP_TOLERANCE = 0.01
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # the Media Storage Directory (DICOMDIR) SOP class
 # Attributes that tell apart images taken at one slice position (echoes, phases, b-values,
 # repeated acquisitions, derived images); the per-frame ones are looked up in the functional
 # groups of multi-frame objects.
@@ -216,7 +217,11 @@ def _is_image(header: pydicom.Dataset) -> bool:
 
 def _check_has_image(dataset: pydicom.Dataset, path: Path) -> None:
     if not _is_image(dataset):
-        if "SOPClassUID" not in dataset and "Modality" not in dataset:
+        media_class = getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if media_class == MEDIA_DIRECTORY or "DirectoryRecordSequence" in dataset:
+            raise ScanReadError(f"{path}: a DICOMDIR (the index of the files on a disc), not an image; "
+                                "pass the folder that holds the series")
+        if "SOPClassUID" not in dataset and "Modality" not in dataset and media_class is None:
             # what a damaged file parses to: a DICM marker followed by nothing DICOM can name
             raise ScanReadError(f"{path}: not a readable DICOM object (no SOP class, no modality, no image "
                                 "size); the file is damaged or is not DICOM")

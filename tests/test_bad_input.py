@@ -66,6 +66,16 @@ def test_a_damaged_dicom_file_is_called_damaged_not_an_image_without_pixels(tmp_
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_dicomdir_is_named_and_the_folder_asked_for(tmp_path):
+    """A DICOMDIR is an index, valid DICOM without an image: the error says what it is and what
+    to pass instead, not that the file is damaged."""
+    dicomdir = pydicom_test_file("DICOMDIR")
+    result = runner.invoke(app, ["enhance", str(dicomdir), "-o", str(tmp_path / "o.nii.gz")])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
+    assert "a DICOMDIR" in result.stderr and "pass the folder" in result.stderr
+    assert "damaged" not in result.stderr and not (tmp_path / "o.nii.gz").exists()
+
+
 def test_hostile_checkpoint_via_cli_is_refused_without_running(tmp_path):
     import torch
 
