@@ -102,17 +102,32 @@ def test_duplicate_positions_and_uneven_gaps_warn_and_keep_going(shared_scans, c
 
 
 def test_rounding_jitter_in_the_positions_is_no_gantry_tilt(tmp_path, caplog):
-    """ImagePositionPatient written to a few decimals leans a short series by hundredths of a
-    degree (a real 5-slice copy of the GE series: 0.07 degrees); that moves no slice by a
+    """ImagePositionPatient written to a few decimals leans a short series by a few thousandths
+    of a millimetre (a real 5-slice copy of the GE PD series: 0.07 degrees); that moves no slice by a
     visible fraction of a pixel, so it is not called a tilt."""
-    datasets = sorted_series(CT_SERIES)[:5]
-    for k, dataset in enumerate(datasets):
-        position = np.array(dataset.ImagePositionPatient, dtype=float) + [0.0, 0.015 * k, 0.0]
+    datasets = sorted_series(CT_SERIES)  # three 1 mm slices
+    for k, (dataset, jitter) in enumerate(zip(datasets, (0.0, 0.004, 0.003), strict=True)):
+        position = np.array(dataset.ImagePositionPatient, dtype=float) + [0.0, jitter, 0.0]
         dataset.ImagePositionPatient = [f"{v:.4f}" for v in position]
         dataset.save_as(tmp_path / f"{k}.dcm")
     with caplog.at_level(logging.WARNING):
         read_scan(tmp_path)
     assert "gantry tilt" not in caplog.text
+
+
+def test_a_small_lean_that_adds_up_over_a_long_series_is_a_tilt(tmp_path, caplog):
+    """0.02 mm per 7 mm slice (0.16 degrees) moves the last of 20 slices by 0.38 mm, almost half
+    a pixel: that is said."""
+    datasets = sorted_series(MR_SERIES)
+    for k, dataset in enumerate(datasets):
+        position = np.array(dataset.ImagePositionPatient, dtype=float) + [0.0, 0.02 * k, 0.0]
+        dataset.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        for tag in [tag for tag in dataset.keys() if tag.group == 0]:  # a command set: no file may hold one
+            del dataset[tag]
+        dataset.save_as(tmp_path / f"{k}.dcm")
+    with caplog.at_level(logging.WARNING):
+        read_scan(tmp_path)
+    assert "gantry tilt" in caplog.text
 
 
 def test_gantry_tilt_keeps_the_shear(tmp_path, caplog):
