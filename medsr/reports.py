@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -184,7 +185,8 @@ def detail_map_figure(low_res: np.ndarray, output: np.ndarray, reference: np.nda
         slice_axis, slice_index: the slice to show.
         title: figure title.
         output_png: where to write.
-        quality: optional ``{"spearman", "auroc"}`` of the map over the whole volume.
+        quality: optional ``{"spearman", "auroc", "auroc_anatomy"}`` of the map (the figure
+            shows the first two).
     """
     truth = plane_of(reference, slice_axis, slice_index).T
     shown = plane_of(output, slice_axis, slice_index).T
@@ -229,7 +231,7 @@ def write_metrics(folder: Path, results, summary, protocol: str = "v1", interval
                           "detail_map": r.map_quality}
                          for r in results],
                "mean": summary, "paired_bootstrap": intervals or {}}
-    _write_text(folder / "metrics.json", json.dumps(payload, indent=2))
+    _write_text(folder / "metrics.json", json.dumps(_strict(payload), indent=2, allow_nan=False))
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["scan", "degradation", "method", "psnr", "ssim"])
@@ -237,6 +239,19 @@ def write_metrics(folder: Path, results, summary, protocol: str = "v1", interval
         for method, values in r.scores.items():
             writer.writerow([r.scan, r.degradation, method, f"{values['psnr']:.4f}", f"{values['ssim']:.5f}"])
     _write_text(folder / "metrics.csv", table.getvalue())
+
+
+def _strict(value):
+    """``value`` with every non-finite number as None: a map's AUROC without both classes (a
+    constant reference), or PSNR of a perfect match, is no number, and strict JSON readers
+    refuse a bare ``NaN`` or ``Infinity``."""
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _write_text(path: Path, text: str) -> None:

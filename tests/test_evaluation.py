@@ -158,3 +158,18 @@ def test_cli_evaluate_scores_in_the_precision_asked_for(tmp_path, tiny_checkpoin
     bad = runner.invoke(app, ["evaluate", str(series), "--precision", "fp16"])
     assert bad.exit_code == 1
     assert bad.stderr.strip() == "error: --precision must be one of auto, fp32, bf16, not 'fp16'"
+
+
+def test_metrics_json_is_strict_json_when_a_map_score_is_no_number(tmp_path):
+    """A map scored against a constant reference has no AUROC: metrics.json says null there,
+    which every JSON reader accepts, rather than a bare NaN."""
+    from medsr.reports import write_metrics
+
+    result = ScanResult(scan="flat.nii.gz", degradation="kspace",
+                        scores={"cubic": {"psnr": 30.0, "ssim": 0.9}},
+                        map_quality={"m": {"spearman": float("nan"), "auroc": 0.7, "auroc_anatomy": float("nan")}})
+    write_metrics(tmp_path, [result], {"kspace": {"cubic": {"psnr": 30.0, "ssim": 0.9}}})
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text
+    quality = json.loads(text, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+    assert quality["scans"][0]["detail_map"]["m"] == {"spearman": None, "auroc": 0.7, "auroc_anatomy": None}
