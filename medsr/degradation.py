@@ -81,7 +81,7 @@ def slice_features(low_res: np.ndarray) -> np.ndarray:
     Args:
         low_res: ``(H, W)`` slice in any units (every feature is unchanged by an increasing
             linear map of the intensities; a decreasing one swaps the two tails, so
-            MONOCHROME1 slices are negated first, see :func:`find_degradation`).
+            MONOCHROME1 slices are negated first, see :func:`first_look`).
 
     Returns:
         float64 ``(68,)``.
@@ -221,7 +221,7 @@ class DegradationEstimate:
         slices: how many slices were looked at.
         probed: how many slices the second look enhanced on each grid (:mod:`medsr.synthesis`;
             0 when the classifier was sure, or no rule ships for the scale).
-        first_look: after a second look, the classifier's own grid and confidence.
+        classifier_alone: after a second look, the classifier's own grid and confidence.
     """
 
     grid: str
@@ -229,7 +229,7 @@ class DegradationEstimate:
     likely: str
     slices: int
     probed: int = 0
-    first_look: tuple[str, float] | None = None
+    classifier_alone: tuple[str, float] | None = None
 
     @property
     def sure(self) -> bool:
@@ -240,7 +240,7 @@ class DegradationEstimate:
         text = f"{self.grid} ({GRID_DESCRIPTIONS[self.grid]}), confidence {self.confidence:.2f}"
         if self.probed:
             # the confidence above is the second look's: say where the first one stood
-            before = (f" ({self.first_look[0]}, {self.first_look[1]:.2f})" if self.first_look else "")
+            before = (f" ({self.classifier_alone[0]}, {self.classifier_alone[1]:.2f})" if self.classifier_alone else "")
             text += (f" after a second look: the classifier alone was unsure{before}, so the model was run on "
                      f"{self.probed} slice{'s' if self.probed != 1 else ''} on each grid and each answer "
                      "degraded back (analysis by synthesis)")
@@ -293,9 +293,10 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
                      padding: tuple[float, float] | None = None,
                      photometric: str | None = None,
                      enhance: ModelAnswer | None = None) -> DegradationEstimate:
-    """How a scan lost its resolution, as the default path decides it (``medsr enhance`` and
-    ``medsr evaluate --degradation auto`` both call this): the classifier's :func:`first_look`,
-    then, when it is unsure, the model's :func:`second_look`.
+    """How a scan lost its resolution, as the default path decides it (``medsr enhance`` calls
+    this; ``medsr evaluate --degradation auto`` calls its two halves, so that several models
+    share one first look): the classifier's :func:`first_look`, then, when it is unsure, the
+    model's :func:`second_look`.
 
     Args:
         read_plane: index -> low-res slice in original units.
@@ -368,7 +369,7 @@ def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],
     logger.debug("second look: kspace probability %.3f -> %.3f", probability_kspace, combined)
     return DegradationEstimate(grid, combined if grid == "kspace" else 1.0 - combined, estimate.likely,
                                estimate.slices, probed=len(slices),
-                               first_look=(estimate.grid, estimate.confidence))
+                               classifier_alone=(estimate.grid, estimate.confidence))
 
 
 def informative_planes(read_plane: Callable[[int], np.ndarray], n_slices: int, low: float, high: float,

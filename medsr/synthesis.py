@@ -92,7 +92,7 @@ def residual_table(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
                      grid_residuals(enhance, coarser["kspace"], scale)], axis=1)
 
 
-def features_of(table: np.ndarray) -> np.ndarray:
+def differences_of(table: np.ndarray) -> np.ndarray:
     """The two differences of a :func:`residual_table`, its slices' residuals summed first (a
     median of each slice's own differences, or more slices, decided worse: model card)."""
     residuals = np.asarray(table, dtype=np.float64).sum(axis=0)
@@ -102,14 +102,14 @@ def features_of(table: np.ndarray) -> np.ndarray:
 
 def probe_features(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
     """The input's log ratio less each self-reference's: ``[a - a_bicubic, a - a_kspace]``,
-    the residuals of the slices summed (:func:`residual_table`, :func:`features_of`).
+    the residuals of the slices summed (:func:`residual_table`, :func:`differences_of`).
 
     Args:
         enhance: ``(slices, grid) -> (N, H*s, W*s)`` the model's answer on ``grid``.
         low_res: ``(N, H, W)`` low-res slices in original units (a few informative ones).
         scale: integer factor.
     """
-    return features_of(residual_table(enhance, low_res, scale))
+    return differences_of(residual_table(enhance, low_res, scale))
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def test_when_unsure_it_takes_the_cheaper_mistake_and_says_so():
     sure = DegradationEstimate("bicubic", 0.97, "bicubic", 10)
     assert sure.describe() == "bicubic (resampled image), confidence 0.97"
     # a single image probed: one slice, said so
-    single = DegradationEstimate("kspace", 0.97, "kspace", 1, probed=1, first_look=("kspace", 0.7)).describe()
+    single = DegradationEstimate("kspace", 0.97, "kspace", 1, probed=1, classifier_alone=("kspace", 0.7)).describe()
     assert "run on 1 slice on each grid" in single and "unsure (kspace, 0.70)" in single
 
 

@@ -31,7 +31,7 @@ from medsr.synthesis import (
     SynthesisRule,
     as_stored,
     can_probe,
-    features_of,
+    differences_of,
     model_fingerprint,
     probe_features,
     probe_slices,
@@ -84,17 +84,32 @@ def test_probe_features_move_towards_kspace_on_real_kspace_truncated_slices(ship
     assert kspace[0] > bicubic[0] and kspace[1] > bicubic[1]
 
 
-def test_the_residual_table_holds_each_slice_and_sums_to_the_probe(shipped_model, real_low_res):
+def test_the_residual_table_holds_each_slice_and_sums_to_the_probe_the_rule_was_fitted_on(shipped_model,
+                                                                                          real_low_res):
     """Per slice, the residual of each grid on the input and on both self-references (the
-    slices enhanced together, in one intensity window); summed over the slices it gives the
-    shipped probe."""
+    slices enhanced together, in one intensity window). Summed, it must give the probe the
+    shipped rule was fitted on, written out here as it was then: each grid's squared residual
+    over all the slices at once, then the log ratios."""
+    from medsr.consistency import degrade
+
     answer = ModelAnswer(shipped_model, precision="fp32")
-    slices = real_low_res["kspace"]
+    slices = np.asarray(real_low_res["kspace"][:, :-1, :-1], dtype=np.float64)  # odd sides: the crop counts
+
+    def log_ratio(low_res):
+        residual = {grid: float(((degrade(torch.from_numpy(np.asarray(answer(low_res, grid), dtype=np.float64)),
+                                          grid, 2).numpy() - low_res) ** 2).sum()) for grid in ("bicubic", "kspace")}
+        return np.log(residual["bicubic"] + 1e-12) - np.log(residual["kspace"] + 1e-12)
+
     with torch.inference_mode():
         table = residual_table(answer, slices, 2)
         probed = probe_features(answer, slices, 2)
+        cropped = torch.from_numpy(np.ascontiguousarray(slices[:, :-1, :-1]))
+        at_input = log_ratio(slices)
+        then = [at_input - log_ratio(as_stored(degrade(cropped, last, 2).numpy(), slices))
+                for last in ("bicubic", "kspace")]
     assert table.shape == (len(slices), 3, 2) and np.all(table > 0)
-    np.testing.assert_allclose(features_of(table), probed, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(differences_of(table), probed, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(probed, then, rtol=1e-9, atol=1e-9)
 
 
 def test_as_stored_rounds_and_clips_like_the_file_it_comes_from():
@@ -174,7 +189,7 @@ def test_an_unsure_estimate_gets_a_second_look_on_real_slices(shipped_model, rea
     assert looked.probed == min(PROBE_SLICES, len(planes)) and looked.likely == "bicubic"
     assert "analysis by synthesis" in looked.describe() and "synthesis" in looked.short()
     # the line says whose confidence it prints, and where the classifier alone stood
-    assert looked.first_look == ("bicubic", 0.6)
+    assert looked.classifier_alone == ("bicubic", 0.6)
     assert "confidence 1.00 after a second look: the classifier alone was unsure (bicubic, 0.60)" in looked.describe()
     assert f"on {looked.probed} slices on each grid" in looked.describe()
 
