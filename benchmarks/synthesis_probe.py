@@ -18,6 +18,8 @@ be bracketed with ``grid_fallback``'s table.
 its probability with the probe, each fitted without the source it decides (test: fitted on every
 training and validation source). ``--save-rule CLASSIFIER`` fits the shipped rule on all the
 left-out views of the training and validation sources and writes it into that classifier file.
+The decision files must hold each decision's class probabilities (``degradation_loso.py`` has
+written them since 2026-12-07; rerun it on older ones, from its feature cache).
 ``--per-slice N`` records each view's residuals slice by slice on ``N`` slices (nested with the
 shipped four when ``N - 1`` is a multiple of 3); with those tables beside it, ``--summary`` also
 scores the same rule on other ways to sum the slices up.
@@ -62,7 +64,7 @@ from medsr.synthesis import (
     ModelAnswer,
     SynthesisRule,
     can_probe,
-    features_of,
+    differences_of,
     logistic_probability,
     logistic_weights,
     model_fingerprint,
@@ -116,6 +118,7 @@ def measure_slices(args) -> None:
     model.eval()
     enhance = ModelAnswer(model)
     out = args.out.with_name(f"x{args.scale}.slices{args.per_slice}.{args.shard.replace('/', 'of')}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
     index, count = map(int, args.shard.split("/"))
     volumes = [(source, relative) for source, paths in {**SOURCES, **TEST}.items() for relative in paths][index::count]
     selected = {}
@@ -170,14 +173,31 @@ def shipped_picks(table: np.ndarray, informative: int) -> np.ndarray:
 
 def per_slice_medians(table: np.ndarray) -> np.ndarray:
     """The median over slices of each slice's own two differences."""
-    return np.median([features_of(row[None]) for row in table], axis=0)
+    return np.median([differences_of(row[None]) for row in table], axis=0)
+
+
+def print_slice_spread(tables: dict) -> None:
+    """Per view, the first difference ``d1`` slice by slice of its resampled and its truncated
+    version (the same slices): their ranges, and on how many slices the truncated one is higher."""
+    print("\nd1 per slice, protocol views (resampled range | truncated range | truncated higher on):")
+    higher = total = 0
+    for volume in sorted({v for v, _ in tables}):
+        pair = [tables.get((volume, d), (None, 0))[0] for d in ("bicubic", "kspace")]
+        if any(t is None for t in pair) or len(pair[0]) != len(pair[1]):
+            continue
+        d1 = [np.array([differences_of(row[None])[0] for row in t]) for t in pair]
+        above = int(np.sum(d1[1] > d1[0]))
+        higher, total = higher + above, total + len(d1[0])
+        print(f"  {volume}: {d1[0].min():+.2f} to {d1[0].max():+.2f} | {d1[1].min():+.2f} to {d1[1].max():+.2f} | "
+              f"{above}/{len(d1[0])}")
+    print(f"  all views: truncated higher on {higher} of {total} slices")
 
 
 AGGREGATES = {
-    "the shipped four, summed, from the per-slice run": lambda t, n: features_of(t[shipped_picks(t, n)]),
-    "ten summed": lambda t, n: features_of(t),
-    "median of ten": lambda t, n: per_slice_medians(t),
-    "median of the middle eight": lambda t, n: per_slice_medians(t[1:-1] if len(t) > 4 else t),
+    "the shipped four, summed, from the per-slice run": lambda t, n: differences_of(t[shipped_picks(t, n)]),
+    "all the per-slice run's slices, summed": lambda t, n: differences_of(t),
+    "median over them of each slice's own differences": lambda t, n: per_slice_medians(t),
+    "the same median, without the first and last slice": lambda t, n: per_slice_medians(t[1:-1] if len(t) > 4 else t),
 }
 
 
@@ -251,6 +271,7 @@ def summary(args) -> None:
             other = np.array([aggregate(*tables[k]) if tables[k][0] is not None else [0.0, 0.0] for k in keys])
             grids[f"classifier and probe ({label}), only when unsure"] = when_unsure(
                 left_out(SynthesisRule.terms(p_kspace, other)))
+        print_slice_spread(tables)
     elif tables:
         print(f"(per-slice tables hold {sum(k in tables for k in keys)} of {len(keys)} views: not scored)")
     print(f"unsure (classifier under {SURE}): {int(unsure.sum())} of {len(rows)}")
