@@ -56,13 +56,14 @@ from grid_fallback import (
 )
 
 from medsr.checkpoint import default_weights, load_model
-from medsr.consistency import GRIDS, project
+from medsr.consistency import GRIDS, degrade, project
 from medsr.degradation import CLASSES, SURE, choose_grid, informative_planes, load_classifier, save_classifier
 from medsr.reading import plane_of, read_scan
 from medsr.synthesis import (
     PROBE_SLICES,
     ModelAnswer,
     SynthesisRule,
+    as_stored,
     can_probe,
     differences_of,
     logistic_probability,
@@ -110,14 +111,10 @@ def measure(args) -> None:
               + ("(too small to probe)" if features is None else f"{features[0]:+.2f} {features[1]:+.2f}"), flush=True)
 
 
-def measure_slices(args) -> None:
-    """``--per-slice N``: the :func:`medsr.synthesis.residual_table` of ``N`` evenly spaced
-    non-constant informative slices of every view (nested with the shipped four when ``N - 1``
-    is a multiple of 3), so aggregates other than the shipped one can be scored offline."""
-    model, _ = load_model(default_weights(args.scale))
-    model.eval()
-    enhance = ModelAnswer(model)
-    out = args.out.with_name(f"x{args.scale}.slices{args.per_slice}.{args.shard.replace('/', 'of')}.jsonl")
+def probed_views(args, out: Path):
+    """Every view of this shard not yet in ``out``, degraded and stored as :func:`degraded_views`
+    makes it: yields ``(row, varied)``, ``row`` the view's keys and ``varied`` its non-constant
+    informative slices (the default path's), or None when they are too small to probe."""
     out.parent.mkdir(parents=True, exist_ok=True)
     index, count = map(int, args.shard.split("/"))
     volumes = [(source, relative) for source, paths in {**SOURCES, **TEST}.items() for relative in paths][index::count]
@@ -126,21 +123,60 @@ def measure_slices(args) -> None:
         selected.setdefault(source, []).append(relative)
     for source, name, degradation, axis, _, _, _, _, low_res in degraded_views(
             args.data_root, selected, args.scale, args.slices, done_in(out)):
-        started = time.perf_counter()
         window = robust_window(low_res)
         planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
                                     window.low, window.high)
         varied = [plane for plane in planes if np.ptp(plane) > 0]
+        row = {"source": source, "volume": name, "degradation": degradation, "truth": GRID_OF[degradation],
+               "informative": len(varied)}
+        yield row, (varied if varied and can_probe(planes[0].shape, args.scale) else None)
+
+
+def measure_slices(args) -> None:
+    """``--per-slice N``: the :func:`medsr.synthesis.residual_table` of ``N`` evenly spaced
+    non-constant informative slices of every view (nested with the shipped four when ``N - 1``
+    is a multiple of 3), so aggregates other than the shipped one can be scored offline."""
+    model, _ = load_model(default_weights(args.scale))
+    model.eval()
+    enhance = ModelAnswer(model)
+    out = args.out.with_name(f"x{args.scale}.slices{args.per_slice}.{args.shard.replace('/', 'of')}.jsonl")
+    for row, varied in probed_views(args, out):
+        started = time.perf_counter()
         table = None
-        if varied and can_probe(planes[0].shape, args.scale):
+        if varied is not None:
             picks = np.unique(np.linspace(0, len(varied) - 1, min(args.per_slice, len(varied))).round().astype(int))
             with torch.inference_mode():
                 table = residual_table(enhance, np.stack([varied[i] for i in picks]), args.scale).tolist()
-        row = {"source": source, "volume": name, "degradation": degradation, "truth": GRID_OF[degradation],
-               "informative": len(varied), "table": table}
         with out.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        print(f"{name} {degradation}: {time.perf_counter() - started:.1f} s", flush=True)
+            file.write(json.dumps({**row, "table": table}) + "\n")
+        print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def measure_counterfactuals(args) -> None:
+    """``--counterfactual``: the probe of the shipped four slices, and of the same slices made
+    again both ways from the model's own answer (told ``bicubic``) and stored like the input:
+    the two versions one slice would have had, at the input's own scale. Every slice tells its
+    two versions apart (the truncated one's ``d1`` is the higher on 568 of 585 slices), so where
+    the input lies between its own two might name its grid better than a threshold does. Left
+    out, it did not (model card, "Remade versions of the input itself")."""
+    model, _ = load_model(default_weights(args.scale))
+    model.eval()
+    enhance = ModelAnswer(model)
+    out = args.out.with_name(f"x{args.scale}.counterfactual.{args.shard.replace('/', 'of')}.jsonl")
+    for row, varied in probed_views(args, out):
+        started = time.perf_counter()
+        tables = None
+        if varied is not None:
+            slices = np.asarray(probe_slices(varied), dtype=np.float64)
+            with torch.inference_mode():
+                answer = torch.from_numpy(np.asarray(enhance(slices, "bicubic"), dtype=np.float64))
+                versions = {"input": slices, **{grid: as_stored(degrade(answer, grid, args.scale).numpy(), slices)
+                                                for grid in GRIDS}}
+                tables = {name: residual_table(enhance, version, args.scale).tolist()
+                          for name, version in versions.items()}
+        with out.open("a") as file:
+            file.write(json.dumps({**row, "tables": tables}) + "\n")
+        print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
 # "... and not named Gaussian" (measured 2026-12-07): left-out protocol 11 -> 12 of 96 below the
@@ -174,6 +210,25 @@ def shipped_picks(table: np.ndarray, informative: int) -> np.ndarray:
 def per_slice_medians(table: np.ndarray) -> np.ndarray:
     """The median over slices of each slice's own two differences."""
     return np.median([differences_of(row[None]) for row in table], axis=0)
+
+
+def counterfactual_tables(folder: Path, scale: int) -> dict:
+    """``(volume, degradation) -> {"input", "bicubic", "kspace": residual table}`` (or None) from
+    the ``--counterfactual`` runs."""
+    out = {}
+    for path in sorted(folder.glob(f"x{scale}.counterfactual.*.jsonl")):
+        for r in map(json.loads, path.read_text().splitlines()):
+            out[(r["volume"], r["degradation"])] = r["tables"]
+    return out
+
+
+def counterfactual_terms(tables: dict | None) -> np.ndarray:
+    """The input's two differences less each remade version's: ``[d1 - d1_b, d1 - d1_k, d2 - d2_b,
+    d2 - d2_k]`` (zeros where the view was too small to probe)."""
+    if tables is None:
+        return np.zeros(4)
+    own, remade_b, remade_k = (differences_of(np.array(tables[name])) for name in ("input", "bicubic", "kspace"))
+    return np.array([own[0] - remade_b[0], own[0] - remade_k[0], own[1] - remade_b[1], own[1] - remade_k[1]])
 
 
 def print_slice_spread(tables: dict) -> None:
@@ -213,7 +268,7 @@ def summary(args) -> None:
     fallback = {(r["volume"], r["degradation"]): r for r in map(json.loads, args.fallback.read_text().splitlines())}
     measured = {}
     for path in sorted(args.out.parent.glob(f"x{args.scale}*.jsonl")):
-        if ".slices" in path.name:  # the --per-slice tables
+        if ".slices" in path.name or ".counterfactual" in path.name:  # the screens' own tables
             continue
         measured.update({(r["volume"], r["degradation"]): r for r in map(json.loads, path.read_text().splitlines())})
     runs = [calibrated_decisions(path) for path in args.decisions]
@@ -274,6 +329,17 @@ def summary(args) -> None:
         print_slice_spread(tables)
     elif tables:
         print(f"(per-slice tables hold {sum(k in tables for k in keys)} of {len(keys)} views: not scored)")
+    remade = counterfactual_tables(args.out.parent, args.scale)
+    if remade and all(k in remade for k in keys):
+        # where the input lies between its own two remade versions (``--counterfactual``)
+        placed = np.array([counterfactual_terms(remade[k]) for k in keys])
+        grids["counterfactual alone"] = as_grids(left_out(placed))
+        grids["classifier and counterfactual, only when unsure"] = when_unsure(
+            left_out(np.column_stack([terms[:, :1], placed])))
+        grids["classifier, probe and counterfactual, only when unsure"] = when_unsure(
+            left_out(np.column_stack([terms, placed])))
+    elif remade:
+        print(f"(counterfactual tables hold {sum(k in remade for k in keys)} of {len(keys)} views: not scored)")
     print(f"unsure (classifier under {SURE}): {int(unsure.sum())} of {len(rows)}")
     print("right grid, by degradation:", "  ".join(
         f"{d} " + "/".join(str(int((grids[k] == np.where(truth > 0, 'kspace', 'bicubic'))[
@@ -348,13 +414,20 @@ def timing(args) -> None:
         started = time.perf_counter()
         probe_features(enhance, probe_slices, args.scale)
         probe_seconds = time.perf_counter() - started
+        started = time.perf_counter()  # what --counterfactual adds: one answer, two more probes
+        answer = torch.from_numpy(np.asarray(enhance(probe_slices, "bicubic"), dtype=np.float64))
+        for grid in GRIDS:
+            probe_features(enhance, as_stored(degrade(answer, grid, args.scale).numpy(), probe_slices), args.scale)
+        remade_seconds = time.perf_counter() - started
         started = time.perf_counter()
         enhance(run, "bicubic")
         per_slice = (time.perf_counter() - started) / len(run)
+    series = 384 * per_slice
     print(f"{args.time}: slices {slices.shape[1]}x{slices.shape[2]}, {torch.get_num_threads()} thread(s); "
           f"second look {probe_seconds:.2f} s; the model {per_slice * 1000:.0f} ms per slice "
-          f"({len(run)} slices); a 384-slice series {384 * per_slice:.0f} s, so the second look adds "
-          f"{100 * probe_seconds / (384 * per_slice):.1f}%")
+          f"({len(run)} slices); a 384-slice series {series:.0f} s, so the second look adds "
+          f"{100 * probe_seconds / series:.1f}% (with the two remade versions of --counterfactual, "
+          f"{100 * (probe_seconds + remade_seconds) / series:.1f}%)")
 
 
 def main() -> None:
@@ -374,6 +447,8 @@ def main() -> None:
     parser.add_argument("--time", type=Path, help="a scan: time the second look against the model on its slices")
     parser.add_argument("--time-slices", type=int, default=32)
     parser.add_argument("--per-slice", type=int, help="record the residual table of this many slices per view")
+    parser.add_argument("--counterfactual", action="store_true",
+                        help="record the probe of each view and of its two remade versions (a screen)")
     args = parser.parse_args()
     index, count = args.shard.split("/")
     args.out = args.out or Path(f".cache/synthesis/x{args.scale}" + (f".{index}" if count != "1" else "") + ".jsonl")
@@ -389,6 +464,8 @@ def main() -> None:
         parser.error("--data-root is needed to measure (or pass --summary)")
     elif args.per_slice:
         measure_slices(args)
+    elif args.counterfactual:
+        measure_counterfactuals(args)
     else:
         measure(args)
 
