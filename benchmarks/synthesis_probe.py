@@ -132,24 +132,35 @@ def probed_views(args, out: Path):
         yield row, (varied if varied and can_probe(planes[0].shape, args.scale) else None)
 
 
+def record_views(args, kind: str, measure) -> None:
+    """One JSON line per probed view of this shard in ``x{scale}.{kind}.{shard}.jsonl`` (a
+    rerun skips what is there): the view's keys and ``measure(enhance, varied)``, which takes
+    the default path's model answer and the view's non-constant informative slices (None when
+    too small to probe)."""
+    model, _ = load_model(default_weights(args.scale))
+    model.eval()
+    enhance = ModelAnswer(model)
+    out = args.out.with_name(f"x{args.scale}.{kind}.{args.shard.replace('/', 'of')}.jsonl")
+    for row, varied in probed_views(args, out):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            measured = measure(enhance, varied)
+        with out.open("a") as file:
+            file.write(json.dumps({**row, **measured}) + "\n")
+        print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
 def measure_slices(args) -> None:
     """``--per-slice N``: the :func:`medsr.synthesis.residual_table` of ``N`` evenly spaced
     non-constant informative slices of every view (nested with the shipped four when ``N - 1``
     is a multiple of 3), so aggregates other than the shipped one can be scored offline."""
-    model, _ = load_model(default_weights(args.scale))
-    model.eval()
-    enhance = ModelAnswer(model)
-    out = args.out.with_name(f"x{args.scale}.slices{args.per_slice}.{args.shard.replace('/', 'of')}.jsonl")
-    for row, varied in probed_views(args, out):
-        started = time.perf_counter()
-        table = None
-        if varied is not None:
-            picks = np.unique(np.linspace(0, len(varied) - 1, min(args.per_slice, len(varied))).round().astype(int))
-            with torch.inference_mode():
-                table = residual_table(enhance, np.stack([varied[i] for i in picks]), args.scale).tolist()
-        with out.open("a") as file:
-            file.write(json.dumps({**row, "table": table}) + "\n")
-        print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
+    def table(enhance, varied):
+        if varied is None:
+            return {"table": None}
+        picks = np.unique(np.linspace(0, len(varied) - 1, min(args.per_slice, len(varied))).round().astype(int))
+        return {"table": residual_table(enhance, np.stack([varied[i] for i in picks]), args.scale).tolist()}
+
+    record_views(args, f"slices{args.per_slice}", table)
 
 
 def measure_counterfactuals(args) -> None:
@@ -159,24 +170,17 @@ def measure_counterfactuals(args) -> None:
     two versions apart (the truncated one's ``d1`` is the higher on 568 of 585 slices), so where
     the input lies between its own two might name its grid better than a threshold does. Left
     out, it did not (model card, "Remade versions of the input itself")."""
-    model, _ = load_model(default_weights(args.scale))
-    model.eval()
-    enhance = ModelAnswer(model)
-    out = args.out.with_name(f"x{args.scale}.counterfactual.{args.shard.replace('/', 'of')}.jsonl")
-    for row, varied in probed_views(args, out):
-        started = time.perf_counter()
-        tables = None
-        if varied is not None:
-            slices = np.asarray(probe_slices(varied), dtype=np.float64)
-            with torch.inference_mode():
-                answer = torch.from_numpy(np.asarray(enhance(slices, "bicubic"), dtype=np.float64))
-                versions = {"input": slices, **{grid: as_stored(degrade(answer, grid, args.scale).numpy(), slices)
-                                                for grid in GRIDS}}
-                tables = {name: residual_table(enhance, version, args.scale).tolist()
-                          for name, version in versions.items()}
-        with out.open("a") as file:
-            file.write(json.dumps({**row, "tables": tables}) + "\n")
-        print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
+    def tables(enhance, varied):
+        if varied is None:
+            return {"tables": None}
+        slices = np.asarray(probe_slices(varied), dtype=np.float64)
+        answer = torch.from_numpy(np.asarray(enhance(slices, "bicubic"), dtype=np.float64))
+        versions = {"input": slices, **{grid: as_stored(degrade(answer, grid, args.scale).numpy(), slices)
+                                        for grid in GRIDS}}
+        return {"tables": {name: residual_table(enhance, version, args.scale).tolist()
+                           for name, version in versions.items()}}
+
+    record_views(args, "counterfactual", tables)
 
 
 # "... and not named Gaussian" (measured 2026-12-07): left-out protocol 11 -> 12 of 96 below the
