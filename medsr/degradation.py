@@ -311,9 +311,7 @@ def find_degradation(read_plane: Callable[[int], np.ndarray], n_slices: int, win
             the one the rule was fitted with. None: the classifier alone.
     """
     estimate, stored = first_look(read_plane, n_slices, window, classifier, padding, photometric)
-    if enhance is None or estimate.sure:
-        return estimate
-    return second_look(estimate, stored, classifier, enhance)
+    return estimate if enhance is None else second_look(estimate, stored, classifier, enhance)
 
 
 def first_look(read_plane: Callable[[int], np.ndarray], n_slices: int, window,
@@ -347,12 +345,13 @@ def second_look(estimate: DegradationEstimate, planes: list[np.ndarray],
                 enhance: ModelAnswer) -> DegradationEstimate:
     """The estimate after analysis by synthesis (:mod:`medsr.synthesis`) on the
     :func:`~medsr.synthesis.probe_slices` of ``planes`` (the informative slices the classifier
-    read, in stored values). ``estimate`` unchanged when the classifier file holds no synthesis
-    rule, the rule was fitted with another model than ``enhance`` runs, the slices are too small
-    or blank, or the model refuses them."""
+    read, in stored values). ``estimate`` unchanged when the classifier was sure (the rule was
+    fitted for unsure scans only, and a sure one costs no model pass), the classifier file holds
+    no synthesis rule, the rule was fitted with another model than ``enhance`` runs, the slices
+    are too small or blank, or the model refuses them."""
     rule = getattr(classifier, "synthesis", None)
     scale = getattr(classifier, "scale", None)
-    if (rule is None or scale is None or not planes or not can_probe(planes[0].shape, scale)
+    if (estimate.sure or rule is None or scale is None or not planes or not can_probe(planes[0].shape, scale)
             or not rule.applies_to(enhance.model)):
         return estimate
     slices = probe_slices(planes)

@@ -172,8 +172,6 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
 
     def decided(model) -> DegradationEstimate:
         """What medsr enhance decides for this scan with ``model`` (whose second look is its own)."""
-        if first.sure:
-            return first
         return second_look(first, stored, classifier, ModelAnswer(model, device, precision))
 
     # told, as if the user named the degradation itself (so auto projects a k-space truncated
