@@ -52,6 +52,7 @@ from medsr.degradation import (
 )
 from medsr.geometry import voxel_sizes
 from medsr.reading import read_scan
+from medsr.synthesis import as_stored
 from medsr.training import fit_classifier
 from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, degrade_volume, robust_window
 
@@ -103,12 +104,9 @@ def views(path: Path) -> list[tuple[str, np.ndarray, int, bool]]:
 
 
 def stored(low_res: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The low-res volume as a file of the reference's kind would hold it."""
-    if np.all(reference == np.round(reference)):
-        low_res = np.round(low_res)
-    if reference.min() >= 0:
-        low_res = np.maximum(low_res, 0)
-    return low_res.astype(np.float32)
+    """The low-res volume as a file of the reference's kind would hold it (the rule the second
+    look stores its references by, :func:`medsr.synthesis.as_stored`), in float32."""
+    return as_stored(low_res, reference).astype(np.float32)
 
 
 class _View:

@@ -80,24 +80,13 @@ def measure(args) -> None:
     model, _ = load_model(default_weights(args.scale))
     model.eval()
     enhance = ModelAnswer(model)  # what the default path runs
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    index, count = map(int, args.shard.split("/"))
-    volumes = [(source, relative) for source, paths in {**SOURCES, **TEST}.items() for relative in paths][index::count]
-    selected = {}
-    for source, relative in volumes:
-        selected.setdefault(source, []).append(relative)
-    for source, name, degradation, axis, picks, low, high, volume_range, low_res in degraded_views(
-            args.data_root, selected, args.scale, args.slices, done_in(args.out)):
+    for view, _, probed in probed_views(args, args.out):
+        source, name, degradation, axis, picks, low, high, volume_range, _ = view
         started = time.perf_counter()
         low, high = np.moveaxis(low, axis, 0), np.moveaxis(high, axis, 0)
-        # the slices the default path probes: of the informative slices the classifier reads
-        # (medsr evaluate's window), up to four evenly spaced non-constant ones
-        window = robust_window(low_res)
-        planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                    window.low, window.high)
-        probed = probe_slices(planes) if can_probe(planes[0].shape, args.scale) else None
         with torch.inference_mode():
-            features = None if probed is None else probe_features(enhance, probed, args.scale)
+            # the slices the default path probes: up to four evenly spaced ones of ``probed``
+            features = None if probed is None else probe_features(enhance, probe_slices(probed), args.scale)
             measured = torch.from_numpy(low.astype(np.float64))
             projected = {f"{g} projected": project(torch.from_numpy(enhance(low, g)), measured, g,
                                                    args.scale).numpy() for g in GRIDS}
@@ -113,23 +102,23 @@ def measure(args) -> None:
 
 def probed_views(args, out: Path):
     """Every view of this shard not yet in ``out``, degraded and stored as :func:`degraded_views`
-    makes it: yields ``(row, varied)``, ``row`` the view's keys and ``varied`` its non-constant
-    informative slices (the default path's), or None when they are too small to probe."""
+    makes it: yields ``(view, varied, probed)``, ``view`` what :func:`degraded_views` yields,
+    ``varied`` the view's non-constant informative slices, the ones the default path reads
+    (``medsr evaluate``'s window), and ``probed`` the same, or None when they are too small to
+    probe."""
     out.parent.mkdir(parents=True, exist_ok=True)
     index, count = map(int, args.shard.split("/"))
     volumes = [(source, relative) for source, paths in {**SOURCES, **TEST}.items() for relative in paths][index::count]
     selected = {}
     for source, relative in volumes:
         selected.setdefault(source, []).append(relative)
-    for source, name, degradation, axis, _, _, _, _, low_res in degraded_views(
-            args.data_root, selected, args.scale, args.slices, done_in(out)):
+    for view in degraded_views(args.data_root, selected, args.scale, args.slices, done_in(out)):
+        axis, low_res = view[3], view[-1]
         window = robust_window(low_res)
         planes = informative_planes(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
                                     window.low, window.high)
         varied = [plane for plane in planes if np.ptp(plane) > 0]
-        row = {"source": source, "volume": name, "degradation": degradation, "truth": GRID_OF[degradation],
-               "informative": len(varied)}
-        yield row, (varied if varied and can_probe(planes[0].shape, args.scale) else None)
+        yield view, varied, (varied if varied and can_probe(planes[0].shape, args.scale) else None)
 
 
 def record_views(args, kind: str, measure) -> None:
@@ -141,10 +130,13 @@ def record_views(args, kind: str, measure) -> None:
     model.eval()
     enhance = ModelAnswer(model)
     out = args.out.with_name(f"x{args.scale}.{kind}.{args.shard.replace('/', 'of')}.jsonl")
-    for row, varied in probed_views(args, out):
+    for view, varied, probed in probed_views(args, out):
+        source, name, degradation = view[:3]
+        row = {"source": source, "volume": name, "degradation": degradation, "truth": GRID_OF[degradation],
+               "informative": len(varied)}
         started = time.perf_counter()
         with torch.inference_mode():
-            measured = measure(enhance, varied)
+            measured = measure(enhance, probed)
         with out.open("a") as file:
             file.write(json.dumps({**row, **measured}) + "\n")
         print(f"{row['volume']} {row['degradation']}: {time.perf_counter() - started:.1f} s", flush=True)
