@@ -41,7 +41,7 @@ from medsr.detail_map import (
 )
 from medsr.engine import enhance_volume
 from medsr.evaluation import protocol_slice_axis
-from medsr.metrics import FOREGROUND_LEVEL
+from medsr.metrics import foreground
 from medsr.reading import read_scan
 from medsr.transforms import GRID_OF, degrade_volume
 
@@ -176,8 +176,7 @@ def main() -> None:
             column = f"{relative.split('/')[-2]}/{relative.split('/')[-1].split('.')[0]} {degradation}"
             table[column] = score(run)
             border = int(run["scale"])  # the share of the protocol's foreground, as map_quality takes it
-            inner = run["reference"][:, border:-border, border:-border]
-            anatomy = np.mean(inner > inner.min() + FOREGROUND_LEVEL * (inner.max() - inner.min()))
+            anatomy = np.mean(foreground(run["reference"][:, border:-border, border:-border]))
             print(f"# {column}: {run['output'].shape[0]} slices ({anatomy:.0%} anatomy), "
                   f"{float(run['seconds_per_slice']):.2f} s per slice "
                   f"for the 8 passes, {map_seconds_per_slice(run) * 1000:.1f} ms for the shipped map (CPU)", flush=True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
-from medsr.metrics import FOREGROUND_LEVEL
+from medsr.metrics import foreground
 from medsr.model import zero_fill_upsample
 
 
@@ -166,8 +166,7 @@ def map_quality(detail: np.ndarray, error: np.ndarray, reference: np.ndarray | N
     positive = error >= np.quantile(error, 1 - TOP_FRACTION)
     quality = {"spearman": float(spearmanr(detail, error).statistic), "auroc": auroc(detail, positive)}
     if reference is not None:
-        reference = np.ravel(reference).astype(np.float64)
-        inside = reference > reference.min() + FOREGROUND_LEVEL * (reference.max() - reference.min())
+        inside = foreground(np.ravel(reference).astype(np.float64))
         if inside.any():
             worst = error[inside] >= np.quantile(error[inside], 1 - TOP_FRACTION)
             quality["auroc_anatomy"] = auroc(detail[inside], worst)

@@ -22,6 +22,13 @@ SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # what scikit-image uses with gaussian_weights
 
 
+def foreground(volume: np.ndarray) -> np.ndarray:
+    """Where ``volume`` lies above its minimum plus :data:`FOREGROUND_LEVEL` of its range: the
+    protocol's foreground (the anatomy, not the empty background around it)."""
+    low, high = float(volume.min()), float(volume.max())
+    return volume > low + FOREGROUND_LEVEL * (high - low)
+
+
 def trim_border(volume: np.ndarray, slice_axis: int, border: int) -> np.ndarray:
     """Remove ``border`` voxels from both ends of each in-plane axis."""
     if border == 0:
