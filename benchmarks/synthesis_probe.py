@@ -185,14 +185,16 @@ SHIPPED = "classifier and probe, only when unsure"
 GAUSSIAN_TERM = "classifier and probe + Gaussian logit, only when unsure"
 
 
+def screen_rows(folder: Path, pattern: str):
+    """Every row of the JSON-lines tables in ``folder`` whose names match ``pattern``."""
+    for path in sorted(folder.glob(pattern)):
+        yield from map(json.loads, path.read_text().splitlines())
+
+
 def per_slice_tables(folder: Path, scale: int) -> dict:
     """``(volume, degradation) -> (table, informative)`` from the ``--per-slice`` runs."""
-    out = {}
-    for path in sorted(folder.glob(f"x{scale}.slices*.jsonl")):
-        for r in map(json.loads, path.read_text().splitlines()):
-            out[(r["volume"], r["degradation"])] = (None if r["table"] is None else np.array(r["table"]),
-                                                    r["informative"])
-    return out
+    return {(r["volume"], r["degradation"]): (None if r["table"] is None else np.array(r["table"]), r["informative"])
+            for r in screen_rows(folder, f"x{scale}.slices*.jsonl")}
 
 
 def shipped_picks(table: np.ndarray, informative: int) -> np.ndarray:
@@ -203,19 +205,21 @@ def shipped_picks(table: np.ndarray, informative: int) -> np.ndarray:
     return np.flatnonzero(np.isin(taken, shipped))
 
 
+def per_slice_differences(table: np.ndarray) -> np.ndarray:
+    """``(N, 2)``: each slice's own two differences."""
+    return np.array([differences_of(row[None]) for row in table])
+
+
 def per_slice_medians(table: np.ndarray) -> np.ndarray:
     """The median over slices of each slice's own two differences."""
-    return np.median([differences_of(row[None]) for row in table], axis=0)
+    return np.median(per_slice_differences(table), axis=0)
 
 
 def counterfactual_tables(folder: Path, scale: int) -> dict:
     """``(volume, degradation) -> {"input", "bicubic", "kspace": residual table}`` (or None) from
     the ``--counterfactual`` runs."""
-    out = {}
-    for path in sorted(folder.glob(f"x{scale}.counterfactual.*.jsonl")):
-        for r in map(json.loads, path.read_text().splitlines()):
-            out[(r["volume"], r["degradation"])] = r["tables"]
-    return out
+    return {(r["volume"], r["degradation"]): r["tables"]
+            for r in screen_rows(folder, f"x{scale}.counterfactual.*.jsonl")}
 
 
 def counterfactual_terms(tables: dict | None) -> np.ndarray:
@@ -236,7 +240,7 @@ def print_slice_spread(tables: dict) -> None:
         pair = [tables.get((volume, d), (None, 0))[0] for d in ("bicubic", "kspace")]
         if any(t is None for t in pair) or len(pair[0]) != len(pair[1]):
             continue
-        d1 = [np.array([differences_of(row[None])[0] for row in t]) for t in pair]
+        d1 = [per_slice_differences(t)[:, 0] for t in pair]
         above = int(np.sum(d1[1] > d1[0]))
         higher, total = higher + above, total + len(d1[0])
         print(f"  {volume}: {d1[0].min():+.2f} to {d1[0].max():+.2f} | {d1[1].min():+.2f} to {d1[1].max():+.2f} | "
