@@ -1,7 +1,7 @@
 """Send a derived series on: C-STORE to a DICOM node, STOW-RS to a DICOMweb service.
 
 Both either deliver every instance or raise :class:`ForwardError`; the caller (``medsr
-serve``, :mod:`medsr.serve`) decides when to try again. Sending is idempotent at the
+serve``, :mod:`medsr.series_worker`) decides when to try again. Sending is idempotent at the
 destination as long as the instances keep their UIDs (a resend replaces, or is recognised).
 """
 

@@ -215,7 +215,7 @@ def test_a_series_that_cannot_be_enhanced_is_set_aside_and_the_node_keeps_servin
             dataset.Rows = 128
         dataset.save_as(broken / path.name)
     spool = tmp_path / "spool"
-    with caplog.at_level("INFO", logger="medsr.serve"), \
+    with caplog.at_level("INFO", logger="medsr"), \
             running_node(spool, destination.address, session_tiny_checkpoint) as node:
         assert send(sorted(broken.iterdir()), node.port) == [0, 0]
         wait_for(lambda: spool_status(spool)["failed"], 60, "the broken series to be set aside")
@@ -387,12 +387,12 @@ def test_orthanc_holds_the_derived_series_in_the_original_study(tmp_path, orthan
 @NEEDS_ORTHANC
 def test_orthanc_stopped_while_the_node_forwards_then_started_gets_the_series_once(
         tmp_path, orthanc, session_tiny_checkpoint, monkeypatch):
-    import medsr.serve
+    import medsr.series_worker
 
     files = sorted(SERIES.glob("*.dcm"))[:5]
     study_uid = upload(orthanc, files)
     source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    send_series, first = medsr.serve.send_series, []
+    send_series, first = medsr.series_worker.send_series, []
 
     def stopped_midway(derived, *args):  # on the first try, two instances reach Orthanc, then it stops
         if not first:
@@ -401,7 +401,7 @@ def test_orthanc_stopped_while_the_node_forwards_then_started_gets_the_series_on
             orthanc.stop()
         send_series(derived, *args)
 
-    monkeypatch.setattr(medsr.serve, "send_series", stopped_midway)
+    monkeypatch.setattr(medsr.series_worker, "send_series", stopped_midway)
     spool = tmp_path / "spool"
     with running_node(spool, orthanc.destination, session_tiny_checkpoint) as node:
         assert send(files, node.port) == [0] * len(files)
@@ -494,6 +494,16 @@ def start_node_process(spool: Path, orthanc: Orthanc, weights: Path, quiet: floa
     return process, port
 
 
+def run_until_sent(spool: Path, orthanc: Orthanc, weights: Path, log: Path) -> None:
+    """``medsr serve`` started on a spool an earlier, killed run left: until it sends, then stopped."""
+    process, _ = start_node_process(spool, orthanc, weights, 0.5, log)
+    try:
+        wait_for(lambda: "sent series" in log.read_text(), 60, "the restarted node to send the series")
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
 @pytest.mark.slow  # two medsr processes
 @NEEDS_ORTHANC
 def test_the_node_killed_between_receiving_and_sending_sends_the_series_once_after_a_restart(
@@ -515,14 +525,40 @@ def test_the_node_killed_between_receiving_and_sending_sends_the_series_once_aft
     assert len(orthanc.series_of_study(study_uid)) == 1
     status = CliRunner().invoke(app, ["serve", "--status", "--spool", str(spool)])
     assert status.exit_code == 0 and f"pending receiving {source_uid} ({len(files)} images" in status.stdout
-    process, port = start_node_process(spool, orthanc, session_tiny_checkpoint, 0.5, second_log)
-    try:
-        wait_for(lambda: "sent series" in second_log.read_text(), 60, "the restarted node to send the series")
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        process.wait(30)
+    run_until_sent(spool, orthanc, session_tiny_checkpoint, second_log)
     logs = first_log.read_text() + second_log.read_text()
     assert logs.count("sent series") == 1 and logs.count("received series") == 1, logs
     assert len(derived_series(orthanc, study_uid, source_uid)["Instances"]) == len(files)
     status = CliRunner().invoke(app, ["serve", "--status", "--spool", str(spool)])
     assert status.stdout.splitlines()[-1] == "0 pending, 1 done, 0 failed"
+
+
+@pytest.mark.slow  # two medsr processes
+@NEEDS_ORTHANC
+def test_the_node_killed_while_its_destination_is_down_sends_the_enhanced_series_once_after_a_restart(
+        tmp_path, orthanc, session_tiny_checkpoint):
+    files = sorted(SERIES.glob("*.dcm"))[:5]
+    study_uid = upload(orthanc, files)
+    source_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    orthanc.stop()
+    spool, first_log, second_log = tmp_path / "spool", tmp_path / "first.log", tmp_path / "second.log"
+    process, port = start_node_process(spool, orthanc, session_tiny_checkpoint, 0.5, first_log)
+    try:
+        assert send(files, port) == [0] * len(files)
+        (pending,) = wait_for(lambda: [s for s in spool_status(spool)["pending"] if s["attempts"] >= 1], 60,
+                              "a failed try while Orthanc is down")
+    finally:
+        os.kill(process.pid, signal.SIGKILL)  # enhanced, not sent
+        process.wait()
+    assert pending["state"] == "enhanced" and pending["derived_series"]
+    orthanc.start()
+    run_until_sent(spool, orthanc, session_tiny_checkpoint, second_log)
+    logs = first_log.read_text() + second_log.read_text()
+    # resumed at its step: enhanced once, before the kill; sent once, after it
+    assert logs.count("enhanced series") == 1 and logs.count("sent series") == 1, logs
+    derived = derived_series(orthanc, study_uid, source_uid)
+    assert derived["MainDicomTags"]["SeriesInstanceUID"] == pending["derived_series"]
+    assert len(derived["Instances"]) == len(files)
+    status = spool_status(spool)
+    assert not status["pending"] and not status["failed"]
+    assert [s["series"] for s in status["done"]] == [source_uid]
