@@ -258,6 +258,17 @@ def test_one_spool_takes_one_node(tmp_path, destination, session_tiny_checkpoint
                 pass
 
 
+def test_a_node_whose_model_does_not_load_leaves_the_spool_to_the_next(tmp_path, destination,
+                                                                      session_tiny_checkpoint):
+    hostile = tmp_path / "hostile.pt"
+    hostile.write_bytes(b"not a checkpoint")
+    with pytest.raises(MedsrError) as refused:
+        with running_node(tmp_path / "spool", destination.address, hostile):
+            pass
+    assert "another medsr serve" not in str(refused.value)
+    with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint) as node:
+        assert node.port > 0
+
 def test_the_command_line_says_one_line_for_a_bad_forward(tmp_path):
     from typer.testing import CliRunner
 
