@@ -40,9 +40,9 @@ the source's direction.
 
 Both writers share one outline, :class:`_DerivedSeriesWriter` (stage, encode, write, sync,
 rename into place), and hand its jobs to small pieces: :class:`_SeriesIdentity` names the series
-and its images (UIDs, time, description), :class:`_PixelEncoder` turns values into stored pixels
-(bits, rescale, padding), :class:`_SliceLayout` places and numbers the images, and
-:class:`_DerivedHeaders` builds each header from its source's with them.
+and its images (UIDs, time, description), :class:`~medsr.dicom_pixels.PixelEncoder` (its own
+module) turns values into stored pixels (bits, rescale, padding), :class:`_SliceLayout` places and
+numbers the images, and :class:`_DerivedHeaders` builds each header from its source's with them.
 """
 
 from __future__ import annotations
@@ -50,22 +50,20 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-import shutil
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import VR
 
 from medsr import __version__
-from medsr.dicom_reading import functional_group, stored_padding
+from medsr.dicom_pixels import PIXEL_DATA, PixelEncoder, append_pixel_data, drop_shared_rescale
+from medsr.dicom_reading import functional_group
 from medsr.errors import OutputError
 from medsr.geometry import LPS_TO_RAS, enhanced_affine, rescaled_affine
 from medsr.reading import OpenScan
@@ -84,7 +82,6 @@ logger = logging.getLogger(__name__)
 
 SERIES_NUMBER_OFFSET = 1000
 IS_MAX = 2**31 - 1
-PIXEL_DATA = 0x7FE00010  # (7FE0,0010), the last element of an image
 # pixel spacings of the image plane: whichever the source has is scaled to the finer matrix
 # (DetectorElementSpacing describes the detector, not the image, and stays)
 IMAGE_SPACINGS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
@@ -100,104 +97,6 @@ AFFINE_TOLERANCE = 1e-3
 # system joins concurrent syncs into fewer journal commits (384 files of 0.5 MB on a 2-core VM:
 # 1.5 s one after the other, 0.2 s on 4 threads; benchmarks/README.md)
 SYNC_THREADS = 4
-
-
-def stored_dtype(header: pydicom.Dataset) -> np.dtype:
-    """The source's stored representation: 8 or 16 bits (wider sources get 16), its signedness."""
-    signed = int(header.get("PixelRepresentation", 0)) == 1
-    if int(header.get("BitsAllocated", 16)) == 8:
-        return np.dtype(np.int8 if signed else np.uint8)
-    return np.dtype(np.int16 if signed else np.uint16)
-
-
-def stored_value_mapping(values: np.ndarray, dtype: np.dtype, slope: float, intercept: float,
-                         reserved: tuple[int, int] | None = None) -> tuple[float, float]:
-    """Rescale slope and intercept so ``values`` (one slice, padding left out) fit stored
-    pixels of ``dtype`` without clipping.
-
-    The source's own slope and intercept are kept whenever the values fit them (exact for CT,
-    where slope 1 keeps whole HU); otherwise the slope grows just enough and the intercept
-    moves so the slice's range fits. Rescale is per image (per frame for multi-frame), so only
-    the slices that need it get a wider one. A widened range avoids the ``reserved`` stored
-    values (the padding range) by taking the larger side of the type beside them.
-    """
-    if values.size == 0:
-        return slope, intercept
-    info = np.iinfo(dtype)
-    low_limit, high_limit = int(info.min), int(info.max)
-    low, high = float(values.min()), float(values.max())
-    stored_low, stored_high = (low - intercept) / slope, (high - intercept) / slope
-    if low_limit <= np.floor(stored_low) and np.ceil(stored_high) <= high_limit:
-        return slope, intercept
-    if reserved is not None:
-        below, above = (low_limit, reserved[0] - 1), (reserved[1] + 1, high_limit)
-        low_limit, high_limit = above if above[1] - above[0] >= below[1] - below[0] else below
-    slope = max(slope, (high - low) / (high_limit - low_limit - 2))
-    intercept = low - (low_limit + 1) * slope
-    return slope, intercept
-
-
-def _stored_pixels(plane: np.ndarray, dtype: np.dtype, slope: float, intercept: float,
-                   reserved: tuple[int, int] | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
-    """Stored values of ``plane`` under a rescale: ``(plane - intercept) / slope`` rounded to
-    the nearest integer (ties to even) and clipped to ``dtype``; a value that would land in the
-    ``reserved`` range (the padding's) moves to the nearer stored value beside it, so data
-    never reads as padding (at most one stored step more error, next to the padding value).
-
-    The arithmetic runs in float64 (exact for float32 pixels less a whole intercept), in place
-    in one buffer: faster than float32 with a float64 check of the values near a half step,
-    which it replaced (0.7 against 1.0 ms per 512x512 plane, benchmarks/README.md).
-    ``scratch``, a float64 array of ``plane``'s shape, is that buffer when given: a writer
-    reuses one, as a fresh 2 MB buffer per image costs its page faults again (in the series
-    writer, 2.0 ms per 512x512 image against 0.9 with one buffer).
-    """
-    info = np.iinfo(dtype)
-    values = scratch if scratch is not None else np.empty(plane.shape, dtype=np.float64)  # C order
-    np.subtract(plane, intercept, out=values, dtype=np.float64)  # float64 arithmetic, not float32's
-    if slope != 1:
-        values /= slope
-    np.rint(values, out=values)
-    np.clip(values, info.min, info.max, out=values)
-    if reserved is not None:
-        low, high = reserved
-        inside = (values >= low) & (values <= high)
-        if inside.any():
-            if low - 1 < info.min:
-                upward = True
-            elif high + 1 > info.max:
-                upward = False
-            else:
-                exact = (plane[inside].astype(np.float64) - intercept) / slope
-                upward = exact - (low - 1) > (high + 1) - exact
-            values[inside] = np.where(upward, high + 1, low - 1)
-    return values.astype(dtype)
-
-
-def _output_padding(header: pydicom.Dataset, dtype: np.dtype) -> tuple[int, int | None] | None:
-    """The source's (PixelPaddingValue, PixelPaddingRangeLimit or None) for stored pixels of
-    ``dtype``: kept when the type holds them, else moved to its nearest end (without a range)."""
-    padding = stored_padding(header)
-    if padding is None:
-        return None
-    info = np.iinfo(dtype)
-    value, limit = padding
-    fits = [info.min <= v <= info.max for v in (value, limit) if v is not None]
-    if all(fits):
-        return value, limit
-    return int(np.clip(value, info.min, info.max)), None
-
-
-def _set_padding(dataset: pydicom.Dataset, padding: tuple[int, int | None] | None, dtype: np.dtype) -> None:
-    """PixelPaddingValue (and PixelPaddingRangeLimit) in the VR of the output's pixels."""
-    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
-        if keyword in dataset:
-            del dataset[keyword]
-    if padding is None:
-        return
-    vr = "SS" if dtype.kind == "i" else "US"
-    dataset.add_new(tag_for_keyword("PixelPaddingValue"), vr, padding[0])
-    if padding[1] is not None:
-        dataset.add_new(tag_for_keyword("PixelPaddingRangeLimit"), vr, padding[1])
 
 
 def _scaled_spacing(value, scale: int) -> list[str]:
@@ -368,23 +267,6 @@ def _derived_uid(seed: str | None, *names) -> str:
     return generate_uid(entropy_srcs=["medsr derived", seed, *(str(name) for name in names)])
 
 
-def _photometric(scan: OpenScan) -> str:
-    """The source's photometric interpretation: MONOCHROME1 stays (values are not inverted)."""
-    return "MONOCHROME1" if scan.photometric == "MONOCHROME1" else "MONOCHROME2"
-
-
-def _set_pixel_module(dataset: pydicom.Dataset, rows: int, columns: int, dtype: np.dtype,
-                      photometric: str) -> None:
-    """The Image Pixel module of a multi-frame object whose pixel data is appended later (so
-    pydicom's ``set_pixel_data``, which takes the whole array, cannot set it)."""
-    dataset.Rows, dataset.Columns = rows, columns
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = photometric
-    bits = dtype.itemsize * 8
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
-    dataset.PixelRepresentation = 1 if dtype.kind == "i" else 0
-
-
 def _file_meta(dataset: pydicom.Dataset) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
@@ -452,48 +334,9 @@ def _source_reference(header: pydicom.Dataset, frame: int | None = None) -> pydi
     return item
 
 
-def _source_rescale(scan: OpenScan) -> tuple[float, float]:
-    """The source's (RescaleSlope, RescaleIntercept), 1 and 0 where it has none: of its first
-    image, or the shared Pixel Value Transformation of a multi-frame object. The output keeps
-    it for every image whose values fit it."""
-    first = scan.dicom_headers[0]
-    slope = float(first.get("RescaleSlope", 1) or 1)
-    intercept = float(first.get("RescaleIntercept", 0) or 0)
-    if scan.multiframe:
-        transform = functional_group(first, None, "PixelValueTransformationSequence")
-        if transform is not None:
-            slope = float(transform.get("RescaleSlope", slope) or slope)
-            intercept = float(transform.get("RescaleIntercept", intercept) or intercept)
-    return slope, intercept
-
-
-def _drop_shared_rescale(dataset: pydicom.Dataset) -> None:
-    """Remove the rescale a multi-frame header says for all its frames (in its shared groups
-    or its top level): each frame says its own instead, as a macro is shared or per-frame."""
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    for groups in shared or []:
-        if "PixelValueTransformationSequence" in groups:
-            del groups.PixelValueTransformationSequence
-    for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
-        if keyword in dataset:
-            delattr(dataset, keyword)
-
-
 def _image_name(index: int) -> str:
     """The file name of output image ``index`` (0-based): ``IM0001.dcm``..."""
     return f"IM{index + 1:04d}.dcm"
-
-
-def _append_pixel_data(target: Path, raw: Path, dtype: np.dtype) -> None:
-    """Append the stored frames in ``raw`` to the DICOM file ``target`` as its Pixel Data, the
-    last element, in chunks (a whole series of frames need not fit in memory)."""
-    length = raw.stat().st_size
-    with open(target, "ab") as out, open(raw, "rb") as frames:
-        out.write(struct.pack("<HH2sHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF,
-                              b"OB" if dtype.itemsize == 1 else b"OW", 0, length + length % 2))
-        shutil.copyfileobj(frames, out, 16 * 2**20)
-        if length % 2:
-            out.write(b"\0")  # values have even length
 
 
 class _SeriesIdentity:
@@ -517,52 +360,6 @@ class _SeriesIdentity:
         """The SOPInstanceUID of the output image named by ``names`` (its source image's UID,
         and for a thin slice its place among that slice's thin ones)."""
         return _derived_uid(self.uid_seed, "image", *names)
-
-
-class _PixelEncoder:
-    """How enhanced values become stored pixels: the source's bits and signedness
-    (:func:`stored_dtype`) and photometric interpretation, a rescale per image that fits its
-    values (:func:`stored_value_mapping`), and the source's padding value kept for padding."""
-
-    def __init__(self, scan: OpenScan) -> None:
-        first = scan.dicom_headers[0]
-        self.dtype = stored_dtype(first)
-        self.source_mapping = _source_rescale(scan)
-        self.photometric = _photometric(scan)
-        # padding: pixels equal to the scan's padding value (float32, as the slices hold it) are
-        # stored as the source's PixelPaddingValue; no other pixel is stored in its range
-        self.padding = _output_padding(first, self.dtype) if scan.padding is not None else None
-        self.padding_value = np.float32(scan.padding[0]) if self.padding is not None else None
-        self.reserved = None
-        if self.padding is not None:
-            ends = [v for v in self.padding if v is not None]
-            self.reserved = (min(ends), max(ends))
-        self._scratch = None  # _stored_pixels' float64 buffer, one for the whole series
-
-    def encode(self, plane: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        """The stored pixels (rows, columns) of one enhanced ``(I, J)`` plane, and the rescale
-        (slope, intercept) they are stored with."""
-        padded = plane == self.padding_value if self.padding is not None else None
-        values = plane if padded is None else plane[~padded]
-        mapping = stored_value_mapping(values, self.dtype, *self.source_mapping, self.reserved)
-        if self._scratch is None or self._scratch.shape != plane.T.shape:
-            self._scratch = np.empty(plane.T.shape, dtype=np.float64)
-        stored = _stored_pixels(plane.T, self.dtype, *mapping, self.reserved, self._scratch)
-        if padded is not None:
-            stored[padded.T] = self.padding[0]
-        return stored, mapping
-
-    def set_pixel_data(self, dataset: pydicom.Dataset, stored: np.ndarray) -> None:
-        """A single-frame image's pixel data and Image Pixel module, and its padding."""
-        dataset.set_pixel_data(stored, self.photometric, 8 * self.dtype.itemsize, generate_instance_uid=False)
-        self.set_padding(dataset)
-
-    def set_pixel_module(self, dataset: pydicom.Dataset, rows: int, columns: int) -> None:
-        """The Image Pixel module of a multi-frame object whose pixel data is appended later."""
-        _set_pixel_module(dataset, rows, columns, self.dtype, self.photometric)
-
-    def set_padding(self, dataset: pydicom.Dataset) -> None:
-        _set_padding(dataset, self.padding, self.dtype)
 
 
 class _SliceLayout:
@@ -663,9 +460,9 @@ class _SliceLayout:
 class _DerivedHeaders:
     """The complete header of each output object, derived from its source header: named by
     :class:`_SeriesIdentity`, placed by :class:`_SliceLayout`, its pixels described by
-    :class:`_PixelEncoder`, referencing its source images, with a display window."""
+    :class:`PixelEncoder`, referencing its source images, with a display window."""
 
-    def __init__(self, scan: OpenScan, identity: _SeriesIdentity, layout: _SliceLayout, encoder: _PixelEncoder,
+    def __init__(self, scan: OpenScan, identity: _SeriesIdentity, layout: _SliceLayout, encoder: PixelEncoder,
                  window: IntensityWindow, keep_source_window: bool) -> None:
         self.scan, self.identity, self.layout, self.encoder = scan, identity, layout, encoder
         self.window, self.keep_source_window = window, keep_source_window
@@ -709,7 +506,7 @@ class _DerivedHeaders:
         if self.layout.factor > 1:
             self.layout.thin_frames(dataset, frames)
         if shared_mapping is None:
-            _drop_shared_rescale(dataset)
+            drop_shared_rescale(dataset)
         dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
         # enhanced IODs: value 2 stays PRIMARY (SECONDARY is not an enumerated value there), the
         # frame types say DERIVED, and derived objects list their sources as evidence
@@ -766,7 +563,7 @@ class _DerivedSeriesWriter:
     two is 1: see :class:`DicomSeriesWriter` and :class:`ThinSliceSeriesWriter`, which hold the
     contract).
 
-    Each slab is encoded (:class:`_PixelEncoder`) and written at once, one file per image, or
+    Each slab is encoded (:class:`PixelEncoder`) and written at once, one file per image, or
     for multi-frame input appended to a scratch file joined to its header on leaving the block;
     the headers come from :class:`_DerivedHeaders`. Files are synced as they are written and
     the series is renamed into place when it is complete.
@@ -783,7 +580,7 @@ class _DerivedSeriesWriter:
         self.folder, self.scan = Path(folder), scan
         _check_destination(self.folder, overwrite)
         identity = _SeriesIdentity(uid_seed, description, series_suffix, series_number_offset)
-        self.encoder = _PixelEncoder(scan)
+        self.encoder = PixelEncoder(scan)
         self.layout = _SliceLayout(scan, affine, scale, factor, positions)
         self.headers = _DerivedHeaders(scan, identity, self.layout, self.encoder, window, keep_source_window)
         self.written, self.mappings = 0, []
@@ -848,7 +645,7 @@ class _DerivedSeriesWriter:
         raw = self.staging / FRAMES_SCRATCH
         target = self.staging / _image_name(0)
         _save(self.headers.multiframe(self.mappings), target)
-        _append_pixel_data(target, raw, self.encoder.dtype)
+        append_pixel_data(target, raw, self.encoder.dtype)
         self._syncs.add(target)
         raw.unlink()
 

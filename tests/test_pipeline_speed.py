@@ -22,8 +22,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from medsr import dicom_reading as reading
+from medsr.dicom_pixels import stored_pixels
 from medsr.dicom_reading import _FrameDecoder, _read_header
-from medsr.dicom_writing import DicomSeriesWriter, _kept_copy, _stored_pixels
+from medsr.dicom_writing import DicomSeriesWriter, _kept_copy
 from medsr.errors import OutputError, ScanReadError
 from medsr.geometry import in_plane_factors, rescaled_affine
 from medsr.reading import open_scan, read_scan
@@ -124,14 +125,14 @@ def test_stored_pixels_equal_float64_rounding_near_every_half_step(dtype, slope,
     dtype = np.dtype(dtype)
     plane = near_half_steps(rng, dtype, slope, intercept).reshape(-1, 64)
     for view in (plane, plane.T):  # the writer hands over transposed planes
-        np.testing.assert_array_equal(_stored_pixels(view, dtype, slope, intercept),
+        np.testing.assert_array_equal(stored_pixels(view, dtype, slope, intercept),
                                       stored_in_float64(view, dtype, slope, intercept))
 
 
 def test_stored_pixels_keep_off_the_reserved_range():
     dtype = np.dtype("int16")
     plane = np.array([[-2001.5, -2000.0, -1999.6, -1999.4, -1998.5, -1997.0]], dtype=np.float32)
-    stored = _stored_pixels(plane, dtype, 1.0, 0.0, reserved=(-2000, -1999))
+    stored = stored_pixels(plane, dtype, 1.0, 0.0, reserved=(-2000, -1999))
     np.testing.assert_array_equal(stored, [[-2002, -2001, -2001, -1998, -1998, -1997]])
 
 
@@ -141,15 +142,15 @@ def test_stored_pixels_reuse_one_scratch_buffer_without_carrying_values_over():
     for _ in range(3):  # each call overwrites the whole buffer: no value of the previous plane leaks
         plane = (rng.normal(size=(48, 64)) * 3000).astype(np.float32)
         plane[:5] = -2000.0  # lands in the reserved range, moved beside it
-        with_scratch = _stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845), scratch)
-        np.testing.assert_array_equal(with_scratch, _stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845)))
+        with_scratch = stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845), scratch)
+        np.testing.assert_array_equal(with_scratch, stored_pixels(plane.T, dtype, 0.7, -5.0, (-2850, -2845)))
         assert not ((with_scratch >= -2850) & (with_scratch <= -2845)).any()
 
 
 def test_non_finite_values_store_as_float64_would():
     dtype = np.dtype("int16")
     plane = np.array([[np.inf, -np.inf, 1.5, 2.5]], dtype=np.float32)
-    np.testing.assert_array_equal(_stored_pixels(plane, dtype, 1.0, 0.0), stored_in_float64(plane, dtype, 1.0, 0.0))
+    np.testing.assert_array_equal(stored_pixels(plane, dtype, 1.0, 0.0), stored_in_float64(plane, dtype, 1.0, 0.0))
 
 
 # ------------------------------------------------------------------ derived headers
