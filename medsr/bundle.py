@@ -15,8 +15,9 @@ The network definition is not copied into ``scripts/``: ``inference.json`` build
 ``optional_packages_version``), because the network alone is not the product. The rules around
 it (intensity window, degradation found from the pixels, flat background, original units, the
 output grid) live in :class:`medsr.transforms.SuperResolved`, and a copy of them in the bundle
-would drift from ``medsr enhance``. So the bundle's voxels and affine are ``medsr enhance``'s;
-its NIfTI header is MONAI's ``SaveImage``'s (qform/sform code 1, no description).
+would drift from ``medsr enhance``. So the bundle's voxels and affine are ``medsr enhance``'s,
+and so is its NIfTI header (``SaveImaged`` with :class:`medsr.monai_writer.EnhancedNiftiWriter`:
+the description of what was decided, the input's qform/sform codes and display range, mm).
 
 Run it as zoo bundles run, ``dataset_dir`` (a folder of NIfTI files) and ``output_dir`` given on
 the command line::
@@ -197,7 +198,8 @@ def inference_config(model: torch.nn.Module, config, through_plane: bool) -> dic
                     "through_plane": through_plane, "device": "@device"},
         "postprocessing": {"_target_": "SaveImaged", "keys": "image", "output_dir": "@output_dir",
                            "output_postfix": postfix, "separate_folder": False, "output_dtype": "$torch.float32",
-                           "resample": False, "print_log": False},
+                           "resample": False, "print_log": False,
+                           "writer": "medsr.monai_writer.EnhancedNiftiWriter"},
         "initialize": ["$@network_def.load_state_dict(@checkpoint)"],
         # one volume at a time through the three stages; nothing kept
         "run": ["$collections.deque(map(@postprocessing, map(@inferer, @dataset)), maxlen=0)"],

@@ -265,13 +265,20 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
                     long_description=f"medsr {__version__} {enhancer.name} x{model_scale} in-plane "
                                      f"super-resolution; degradation {told}; {projection}"
                                      + ("; mean of the 8 flips/transposes (--ensemble)" if ensemble else ""),
-                    short_description=f"medsr x{model_scale} {degradation}"
-                                      + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
-                                      + (" 2nd look" if estimate is not None and estimate.probed else "")
-                                      + (" consistent" if consistent else "") + (" ens8" if ensemble else ""),
+                    short_description=short_description(model_scale, degradation, estimate, consistent, ensemble),
                     run=run, detail_map=detail_map, uid_seed=uid_seed)
     return EnhancedFile(output, volume, degradation, estimate, consistent=consistent, ensemble=ensemble,
                         detail_map=detail_map)
+
+
+def short_description(scale: int, degradation: str, estimate: DegradationEstimate | None, consistent: bool,
+                      ensemble: bool = False) -> str:
+    """What a NIfTI ``descrip`` (79 characters) says of an in-plane enhancement: the scale, the
+    grid, how sure the decision was when it was found from the pixels, and what was applied."""
+    return (f"medsr x{scale} {degradation}"
+            + ("" if estimate is None else f" auto p={estimate.confidence:.2f}")
+            + (" 2nd look" if estimate is not None and estimate.probed else "")
+            + (" consistent" if consistent else "") + (" ens8" if ensemble else ""))
 
 
 def enhancer_for(model: torch.nn.Module | Enhancer | None, weights: str | Path | None, scale: int | None,

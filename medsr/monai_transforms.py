@@ -10,8 +10,10 @@ and apply it by the rules of ``medsr enhance``, by calling the code ``medsr enha
 :func:`medsr.enhance.thin_slices`): the intensity window the model was trained with, the
 degradation found from the pixels or told, flat background kept, padding put back, the result
 in the input's units. So the voxels equal those ``medsr enhance`` writes for the same file, as
-long as no spatial transform (``Orientationd``) reordered them first; the header ``SaveImage``
-writes is MONAI's (qform/sform code 1, no description), not ``medsr enhance``'s.
+long as no spatial transform (``Orientationd``) reordered them first. The result's meta says
+what was decided (``degradation``, and ``descrip`` as ``medsr enhance`` describes it); the header
+``SaveImage`` writes is MONAI's (qform/sform code 1, no description) unless it is given
+:class:`medsr.monai_writer.EnhancedNiftiWriter`, which writes ``medsr enhance``'s.
 
 The output grid follows :func:`medsr.geometry.enhanced_affine` (in-plane; for the ``kspace`` grid
 the first pixel keeps its place) or the thin-slice tiling (through-plane). A network whose output
@@ -37,7 +39,7 @@ from monai.utils import TransformBackends
 
 from medsr.consistency import resolved
 from medsr.engine import COMPILE_CHOICES, PRECISIONS, check_choice, enhance_scan, pick_device
-from medsr.enhance import Enhancer, enhancer_for, plan_in_plane, thin_slices
+from medsr.enhance import Enhancer, enhancer_for, plan_in_plane, short_description, thin_slices
 from medsr.errors import MedsrError
 from medsr.geometry import slice_axis_of
 from medsr.model import DEGRADATION_CODES, SCALES
@@ -149,17 +151,21 @@ class SuperResolve(Transform):
         if self.through_plane:
             enhanced, factor = thin_slices(scan, self.enhancer, self.scale, self.device, self.batch_size,
                                            self.precision)
-            array, new_affine, facts = enhanced.array, enhanced.affine, {"through_plane_factor": factor}
+            array, new_affine = enhanced.array, enhanced.affine
+            facts = {"through_plane_factor": factor, "descrip": f"medsr through-plane x{factor}"}
         else:
             plan = plan_in_plane(scan, self.enhancer, self.degradation, device=self.device,
                                  precision=self.precision)
             named = None if plan.estimate is None else plan.estimate.likely
+            consistency = resolved("auto", plan.degradation, named)
             enhanced = enhance_scan(scan, self.enhancer.model, plan.degradation, self.device, self.batch_size,
                                     self.enhancer.lower_percentile, self.enhancer.upper_percentile,
                                     survey=plan.survey, compile_model=self.compile_model,
-                                    precision=self.precision,
-                                    consistency=resolved("auto", plan.degradation, named))
-            array, facts = enhanced.array, {"degradation": plan.degradation}
+                                    precision=self.precision, consistency=consistency)
+            # what medsr enhance's NIfTI says of it; EnhancedNiftiWriter writes it as the descrip
+            description = short_description(self.enhancer.model.scale, plan.degradation, plan.estimate,
+                                            consistency == "on")
+            array, facts = enhanced.array, {"degradation": plan.degradation, "descrip": description}
             new_affine = enhanced.affine
         return _on_grid(img, array, new_affine, facts)
 

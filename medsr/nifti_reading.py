@@ -81,12 +81,13 @@ def open_nifti(path: Path) -> OpenScan:
 
     return OpenScan(shape=shape, affine=affine, slice_axis=slice_axis, path=path,
                     source_format="nifti", read_plane=read_plane, xform_codes=xform_codes,
-                    display_range=_nifti_display_range(image.header))
+                    display_range=nifti_display_range(image.header))
 
 
-def _nifti_display_range(header) -> tuple[float, float] | None:
-    """``(cal_min, cal_max)`` when the header sets a display range (NIfTI: cal_max > cal_min)."""
-    low, high = float(header["cal_min"]), float(header["cal_max"])
+def nifti_display_range(header) -> tuple[float, float] | None:
+    """``(cal_min, cal_max)`` when the header (or a dict of its fields) sets a display range
+    (NIfTI: cal_max > cal_min)."""
+    low, high = float(np.asarray(header["cal_min"])), float(np.asarray(header["cal_max"]))
     return (low, high) if np.isfinite([low, high]).all() and high > low else None
 
 

@@ -225,6 +225,9 @@ def test_bundle_run_writes_what_medsr_enhance_writes(request, tmp_path, x2_bundl
     assert bundle.get_data_dtype() == cli.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asarray(bundle.dataobj), np.asarray(cli.dataobj))
     np.testing.assert_allclose(bundle.affine, cli.affine, atol=1e-6)
+    for field in ("descrip", "qform_code", "sform_code", "xyzt_units", "cal_min", "cal_max"):
+        assert bundle.header[field] == cli.header[field], field
+    assert bundle.header["descrip"].item().startswith(b"medsr x2 bicubic")
 
 
 @pytest.fixture(scope="module")

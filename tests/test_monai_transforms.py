@@ -60,6 +60,48 @@ def test_pipeline_writes_what_medsr_enhance_writes(tmp_path, t1_slab, grid):
     np.testing.assert_allclose(enhanced.meta["pixdim"][1:4], [1.0, 0.898437 / 2, 0.898437 / 2], rtol=1e-5)
 
 
+def test_enhanced_nifti_writer_writes_the_header_medsr_enhance_writes(tmp_path, t1_slab):
+    """With no flags (the degradation found, projected where found k-space truncated) the
+    description says what was decided as medsr enhance says it, and the input's qform/sform codes
+    (0 and 2 in the sample T1, not the scanner code 1 MONAI's own writer puts) and units are kept."""
+    source = nib.load(t1_slab)
+    assert (int(source.header["qform_code"]), int(source.header["sform_code"])) == (0, 2)
+    result = runner.invoke(app, ["enhance", str(t1_slab), "-o", str(tmp_path / "cli.nii.gz")])
+    assert result.exit_code == 0, result.output
+    Compose([LoadImaged("image"), EnsureChannelFirstd("image"), SuperResolved("image"),
+             SaveImaged("image", output_dir=tmp_path, output_postfix="x2", separate_folder=False, print_log=False,
+                        writer="medsr.monai_writer.EnhancedNiftiWriter")])({"image": str(t1_slab)})
+    cli, monai = nib.load(tmp_path / "cli.nii.gz"), nib.load(tmp_path / "t1_slab_x2.nii.gz")
+    for field in ("descrip", "qform_code", "sform_code", "xyzt_units", "cal_min", "cal_max", "dim", "pixdim"):
+        np.testing.assert_array_equal(monai.header[field], cli.header[field], err_msg=field)
+    assert monai.header["descrip"].item().startswith(b"medsr x2 ") and b" auto p=" in monai.header["descrip"].item()
+    np.testing.assert_array_equal(np.asarray(monai.dataobj), np.asarray(cli.dataobj))
+    np.testing.assert_allclose(monai.affine, cli.affine, atol=1e-6)
+
+
+def test_enhanced_nifti_writer_keeps_a_display_range_and_defaults_to_scanner_codes(tmp_path):
+    """A display range the input set is kept; an array with no NIfTI meta (as MONAI's DICOM
+    readers give) is marked as scanner coordinates, as MONAI's own writer marks it."""
+    from medsr.monai_writer import EnhancedNiftiWriter
+
+    volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    affine = np.diag([0.5, 0.6, 2.0, 1.0])
+    for meta, codes, display in [({"cal_min": 10.0, "cal_max": 90.0, "qform_code": 1, "sform_code": 4,
+                                   "descrip": np.array(b"medsr x2 kspace")}, (1, 4), (10.0, 90.0)),
+                                 ({}, (1, 1), (0.0, 0.0))]:
+        writer = EnhancedNiftiWriter()
+        writer.set_data_array(torch.from_numpy(volume)[None], channel_dim=0)
+        writer.set_metadata({"affine": affine, **meta}, resample=False)
+        writer.write(tmp_path / "out.nii.gz")
+        written = nib.load(tmp_path / "out.nii.gz")
+        assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == codes
+        assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == display
+        assert written.header.get_xyzt_units()[0] == "mm"
+        assert written.header["descrip"].item() == (b"medsr x2 kspace" if meta else b"")
+        np.testing.assert_array_equal(np.asarray(written.dataobj), volume)
+        np.testing.assert_allclose(written.affine, affine)
+
+
 def test_grid_found_from_the_pixels_and_the_kspace_affine(tmp_path, t1_slab, tiny_checkpoint):
     """Degradation auto: the transform finds the grid medsr enhance finds (kspace on this crop,
     k-space truncated), its voxels are medsr enhance's, and its affine is
