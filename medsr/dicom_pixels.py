@@ -128,7 +128,7 @@ def photometric_of(scan: OpenScan) -> str:
 
 
 def _pixel_module(dataset: pydicom.Dataset, rows: int, columns: int, dtype: np.dtype,
-                      photometric: str) -> None:
+                  photometric: str) -> None:
     """The Image Pixel module of a multi-frame object whose pixel data is appended later (so
     pydicom's ``set_pixel_data``, which takes the whole array, cannot set it)."""
     dataset.Rows, dataset.Columns = rows, columns

@@ -10,8 +10,10 @@ no description. So a volume enhanced by :class:`medsr.transforms.SuperResolved` 
 
 - ``descrip``: what :class:`~medsr.transforms.SuperResolve` decided (scale, grid, how sure, the
   projection), as ``medsr enhance`` describes it; without SuperResolve, the input's own;
-- ``qform_code`` / ``sform_code``: the loaded NIfTI's (scanner coordinates, code 1, where the
-  meta has none, as for DICOM read by MONAI's readers);
+- ``qform_code`` / ``sform_code``: the loaded NIfTI's, by ``medsr enhance``'s rule (a qform in
+  another space than the sform drops to 0); scanner coordinates (code 1) where the meta has none,
+  as for DICOM read by MONAI's readers, and for the sform where the input's was 0 (the one
+  affine written must be one readers use);
 - ``cal_min`` / ``cal_max``: the loaded NIfTI's display range, when it set one;
 - spatial units: mm.
 """
@@ -19,6 +21,7 @@ no description. So a volume enhanced by :class:`medsr.transforms.SuperResolved` 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +29,7 @@ from monai.data import NibabelWriter
 from monai.data.image_writer import ImageWriter
 from monai.data.utils import to_affine_nd
 
-from medsr.nifti_reading import nifti_display_range
+from medsr.nifti_reading import nifti_display_range, nifti_xform_codes
 from medsr.reading import SCANNER_XFORM_CODES
 from medsr.writing import nifti_header
 
@@ -37,15 +40,39 @@ def _text(value) -> str:
     return value.decode("ascii", "replace").rstrip("\0") if isinstance(value, bytes) else str(value)
 
 
-def _xform_codes(meta: Mapping) -> tuple[int, int]:
-    """(qform_code, sform_code) of the loaded NIfTI; scanner coordinates where the meta has none
-    or holds codes NIfTI does not define."""
+def _loaded_header(meta: Mapping) -> nib.Nifti1Header | None:
+    """The loaded NIfTI's header rebuilt from the fields MONAI's reader keeps in the meta, or
+    None when the meta holds no NIfTI geometry (DICOM read by MONAI's readers, a plain array)."""
+    header = nib.Nifti1Header()
+    fields = [key for key in header.keys() if key in meta]
+    if not {"dim", "pixdim", "qform_code", "sform_code", "srow_x", "quatern_b"} <= set(fields):
+        return None
     try:
-        codes = int(np.asarray(meta["qform_code"])), int(np.asarray(meta["sform_code"]))
-    except (KeyError, TypeError, ValueError):
+        for key in fields:
+            header[key] = np.asarray(meta[key])
+    except (TypeError, ValueError):
+        return None
+    return header
+
+
+def _xform_codes(meta: Mapping) -> tuple[int, int]:
+    """``(qform_code, sform_code)`` for the output: the loaded NIfTI's, by ``medsr enhance``'s
+    rule (a qform that places the voxels elsewhere than the sform drops to 0). This writer puts
+    one affine, MONAI's, in both; so the sform's code is never 0, since readers would then ignore
+    that affine (and after ``Orientationd`` show the volume flipped): it takes the qform's code,
+    or scanner coordinates (1, what MONAI's own writer writes) when that is 0 too."""
+    header = _loaded_header(meta)
+    if header is None:
+        return SCANNER_XFORM_CODES
+    shape = tuple(int(n) for n in header["dim"][1:4])
+    try:
+        qform_code, sform_code = nifti_xform_codes(header, shape, Path(str(meta.get("filename_or_obj", "<meta>"))))
+    except (ValueError, np.linalg.LinAlgError):
         return SCANNER_XFORM_CODES
     defined = nib.nifti1.xform_codes.value_set()
-    return codes if all(code in defined for code in codes) else SCANNER_XFORM_CODES
+    if qform_code not in defined or sform_code not in defined:
+        return SCANNER_XFORM_CODES
+    return qform_code, sform_code or qform_code or SCANNER_XFORM_CODES[1]
 
 
 def _display_range(meta: Mapping) -> tuple[float, float] | None:
@@ -78,8 +105,9 @@ class EnhancedNiftiWriter(NibabelWriter):
         ImageWriter.write(self, filename, verbose=verbose)  # the base's log line, not NibabelWriter's codes
         image = self.create_backend_obj(self.data_obj, affine=self.affine, dtype=self.output_dtype, **obj_kwargs)
         affine = to_affine_nd(3, np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=np.float64))
-        header = nifti_header(image.shape[:3], affine, getattr(self, "description", ""),
-                              getattr(self, "xform_codes", SCANNER_XFORM_CODES),
+        qform_code, sform_code = getattr(self, "xform_codes", SCANNER_XFORM_CODES)
+        spatial = (tuple(image.shape[:3]) + (1, 1))[:3]  # a 2-D image is one slice thick
+        header = nifti_header(spatial, affine, getattr(self, "description", ""), (qform_code, sform_code),
                               getattr(self, "display_range", None))
         header.set_data_shape(image.shape)
         header.set_data_dtype(image.get_data_dtype())

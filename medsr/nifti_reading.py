@@ -61,7 +61,7 @@ def open_nifti(path: Path) -> OpenScan:
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanReadError(f"{path}: the NIfTI header's affine is not a valid voxel-to-world map")
     slice_axis = slice_axis_of(affine)
-    xform_codes = _nifti_xform_codes(image.header, shape, path)
+    xform_codes = nifti_xform_codes(image.header, shape, path)
 
     def read_all() -> np.ndarray:
         try:
@@ -91,7 +91,7 @@ def nifti_display_range(header) -> tuple[float, float] | None:
     return (low, high) if np.isfinite([low, high]).all() and high > low else None
 
 
-def _nifti_xform_codes(header, shape: tuple[int, int, int], path: Path) -> tuple[int, int]:
+def nifti_xform_codes(header, shape: tuple[int, int, int], path: Path) -> tuple[int, int]:
     """The (qform_code, sform_code) an output of this NIfTI should carry. The output has one
     affine, nibabel's (the sform when its code is set, else the qform), so a qform that places
     the voxels elsewhere than the sform (another space) cannot be kept and its code drops to 0."""

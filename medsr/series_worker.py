@@ -68,9 +68,13 @@ class SeriesWorker:
         self._thread = threading.Thread(target=self._work, name="medsr-serve-worker", daemon=True)
         self._thread.start()
 
+    def ask_to_stop(self) -> None:
+        """No new step starts from now; the one under way finishes."""
+        self._stopping.set()
+
     def stop(self, timeout: float) -> None:
         """Let the step under way finish (at most ``timeout`` s); the rest resumes at the next start."""
-        self._stopping.set()
+        self.ask_to_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None

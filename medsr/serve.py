@@ -200,6 +200,8 @@ class Node:
         """Stop listening, let the worker finish its step (at most ``timeout`` s; anything
         unfinished resumes at the next start), release the spool."""
         self._stopping.set()
+        if self._worker is not None:  # before the listener, whose shutdown takes a while
+            self._worker.ask_to_stop()
         if self._server is not None:
             self._server.shutdown()
             self._server = None

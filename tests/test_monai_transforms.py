@@ -80,14 +80,14 @@ def test_enhanced_nifti_writer_writes_the_header_medsr_enhance_writes(tmp_path, 
 
 
 def test_enhanced_nifti_writer_keeps_a_display_range_and_defaults_to_scanner_codes(tmp_path):
-    """A display range the input set is kept; an array with no NIfTI meta (as MONAI's DICOM
-    readers give) is marked as scanner coordinates, as MONAI's own writer marks it."""
+    """A display range the input set is kept; meta without a NIfTI's geometry (as MONAI's DICOM
+    readers give, or codes alone) is marked as scanner coordinates, as MONAI's own writer marks it."""
     from medsr.monai_writer import EnhancedNiftiWriter
 
     volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     affine = np.diag([0.5, 0.6, 2.0, 1.0])
     for meta, codes, display in [({"cal_min": 10.0, "cal_max": 90.0, "qform_code": 1, "sform_code": 4,
-                                   "descrip": np.array(b"medsr x2 kspace")}, (1, 4), (10.0, 90.0)),
+                                   "descrip": np.array(b"medsr x2 kspace")}, (1, 1), (10.0, 90.0)),
                                  ({}, (1, 1), (0.0, 0.0))]:
         writer = EnhancedNiftiWriter()
         writer.set_data_array(torch.from_numpy(volume)[None], channel_dim=0)
@@ -101,6 +101,53 @@ def test_enhanced_nifti_writer_keeps_a_display_range_and_defaults_to_scanner_cod
         np.testing.assert_array_equal(np.asarray(written.dataobj), volume)
         np.testing.assert_allclose(written.affine, affine)
 
+
+
+def _saved_by_the_writer(path, folder, *transforms):
+    Compose([LoadImaged("image"), EnsureChannelFirstd("image"), *transforms,
+             SaveImaged("image", output_dir=folder, output_postfix="out", separate_folder=False, resample=False,
+                        print_log=False, writer="medsr.monai_writer.EnhancedNiftiWriter")])({"image": str(path)})
+    return nib.load(folder / path.name.replace(".nii.gz", "_out.nii.gz"))
+
+
+def test_enhanced_nifti_writer_codes_follow_medsr_enhance_and_the_affine_is_always_used(tmp_path, t1_slab):
+    """A qform in another space than the sform drops to 0, as medsr enhance drops it; a file
+    whose codes are both 0 gets a scanner sform, so the affine written after Orientationd is
+    the one a reader uses (with code 0 it would show the volume flipped left/right)."""
+    from medsr.reading import open_scan
+
+    slab = nib.load(t1_slab)
+    data = np.asarray(slab.dataobj, dtype=np.float32)
+    elsewhere = slab.affine.copy()
+    elsewhere[:3, 3] += [30.0, -12.0, 7.0]
+    two_spaces = nib.Nifti1Image(data, slab.affine)
+    two_spaces.header.set_sform(slab.affine, code=2)
+    two_spaces.header.set_qform(elsewhere, code=1)
+    nib.save(two_spaces, tmp_path / "two_spaces.nii.gz")
+    written = _saved_by_the_writer(tmp_path / "two_spaces.nii.gz", tmp_path)
+    codes = (int(written.header["qform_code"]), int(written.header["sform_code"]))
+    assert codes == open_scan(tmp_path / "two_spaces.nii.gz").xform_codes == (0, 2)
+
+    header = slab.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(None, code=0)
+    nib.save(nib.Nifti1Image(data, None, header=header), tmp_path / "no_space.nii.gz")
+    loaded = nib.load(tmp_path / "no_space.nii.gz")
+    written = _saved_by_the_writer(tmp_path / "no_space.nii.gz", tmp_path, Orientationd("image", axcodes="RAS"))
+    assert int(written.header["sform_code"]) == 1
+    canonical_in, canonical_out = nib.as_closest_canonical(loaded), nib.as_closest_canonical(written)
+    np.testing.assert_allclose(canonical_out.affine, canonical_in.affine, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(canonical_out.dataobj), np.asarray(canonical_in.dataobj), rtol=1e-6)
+
+
+def test_enhanced_nifti_writer_writes_a_single_slice(tmp_path):
+    from medsr.monai_writer import EnhancedNiftiWriter
+
+    writer = EnhancedNiftiWriter()
+    writer.data_obj, writer.affine = np.ones((6, 7), dtype=np.float32), np.diag([0.5, 0.7, 1.0, 1.0])
+    writer.write(tmp_path / "slice.nii.gz")
+    written = nib.load(tmp_path / "slice.nii.gz")
+    assert written.shape == (6, 7) and written.header.get_zooms()[:2] == (0.5, 0.7)
 
 def test_grid_found_from_the_pixels_and_the_kspace_affine(tmp_path, t1_slab, tiny_checkpoint):
     """Degradation auto: the transform finds the grid medsr enhance finds (kspace on this crop,

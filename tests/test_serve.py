@@ -269,6 +269,7 @@ def test_a_node_whose_model_does_not_load_leaves_the_spool_to_the_next(tmp_path,
     with running_node(tmp_path / "spool", destination.address, session_tiny_checkpoint) as node:
         assert node.port > 0
 
+
 def test_the_command_line_says_one_line_for_a_bad_forward(tmp_path):
     from typer.testing import CliRunner
 
