@@ -33,6 +33,7 @@ scores the same rule on other ways to sum the slices up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -79,9 +80,9 @@ from medsr.transforms import ALL_DEGRADATIONS, GRID_OF, STRESS_DEGRADATIONS, rob
 def measure(args) -> None:
     model, _ = load_model(default_weights(args.scale))
     model.eval()
-    enhance = ModelAnswer(model)  # what the default path runs
     for view, _, probed in probed_views(args, args.out):
-        source, name, degradation, axis, picks, low, high, volume_range, _ = view
+        source, name, degradation, axis, picks, low, high, volume_range, low_res = view
+        enhance = ModelAnswer(model, window=robust_window(low_res))  # what the default path runs
         started = time.perf_counter()
         low, high = np.moveaxis(low, axis, 0), np.moveaxis(high, axis, 0)
         with torch.inference_mode():
@@ -400,12 +401,14 @@ def summary(args) -> None:
 def timing(args) -> None:
     """The second look's cost against the model's, in one run on the same slices: the probe on
     :data:`~medsr.synthesis.PROBE_SLICES` slices, and the plain engine on ``--time-slices``
-    slices, as a share of a 384-slice series."""
+    slices, as a share of a 384-slice series. The probe runs as the default path runs it (float32,
+    the scan's window), the model as ``medsr enhance`` runs it (``--precision auto``)."""
     model, _ = load_model(default_weights(args.scale))
     model.eval()
-    enhance = ModelAnswer(model)
     scan = read_scan(args.time)
     slices = np.moveaxis(scan.array, scan.slice_axis, 0).astype(np.float32)
+    enhance = ModelAnswer(model, window=robust_window(slices))
+    output = dataclasses.replace(enhance, precision="auto")
     middle = len(slices) // 2
     probe_slices = slices[middle - 2:middle + 2]
     run = np.resize(slices, (args.time_slices, *slices.shape[1:]))  # repeated if the scan is shorter
@@ -419,8 +422,9 @@ def timing(args) -> None:
         for grid in GRIDS:
             probe_features(enhance, as_stored(degrade(answer, grid, args.scale).numpy(), probe_slices), args.scale)
         remade_seconds = time.perf_counter() - started
+        output(probe_slices, "bicubic")  # warm-up
         started = time.perf_counter()
-        enhance(run, "bicubic")
+        output(run, "bicubic")
         per_slice = (time.perf_counter() - started) / len(run)
     series = 384 * per_slice
     print(f"{args.time}: slices {slices.shape[1]}x{slices.shape[2]}, {torch.get_num_threads()} thread(s); "

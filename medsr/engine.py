@@ -146,7 +146,8 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
                  survey: Survey | None = None, channels_last: bool | None = None,
                  compile_model: str = "auto", precision: str = "auto", consistency: str = "auto",
                  plain_sink: Callable[[np.ndarray], None] | None = None, ensemble: bool = False,
-                 detail_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+                 detail_sink: Callable[[np.ndarray], None] | None = None,
+                 window: IntensityWindow | None = None) -> EnhancedVolume:
     """Upscale every slice of ``scan`` in-plane by the model's scale, streaming.
 
     A reader thread decodes and normalises the next batch (into pinned memory on CUDA) while
@@ -194,6 +195,9 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
             (:func:`medsr.detail_map.detail_map`, original units of intensity difference), on
             this thread: flat regions 0, padded pixels ``scan.padding[0]``. It needs the eight
             passes, which run whether or not the output is their mean (``ensemble``).
+        window: the intensity window the slices are normalised with (default: the scan's
+            ``lower_percentile`` and ``upper_percentile``, from the survey). The second look
+            passes the whole scan's, so a few slices are enhanced as they will be in the output.
 
     Returns:
         The :class:`EnhancedVolume` in original units with its affine.
@@ -215,7 +219,7 @@ def enhance_scan(scan: OpenScan, model: torch.nn.Module, degradation: str = "bic
         raise MedsrError(f"--batch-size must be >= 1, not {batch_size}")
     consistent = projects(consistency, degradation)
     survey = survey if survey is not None else survey_scan(scan)
-    window = survey.counts.window(lower_percentile, upper_percentile)
+    window = window or survey.counts.window(lower_percentile, upper_percentile)
     total, scale = scan.n_slices, model.scale
     out_plane = (in_plane[0] * scale, in_plane[1] * scale)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
@@ -410,7 +414,8 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
                    sink: Callable[[np.ndarray], None] | None = None, precision: str = "auto",
                    consistency: str = "auto",
                    plain_sink: Callable[[np.ndarray], None] | None = None, ensemble: bool = False,
-                   detail_sink: Callable[[np.ndarray], None] | None = None) -> EnhancedVolume:
+                   detail_sink: Callable[[np.ndarray], None] | None = None,
+                   window: IntensityWindow | None = None) -> EnhancedVolume:
     """:func:`enhance_scan` for a volume already in memory: ``(I, J, K)`` in original units
     with its RAS ``affine``, slices along ``slice_axis``."""
     volume = np.asarray(volume, dtype=np.float32)
@@ -422,7 +427,7 @@ def enhance_volume(volume: np.ndarray, affine: np.ndarray, slice_axis: int, mode
     return enhance_scan(scan, model, degradation, device, batch_size, lower_percentile,
                         upper_percentile, progress, sink, survey=survey_scan(scan, keep_bytes=0),
                         precision=precision, consistency=consistency, plain_sink=plain_sink,
-                        ensemble=ensemble, detail_sink=detail_sink)
+                        ensemble=ensemble, detail_sink=detail_sink, window=window)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -338,7 +338,8 @@ def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window, device
     def read(index: int) -> np.ndarray:
         return survey.kept[index] if index in survey.kept else scan.read_plane(index)
 
-    answer = ModelAnswer(enhancer.model, device, precision, enhancer.lower_percentile, enhancer.upper_percentile)
+    answer = ModelAnswer(enhancer.model, device, lower_percentile=enhancer.lower_percentile,
+                         upper_percentile=enhancer.upper_percentile, window=window)
     estimate = find_degradation(read, scan.n_slices, window, enhancer.classifier(enhancer.model.scale),
                                 scan.padding, scan.photometric, enhance=answer)
     logger.info("%s: degradation %s", scan.path, estimate.describe())

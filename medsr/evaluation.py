@@ -166,13 +166,13 @@ def evaluate_scan(scan: Scan, models: dict[str, SRResNet], degradation: str, sca
     told = GRID_OF[degradation]
 
     # the classifier's look needs no model: taken once, each model then takes its own second look
+    window = robust_window(low_res)
     first, stored = ((None, None) if classifier is None else
-                     first_look(functools.partial(plane_of, low_res, axis), low_res.shape[axis],
-                                robust_window(low_res), classifier))
+                     first_look(functools.partial(plane_of, low_res, axis), low_res.shape[axis], window, classifier))
 
     def decided(model) -> DegradationEstimate:
         """What medsr enhance decides for this scan with ``model`` (whose second look is its own)."""
-        return second_look(first, stored, classifier, ModelAnswer(model, device, precision))
+        return second_look(first, stored, classifier, ModelAnswer(model, device, window=window))
 
     # told, as if the user named the degradation itself (so auto projects a k-space truncated
     # scan, not a Gaussian-blurred one on the same grid)

@@ -18,12 +18,17 @@ logistic rule on the classifier's logit, the two differences, their squares and 
 (:class:`SynthesisRule`; the quadratic terms let one rule put Gaussian blur and truncation on
 the same grid), fitted on the leave-one-source-out decisions of the training and validation
 sources, and asked only where the classifier is unsure (under 0.8). Leave one source out, x2,
-views below the best classical answer: protocol 15 -> 11 of 96, stress 22 -> 20 of 192; test
-split 1 -> 0 of 26 and 8 -> 8 of 52 (model card, "A second look by synthesis").
+views below the best classical answer: protocol 15 -> 10 of 96, stress 22 -> 22 of 192; test
+split 1 -> 0 of 26 and 8 -> 3 of 52 (model card, "A second look by synthesis").
 
-It costs the model on four slices told each grid, and on the same four degraded once more each
-way (a quarter of the pixels at x2) told each grid: on a 2-core CPU, about 3% of the model time
-of a 384-slice series (not measured on a GPU), and only for unsure scans.
+Every model call of the probe normalises with the scan's intensity window (the output's), so
+the input and its smaller, smoother self-references are normalised alike and a slice's answer
+does not depend on the slices given with it; and it runs in float32 on any device, since bf16
+rounding (which differs between a CPU and a GPU's autocast) is a sizeable part of the small
+residuals compared. It costs the model on four slices told each grid, and on the same four
+degraded once more each way (a quarter of the pixels at x2) told each grid: on a 2-core CPU,
+about 5% of the model time of a 384-slice series (not measured on a GPU), and only for unsure
+scans.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,9 +44,15 @@ import torch
 from medsr.consistency import GRIDS, degrade
 from medsr.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from medsr.transforms import IntensityWindow
+
 PROBE_SLICES = 4  # slices enhanced on each grid (the rule was fitted on 4 per view)
 MIN_SIDE = 16  # low-res slices smaller than this (after halving) are not probed
 N_WEIGHTS = 7  # logit, two differences, their squares, their product, bias
+# the residuals compared are small: in bfloat16, or under a GPU's autocast, their rounding moves
+# with the device, so the second look runs in float32 wherever it runs
+PROBE_PRECISION = "fp32"
 
 
 def _log_ratio(residual: dict[str, float]) -> float:
@@ -116,20 +128,25 @@ def probe_features(enhance, low_res: np.ndarray, scale: int) -> np.ndarray:
 class ModelAnswer:
     """``model`` told a grid on a few ``(N, H, W)`` slices in original units, through the engine
     the output is made with (no projection, no ensemble): the ``enhance`` callable
-    :func:`probe_features` takes. ``model`` is kept so a rule runs only with its own."""
+    :func:`probe_features` takes. ``model`` is kept so a rule runs only with its own.
+
+    ``window`` is the scan's intensity window: the input slices and their self-references are
+    then normalised alike, and as the output will be (without it, each call takes the
+    percentiles of the slices it is given)."""
 
     model: torch.nn.Module
     device: torch.device | str = "cpu"
-    precision: str = "auto"
+    precision: str = PROBE_PRECISION
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
+    window: IntensityWindow | None = None
 
     def __call__(self, low_res: np.ndarray, grid: str) -> np.ndarray:
         from medsr.engine import enhance_volume  # not needed to read a classifier file
 
         return enhance_volume(low_res, np.eye(4), 0, self.model, grid, device=self.device, precision=self.precision,
                               lower_percentile=self.lower_percentile, upper_percentile=self.upper_percentile,
-                              consistency="off").array
+                              consistency="off", window=self.window).array
 
 
 def probe_slices(planes: list[np.ndarray]) -> np.ndarray | None:

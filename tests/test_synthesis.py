@@ -84,6 +84,22 @@ def test_probe_features_move_towards_kspace_on_real_kspace_truncated_slices(ship
     assert kspace[0] > bicubic[0] and kspace[1] > bicubic[1]
 
 
+
+def test_the_second_look_answers_each_slice_the_same_whatever_slices_come_with_it(shipped_model, real_low_res):
+    """Normalised with the scan's window, in float32 (the default), a slice's answer does not
+    depend on the other slices of the call: the input and its self-references, smaller and
+    smoother, are enhanced as the output will be. Each call's own percentiles (no window)
+    would move it."""
+    slices = np.asarray(real_low_res["kspace"], dtype=np.float32)
+    brighter = np.concatenate([slices[:2], 4 * slices[2:3]])
+    fixed = ModelAnswer(shipped_model, window=robust_window(slices))
+    assert fixed.precision == "fp32"
+    with torch.inference_mode():
+        np.testing.assert_allclose(fixed(brighter, "kspace")[:2], fixed(slices[:2], "kspace"), rtol=1e-5, atol=1e-3)
+        own = ModelAnswer(shipped_model)
+        moved = np.abs(own(brighter, "kspace")[:2] - own(slices[:2], "kspace")).max()
+    assert moved > 1.0  # original units (the T1's values reach about 1,500)
+
 def test_the_residual_table_holds_each_slice_and_sums_to_the_probe_the_rule_was_fitted_on(shipped_model,
                                                                                           real_low_res):
     """Per slice, the residual of each grid on the input and on both self-references (the
@@ -226,8 +242,8 @@ def test_slices_too_small_are_not_probed():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_second_look_on_the_gpu_matches_the_cpu(real_low_res):
-    """The rule was fitted with the probe run on a CPU in bf16; on CUDA (bf16 autocast there
-    too) the two differences move by far less than the rule's margins."""
+    """The second look runs in float32 on any device (``PROBE_PRECISION``); on CUDA (where
+    convolutions may use TF32) the two differences move by far less than the rule's margins."""
     model = load_model(default_weights(2))[0].eval()  # its own copy: the engine moves it to the GPU
     with torch.inference_mode():
         cpu = probe_features(ModelAnswer(model, "cpu", "fp32"), real_low_res["kspace"], 2)
