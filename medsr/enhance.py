@@ -244,8 +244,7 @@ def enhance_file(input_path: str | Path, output: str | Path, *, model: torch.nn.
     if enhancer.through_plane:
         return _through_plane(scan, enhancer, output, output_format, scale, torch_device, batch_size,
                               precision, overwrite, progress, reading, ensemble, uid_seed)
-    survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading, torch_device,
-                                                          precision)
+    survey, window, degradation, estimate = plan_in_plane(scan, enhancer, degradation, reading, torch_device)
     told = (f"{degradation} (given)" if estimate is None
             else f"{degradation} (found from the pixels, {estimate.short()})")
     consistent = projects(consistency, degradation, None if estimate is None else estimate.likely)
@@ -315,24 +314,24 @@ class InPlanePlan(NamedTuple):
 
 
 def plan_in_plane(scan: OpenScan, enhancer: Enhancer, degradation: str = "auto",
-                  reading: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu",
-                  precision: str = "auto") -> InPlanePlan:
+                  reading: Callable[[int, int], None] | None = None,
+                  device: torch.device | str = "cpu") -> InPlanePlan:
     """The survey pass, the intensity window the model was trained with, and the grid:
     ``degradation`` when told (``bicubic`` or ``kspace``), else found from the pixels (where the
     classifier is unsure, with a second look that runs the model on a few slices, on ``device``
-    in ``precision``: :mod:`medsr.synthesis`). ``medsr enhance`` and
-    :class:`medsr.transforms.SuperResolve` both decide here; pass the result's ``survey`` and
-    ``degradation`` on to :func:`~medsr.engine.enhance_scan`."""
+    in float32 whatever the enhance precision, normalised with this window: :mod:`medsr.synthesis`).
+    ``medsr enhance`` and :class:`medsr.transforms.SuperResolve` both decide here; pass the
+    result's ``survey`` and ``degradation`` on to :func:`~medsr.engine.enhance_scan`."""
     survey = survey_scan(scan, progress=reading)
     window = survey.counts.window(enhancer.lower_percentile, enhancer.upper_percentile)
     estimate = None
     if degradation == "auto":
-        estimate = _estimate(scan, survey, enhancer, window, device, precision)
+        estimate = _estimate(scan, survey, enhancer, window, device)
         degradation = estimate.grid
     return InPlanePlan(survey, window, degradation, estimate)
 
 
-def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window, device, precision) -> DegradationEstimate:
+def _estimate(scan: OpenScan, survey: Survey, enhancer: Enhancer, window, device) -> DegradationEstimate:
     """How the scan lost its resolution, from up to 64 informative slices (those the survey
     kept in memory are not decoded again)."""
     def read(index: int) -> np.ndarray:

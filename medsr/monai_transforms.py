@@ -154,8 +154,7 @@ class SuperResolve(Transform):
             array, new_affine = enhanced.array, enhanced.affine
             facts = {"through_plane_factor": factor, "descrip": f"medsr through-plane x{factor}"}
         else:
-            plan = plan_in_plane(scan, self.enhancer, self.degradation, device=self.device,
-                                 precision=self.precision)
+            plan = plan_in_plane(scan, self.enhancer, self.degradation, device=self.device)
             named = None if plan.estimate is None else plan.estimate.likely
             consistency = resolved("auto", plan.degradation, named)
             enhanced = enhance_scan(scan, self.enhancer.model, plan.degradation, self.device, self.batch_size,
