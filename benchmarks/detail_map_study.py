@@ -117,15 +117,15 @@ LAPLACIAN_DIFFERENCE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float3
 
 
 def noise_share(path: Path, count: int) -> list[float]:
-    """Each chosen slice's noise sigma on the anatomy (above a tenth of the range), as a share of
-    the scan's range: the robust median of Immerkaer's Laplacian difference (which cancels
-    smooth signal, and multiplies white noise by 6)."""
+    """Each chosen slice's noise sigma on the anatomy (the protocol's foreground of the scan), as a
+    share of the scan's range: the robust median of Immerkaer's Laplacian difference (which
+    cancels smooth signal, and multiplies white noise by 6)."""
     scan = read_scan(path)
     volume = np.moveaxis(scan.array.astype(np.float32), protocol_slice_axis(scan), 0)
-    low, span = float(volume.min()), float(np.ptp(volume))
+    anatomy, span = foreground(volume), float(np.ptp(volume))
     shares = []
     for index in chosen_slices(volume.shape[0], count):
-        response = np.abs(convolve(volume[index], LAPLACIAN_DIFFERENCE))[volume[index] > low + 0.1 * span]
+        response = np.abs(convolve(volume[index], LAPLACIAN_DIFFERENCE))[anatomy[index]]
         shares.append(float(np.median(response)) / 0.6745 / 6 / span)
     return shares
 

@@ -280,6 +280,11 @@ def short_description(scale: int, degradation: str, estimate: DegradationEstimat
             + (" consistent" if consistent else "") + (" ens8" if ensemble else ""))
 
 
+def through_plane_description(factor: int) -> str:
+    """What a NIfTI ``descrip`` says of a through-plane enhancement."""
+    return f"medsr through-plane x{factor}"
+
+
 def enhancer_for(model: torch.nn.Module | Enhancer | None, weights: str | Path | None, scale: int | None,
                  through_plane: bool) -> Enhancer:
     """The :class:`Enhancer` for ``model`` (a bare module or an Enhancer), else for ``weights``
@@ -441,7 +446,7 @@ def _through_plane(scan: OpenScan, enhancer: Enhancer, output: Path, output_form
         from medsr.writing import NiftiSliceWriter, nifti_description
 
         with NiftiSliceWriter(output, enhanced.shape, enhanced.affine,
-                              nifti_description(f"medsr through-plane x{factor}", scan.photometric),
+                              nifti_description(through_plane_description(factor), scan.photometric),
                               overwrite, slice_axis=scan.slice_axis, xform_codes=scan.xform_codes,
                               display_range=scan.display_range) as writer:
             writer.write(enhanced.array)

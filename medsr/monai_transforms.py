@@ -39,7 +39,14 @@ from monai.utils import TransformBackends
 
 from medsr.consistency import resolved
 from medsr.engine import COMPILE_CHOICES, PRECISIONS, check_choice, enhance_scan, pick_device
-from medsr.enhance import Enhancer, enhancer_for, plan_in_plane, short_description, thin_slices
+from medsr.enhance import (
+    Enhancer,
+    enhancer_for,
+    plan_in_plane,
+    short_description,
+    thin_slices,
+    through_plane_description,
+)
 from medsr.errors import MedsrError
 from medsr.geometry import slice_axis_of
 from medsr.model import DEGRADATION_CODES, SCALES
@@ -152,7 +159,7 @@ class SuperResolve(Transform):
             enhanced, factor = thin_slices(scan, self.enhancer, self.scale, self.device, self.batch_size,
                                            self.precision)
             array, new_affine = enhanced.array, enhanced.affine
-            facts = {"through_plane_factor": factor, "descrip": f"medsr through-plane x{factor}"}
+            facts = {"through_plane_factor": factor, "descrip": through_plane_description(factor)}
         else:
             plan = plan_in_plane(scan, self.enhancer, self.degradation, device=self.device)
             named = None if plan.estimate is None else plan.estimate.likely

@@ -94,6 +94,11 @@ class EnhancedNiftiWriter(NibabelWriter):
         ...                     SaveImaged("image", output_postfix="x2", writer=EnhancedNiftiWriter)])
     """
 
+    # what the header says when write() comes without set_metadata(): as MONAI's own writer
+    description: str = ""
+    xform_codes: tuple[int, int] = SCANNER_XFORM_CODES
+    display_range: tuple[float, float] | None = None
+
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options) -> None:
         super().set_metadata(meta_dict, resample, **options)
         meta = meta_dict or {}
@@ -105,10 +110,8 @@ class EnhancedNiftiWriter(NibabelWriter):
         ImageWriter.write(self, filename, verbose=verbose)  # the base's log line, not NibabelWriter's codes
         image = self.create_backend_obj(self.data_obj, affine=self.affine, dtype=self.output_dtype, **obj_kwargs)
         affine = to_affine_nd(3, np.eye(4) if self.affine is None else np.asarray(self.affine, dtype=np.float64))
-        qform_code, sform_code = getattr(self, "xform_codes", SCANNER_XFORM_CODES)
         spatial = (tuple(image.shape[:3]) + (1, 1))[:3]  # a 2-D image is one slice thick
-        header = nifti_header(spatial, affine, getattr(self, "description", ""), (qform_code, sform_code),
-                              getattr(self, "display_range", None))
+        header = nifti_header(spatial, affine, self.description, self.xform_codes, self.display_range)
         header.set_data_shape(image.shape)
         header.set_data_dtype(image.get_data_dtype())
         # no affine argument: nibabel then takes the header's, codes and all, as nifti_header set them
